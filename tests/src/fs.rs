@@ -165,7 +165,7 @@ fn parse_entry(r: &mut Rd) -> Result<Entry, FsError> {
 
 /// Split a reply into its fuse_out_header fields and body.
 pub fn parse_reply(c: &Completion, unique: u64) -> Result<&[u8], FsError> {
-    let d = &c.data;
+    let d = c.written();
     if d.len() < OUT_HEADER_LEN {
         return Err(FsError::Malformed(format!("reply of {} bytes has no header", d.len())));
     }
@@ -176,7 +176,7 @@ pub fn parse_reply(c: &Completion, unique: u64) -> Result<&[u8], FsError> {
     if u != unique {
         return Err(FsError::Malformed(format!("reply unique {u} for request {unique}")));
     }
-    if len != d.len() || c.len as usize != len {
+    if len != d.len() {
         return Err(FsError::Malformed(format!(
             "header says {len} bytes, used ring says {}, got {}",
             c.len,

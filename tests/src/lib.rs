@@ -8,11 +8,15 @@
 //! - [`hostile`]: requests a well-behaved guest never sends.
 //! - [`bench`]: the workloads behind the `vu-bench` binary.
 
+pub mod blk;
 pub mod frontend;
+pub mod hostile;
+pub mod net;
 pub mod memory;
 pub mod queue;
 pub mod ring;
 pub mod fs;
+pub mod guest;
 
 use std::path::PathBuf;
 

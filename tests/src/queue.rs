@@ -34,8 +34,16 @@ pub struct Completion {
     pub token: u16,
     /// Bytes the device says it wrote.
     pub len: u32,
-    /// The writable buffers' bytes, up to `len`.
+    /// The whole writable area, whatever `len` says: a guest driver reads a
+    /// status byte from where it put it, not from `len`.
     pub data: Vec<u8>,
+}
+
+impl Completion {
+    /// The part of the writable area the device claims to have written.
+    pub fn written(&self) -> &[u8] {
+        &self.data[..(self.len as usize).min(self.data.len())]
+    }
 }
 
 struct Slot {
@@ -145,8 +153,7 @@ impl ReqQueue {
         let mut data = Vec::new();
         if copy {
             let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
-            let n = u64::from(used.len).min(total) as usize;
-            data.resize(n, 0);
+            data.resize(total as usize, 0);
             self.ring_mem.read_slice(&mut data, self.slots[slot].wr).map_err(RingError::Access)?;
         }
         Ok(Completion { token: used.head, len: used.len, data })

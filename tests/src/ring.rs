@@ -264,6 +264,11 @@ impl SplitRing {
         Ok(idx[0])
     }
 
+    /// Rewrite table entry `idx` verbatim.
+    pub fn overwrite_desc(&mut self, idx: u16, d: RawDesc) -> Result<(), RingError> {
+        self.write_desc(self.desc_addr(idx % self.size), d)
+    }
+
     /// A raw indirect table for `head`'s slot, for hostile indirect chains.
     pub fn indirect_table_for_raw(&self, head: u16, descs: &[RawDesc]) -> Result<GuestAddress, RingError> {
         let table = self.indirect_tables.unchecked_add(16 * u64::from(MAX_INDIRECT) * u64::from(head));
