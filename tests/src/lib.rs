@@ -8,6 +8,7 @@
 //! - [`hostile`]: requests a well-behaved guest never sends.
 //! - [`bench`]: the workloads behind the `vu-bench` binary.
 
+pub mod bench;
 pub mod blk;
 pub mod frontend;
 pub mod hostile;
