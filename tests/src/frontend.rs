@@ -9,8 +9,8 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,9 +41,17 @@ pub enum FrontendError {
         source: std::io::Error,
     },
     #[error("backend exited before serving {socket}: {status}\n--- backend output ---\n{output}")]
-    BackendExited { socket: PathBuf, status: std::process::ExitStatus, output: String },
+    BackendExited {
+        socket: PathBuf,
+        status: std::process::ExitStatus,
+        output: String,
+    },
     #[error("backend did not serve {socket} within {timeout:?}\n--- backend output ---\n{output}")]
-    NotServing { socket: PathBuf, timeout: Duration, output: String },
+    NotServing {
+        socket: PathBuf,
+        timeout: Duration,
+        output: String,
+    },
     #[error("connecting to {0}")]
     Connect(PathBuf, #[source] std::io::Error),
     #[error("vhost-user {step}")]
@@ -84,49 +92,87 @@ impl BackendProcess {
     /// frontend create the listening socket itself and pass its descriptor
     /// (as a supervisor does), so the backend is reachable at once.
     pub fn spawn<S: AsRef<str>>(argv: &[S], timeout: Duration) -> Result<Self, FrontendError> {
-        let dir = tempfile::Builder::new().prefix("vu-backend").tempdir().map_err(FrontendError::TempDir)?;
+        let dir = tempfile::Builder::new()
+            .prefix("vu-backend")
+            .tempdir()
+            .map_err(FrontendError::TempDir)?;
         let socket = dir.path().join("vhost.sock");
         let log = dir.path().join("backend.log");
-        let spawn_err = |cmd: &str, source| FrontendError::Spawn { cmd: cmd.to_string(), source };
+        let spawn_err = |cmd: &str, source| FrontendError::Spawn {
+            cmd: cmd.to_string(),
+            source,
+        };
         let listener = if argv.iter().any(|a| a.as_ref().contains("{fd}")) {
-            Some(std::os::unix::net::UnixListener::bind(&socket).map_err(|e| spawn_err("bind", e))?)
+            Some(
+                std::os::unix::net::UnixListener::bind(&socket)
+                    .map_err(|e| spawn_err("bind", e))?,
+            )
         } else {
             None
         };
-        let fd = listener.as_ref().map(|l| l.as_raw_fd().to_string()).unwrap_or_default();
+        let fd = listener
+            .as_ref()
+            .map(|l| l.as_raw_fd().to_string())
+            .unwrap_or_default();
         let args: Vec<String> = argv
             .iter()
-            .map(|a| a.as_ref().replace("{socket}", &socket.to_string_lossy()).replace("{fd}", &fd))
+            .map(|a| {
+                a.as_ref()
+                    .replace("{socket}", &socket.to_string_lossy())
+                    .replace("{fd}", &fd)
+            })
             .collect();
         let cmd = args.join(" ");
         let Some((prog, rest)) = args.split_first() else {
-            return Err(spawn_err(&cmd, std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command line")));
+            return Err(spawn_err(
+                &cmd,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command line"),
+            ));
         };
         let out = File::create(&log).map_err(|e| spawn_err(&cmd, e))?;
         let err = out.try_clone().map_err(|e| spawn_err(&cmd, e))?;
         let mut command = Command::new(prog);
-        command.args(rest).stdin(Stdio::null()).stdout(out).stderr(err);
-        if let Some(l) = &listener {
-            let raw = l.as_raw_fd();
-            // SAFETY: the hook runs in the forked child before exec and only
-            // calls fcntl, which is async-signal-safe. The listener stays
-            // close-on-exec in this process, so no other child inherits it.
-            unsafe {
-                command.pre_exec(move || clear_cloexec(&raw));
-            }
+        command
+            .args(rest)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let inherit = listener.as_ref().map(|l| l.as_raw_fd());
+        // SAFETY: the hook runs in the forked child before exec and only calls
+        // prctl and fcntl, which are async-signal-safe. The listener stays
+        // close-on-exec in this process, so no other child inherits it.
+        unsafe {
+            command.pre_exec(move || {
+                // Die with the thread that spawned us: an aborted test leaves
+                // no backend behind.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                match inherit {
+                    Some(fd) => clear_cloexec(&fd),
+                    None => Ok(()),
+                }
+            });
         }
-        let child = command
-            .spawn()
-            .map_err(|e| spawn_err(&cmd, e))?;
-        // The child holds its own copy of the listener now.
-        drop(listener);
-        let mut me = BackendProcess { child: Some(child), socket, log, first: None, _dir: dir };
-        me.wait_serving(timeout)?;
+        let child = command.spawn().map_err(|e| spawn_err(&cmd, e))?;
+        let mut me = BackendProcess {
+            child: Some(child),
+            socket,
+            log,
+            first: None,
+            _dir: dir,
+        };
+        // A pre-bound socket is served by construction: connections queue
+        // until the backend accepts. Probing would even be harmful there,
+        // since virtiofsd serves exactly one frontend and then exits.
+        if listener.is_none() {
+            me.wait_serving(timeout)?;
+        }
         Ok(me)
     }
 
     /// Poll-connect until the socket is served; fail early if the child exits.
-    /// The connection is kept for `connect`: some backends (virtiofsd) exit
+    /// The connection is kept for `stream`: some backends (virtiofsd) exit
     /// when their first frontend hangs up, so a probe must not be dropped.
     fn wait_serving(&mut self, timeout: Duration) -> Result<(), FrontendError> {
         let start = Instant::now();
@@ -162,7 +208,8 @@ impl BackendProcess {
     pub fn stream(&mut self) -> Result<UnixStream, FrontendError> {
         match self.first.take() {
             Some(s) => Ok(s),
-            None => UnixStream::connect(&self.socket).map_err(|e| FrontendError::Connect(self.socket.clone(), e)),
+            None => UnixStream::connect(&self.socket)
+                .map_err(|e| FrontendError::Connect(self.socket.clone(), e)),
         }
     }
 
@@ -182,7 +229,9 @@ impl BackendProcess {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Everything the backend printed so far.
@@ -279,7 +328,9 @@ impl VuDevice {
 
         let mut protocol_features = VhostUserProtocolFeatures::empty();
         if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            let pf = frontend.get_protocol_features().map_err(vh("GET_PROTOCOL_FEATURES"))?;
+            let pf = frontend
+                .get_protocol_features()
+                .map_err(vh("GET_PROTOCOL_FEATURES"))?;
             protocol_features = pf
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
@@ -288,10 +339,14 @@ impl VuDevice {
                 .set_protocol_features(protocol_features)
                 .map_err(vh("SET_PROTOCOL_FEATURES"))?;
         }
-        frontend.set_features(features).map_err(vh("SET_FEATURES"))?;
+        frontend
+            .set_features(features)
+            .map_err(vh("SET_FEATURES"))?;
 
         let mut mem = GuestMem::new(opts.region_size)?;
-        frontend.set_mem_table(&mem.region_infos()?).map_err(vh("SET_MEM_TABLE"))?;
+        frontend
+            .set_mem_table(&mem.region_infos()?)
+            .map_err(vh("SET_MEM_TABLE"))?;
 
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(opts.queues);
@@ -300,7 +355,13 @@ impl VuDevice {
             start_queue(&mut frontend, &mem, i, &ring)?;
             queues.push(ring);
         }
-        Ok(VuDevice { frontend, mem, queues, features, protocol_features })
+        Ok(VuDevice {
+            frontend,
+            mem,
+            queues,
+            features,
+            protocol_features,
+        })
     }
 
     /// The underlying frontend, for messages this type does not wrap.
@@ -328,7 +389,9 @@ impl VuDevice {
     /// Queue `idx`.
     pub fn queue(&mut self, idx: usize) -> Result<&mut SplitRing, FrontendError> {
         let n = self.queues.len();
-        self.queues.get_mut(idx).ok_or(FrontendError::NoQueue(idx, n))
+        self.queues
+            .get_mut(idx)
+            .ok_or(FrontendError::NoQueue(idx, n))
     }
 
     /// Whether a feature bit was negotiated.
@@ -338,7 +401,12 @@ impl VuDevice {
 }
 
 /// SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for one ring.
-fn start_queue(fe: &mut Frontend, mem: &GuestMem, idx: usize, ring: &SplitRing) -> Result<(), FrontendError> {
+fn start_queue(
+    fe: &mut Frontend,
+    mem: &GuestMem,
+    idx: usize,
+    ring: &SplitRing,
+) -> Result<(), FrontendError> {
     let a = ring.addrs();
     // vhost-user ring addresses are the frontend's virtual addresses; the
     // backend translates them through the memory table.
@@ -348,7 +416,8 @@ fn start_queue(fe: &mut Frontend, mem: &GuestMem, idx: usize, ring: &SplitRing) 
             .map(|p| p as u64)
             .map_err(|e| FrontendError::Ring(RingError::Access(e)))
     };
-    fe.set_vring_num(idx, ring.size()).map_err(vh("SET_VRING_NUM"))?;
+    fe.set_vring_num(idx, ring.size())
+        .map_err(vh("SET_VRING_NUM"))?;
     fe.set_vring_addr(
         idx,
         &VringConfigData {
@@ -363,9 +432,12 @@ fn start_queue(fe: &mut Frontend, mem: &GuestMem, idx: usize, ring: &SplitRing) 
     )
     .map_err(vh("SET_VRING_ADDR"))?;
     fe.set_vring_base(idx, 0).map_err(vh("SET_VRING_BASE"))?;
-    fe.set_vring_call(idx, ring.call_fd()).map_err(vh("SET_VRING_CALL"))?;
-    fe.set_vring_kick(idx, ring.kick_fd()).map_err(vh("SET_VRING_KICK"))?;
-    fe.set_vring_enable(idx, true).map_err(vh("SET_VRING_ENABLE"))?;
+    fe.set_vring_call(idx, ring.call_fd())
+        .map_err(vh("SET_VRING_CALL"))?;
+    fe.set_vring_kick(idx, ring.kick_fd())
+        .map_err(vh("SET_VRING_KICK"))?;
+    fe.set_vring_enable(idx, true)
+        .map_err(vh("SET_VRING_ENABLE"))?;
     Ok(())
 }
 
@@ -386,8 +458,12 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 fn clear_cloexec(fd: &impl AsRawFd) -> std::io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD on a descriptor we own; no memory is passed.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC) };
+    if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

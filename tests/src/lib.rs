@@ -11,28 +11,35 @@
 pub mod bench;
 pub mod blk;
 pub mod frontend;
-pub mod hostile;
-pub mod net;
-pub mod memory;
-pub mod queue;
-pub mod ring;
 pub mod fs;
 pub mod guest;
+pub mod hostile;
+pub mod memory;
+pub mod net;
+pub mod queue;
+pub mod ring;
 
-use std::path::PathBuf;
+pub use frontend::find_program;
 
-/// Find a peer program the tests need. Outside CI a missing peer makes the
-/// caller skip (it prints why, and the test is not a pass in spirit: the
-/// line says "skipped"); under CI (`CI` set) a missing peer is a failure,
-/// because `.ci/run` is supposed to have installed it.
-pub fn require_program(name: &str, install: &str) -> Option<PathBuf> {
-    if let Some(p) = frontend::find_program(name) {
-        return Some(p);
+/// Turns a missing prerequisite into a skip on a developer machine and a
+/// failure in CI (where `CI` is set): a test that silently skips in CI would
+/// be a test that never runs. A skip prints "skipped: <reason>".
+pub fn require<T>(check: Result<T, String>) -> Option<T> {
+    match check {
+        Ok(v) => Some(v),
+        Err(reason) if std::env::var_os("CI").is_some() => {
+            panic!("{reason} (CI is set, so a missing prerequisite is a failure, not a skip)")
+        }
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            None
+        }
     }
-    let msg = format!("`{name}` not found; install it with: {install}");
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg} (.ci/run should have)");
-    }
-    eprintln!("skipped: {msg}");
-    None
+}
+
+/// Find a peer program the tests need, under the rule of [`require`].
+pub fn require_program(name: &str, install: &str) -> Option<std::path::PathBuf> {
+    require(
+        find_program(name).ok_or_else(|| format!("`{name}` not found; install it with: {install}")),
+    )
 }

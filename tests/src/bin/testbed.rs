@@ -1,0 +1,90 @@
+//! `testbed`: boots a real guest under QEMU with a virtio-fs share (virtiofsd), a scratch
+//! vhost-user-blk disk (qemu-storage-daemon) and user-mode networking, runs a command in it and
+//! exits with the command's exit code. A stand-in for the orchestrator's "run it" until it lands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tests::guest::{self, peers, Qemu};
+
+/// Boot a test guest and run a shell command in it.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Host directory shared with the guest at /mnt/host.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    share: PathBuf,
+    /// Size of the scratch disk (the guest's /dev/vda).
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    disk_mib: u64,
+    /// Give up (and kill the guest) after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    timeout: u64,
+    /// Shell command to run in the guest, from /mnt/host.
+    #[arg(last = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+fn program(name: &str, install: &str) -> anyhow::Result<PathBuf> {
+    tests::find_program(name)
+        .with_context(|| format!("{name} not found; install it with: {install}"))
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    let args = Args::parse();
+    if let Err(why) = guest::qemu_available() {
+        bail!("cannot boot a guest: {why}");
+    }
+    let virtiofsd = program("virtiofsd", "cargo install virtiofsd")?;
+    let qsd = program("qemu-storage-daemon", "apt-get install qemu-system-common")?;
+    let share = args
+        .share
+        .canonicalize()
+        .with_context(|| format!("shared dir {}", args.share.display()))?;
+
+    let work = tempfile::tempdir()?;
+    let disk = work.path().join("disk.img");
+    std::fs::File::create(&disk)?.set_len(args.disk_mib << 20)?;
+
+    eprintln!("testbed: virtiofsd sharing {}", share.display());
+    let fs_daemon = peers::virtiofsd(&virtiofsd, &share)?;
+    eprintln!(
+        "testbed: qemu-storage-daemon exporting a {} MiB scratch disk",
+        args.disk_mib
+    );
+    let blk_daemon = peers::storage_daemon(&qsd, &disk)?;
+
+    let cmd = if args.cmd.is_empty() {
+        "ls -la /mnt/host; cat /proc/partitions; ip addr".to_owned()
+    } else {
+        args.cmd.join(" ")
+    };
+    let script = format!("cd /mnt/host || exit 125\n{cmd}\n");
+    eprintln!("testbed: booting the guest to run: {cmd}");
+    let qemu = Qemu::new()
+        .fs(fs_daemon.socket(), "share")
+        .blk(blk_daemon.socket())
+        .user_net()
+        .kernel_arg("testbed.fs=share:/mnt/host");
+    let run = match qemu.run(&script, Duration::from_secs(args.timeout)) {
+        Ok(run) => run,
+        Err(e) => bail!(
+            "{:#}\n--- virtiofsd ---\n{}\n--- qemu-storage-daemon ---\n{}",
+            anyhow::Error::from(e),
+            fs_daemon.output(),
+            blk_daemon.output()
+        ),
+    };
+    for line in run.script_lines() {
+        println!("{line}");
+    }
+    eprintln!(
+        "testbed: guest exited with {} after {:.1?}",
+        run.exit_code, run.elapsed
+    );
+    Ok(ExitCode::from(
+        u8::try_from(run.exit_code).unwrap_or(u8::MAX),
+    ))
+}
