@@ -1,1 +1,202 @@
-//! placeholder
+//! What every vhost-user backend of the workspace shares, so the three device
+//! processes do not each carry a copy: the listening socket (bound by path or
+//! inherited from a supervisor), and logging set-up.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+/// Errors setting up a backend's socket or logging.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("give exactly one of --socket-path and --fd")]
+    SocketChoice,
+    #[error("cannot listen on {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--fd {fd} is not a listening Unix stream socket")]
+    NotListener {
+        fd: RawFd,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid log filter `{filter}`")]
+    LogFilter {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+}
+
+/// Where a backend gets its vhost-user socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketSource {
+    /// Bind and listen at this path, replacing a stale socket file.
+    Path(PathBuf),
+    /// A listening socket inherited from a supervisor (`--fd`), so a
+    /// restarted backend serves the very socket the VMM reconnects to.
+    Fd(RawFd),
+}
+
+impl SocketSource {
+    /// From the two mutually exclusive flags every backend accepts.
+    pub fn from_flags(path: Option<PathBuf>, fd: Option<RawFd>) -> Result<Self, SetupError> {
+        match (path, fd) {
+            (Some(p), None) => Ok(SocketSource::Path(p)),
+            (None, Some(fd)) => Ok(SocketSource::Fd(fd)),
+            _ => Err(SetupError::SocketChoice),
+        }
+    }
+
+    /// Open the listener.
+    pub fn listen(&self) -> Result<UnixListener, SetupError> {
+        match self {
+            SocketSource::Path(p) => bind(p),
+            SocketSource::Fd(fd) => inherited(*fd),
+        }
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, SetupError> {
+    let err = |source| SetupError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Only a socket file is replaced: a typo must not delete someone's file.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path).map_err(err)?;
+        }
+    }
+    UnixListener::bind(path).map_err(err)
+}
+
+fn inherited(fd: RawFd) -> Result<UnixListener, SetupError> {
+    let not = |source| SetupError::NotListener { fd, source };
+    let mut ty: libc::c_int = 0;
+    let mut acc: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, which is a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(not(std::io::Error::last_os_error()));
+    }
+    len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, into `acc`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut acc as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(not(std::io::Error::last_os_error()));
+    }
+    if ty != libc::SOCK_STREAM || acc == 0 {
+        return Err(not(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a listening stream socket",
+        )));
+    }
+    // SAFETY: the caller handed us this descriptor (--fd) to own; it was just
+    // checked to be a listening stream socket.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(UnixListener::from(owned))
+}
+
+/// Set up `tracing` on stderr: `RUST_LOG` wins, else `level` (a filter such
+/// as `info` or `virtiofsd_fast=debug`).
+pub fn init_logging(level: &str) -> Result<(), SetupError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => f,
+        _ => level.to_string(),
+    };
+    let env =
+        EnvFilter::try_new(&filter).map_err(|source| SetupError::LogFilter { filter, source })?;
+    // A second init (tests) keeps the first subscriber: not an error.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .try_init();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn exactly_one_socket_flag() {
+        assert!(matches!(
+            SocketSource::from_flags(None, None),
+            Err(SetupError::SocketChoice)
+        ));
+        assert!(matches!(
+            SocketSource::from_flags(Some("/x".into()), Some(3)),
+            Err(SetupError::SocketChoice)
+        ));
+        assert_eq!(
+            SocketSource::from_flags(None, Some(3)).unwrap(),
+            SocketSource::Fd(3)
+        );
+    }
+
+    #[test]
+    fn binding_replaces_a_stale_socket_but_not_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        drop(SocketSource::Path(sock.clone()).listen().unwrap());
+        // The file is left behind by the dropped listener: a restart reuses the path.
+        SocketSource::Path(sock.clone()).listen().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"keep").unwrap();
+        assert!(SocketSource::Path(file.clone()).listen().is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn inherited_fd_must_be_a_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = UnixListener::bind(dir.path().join("l")).unwrap();
+        let fd = l.into_raw_fd();
+        let l = SocketSource::Fd(fd).listen().unwrap();
+        let _c = std::os::unix::net::UnixStream::connect(dir.path().join("l")).unwrap();
+        l.accept().unwrap();
+
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = a.into_raw_fd();
+        assert!(matches!(
+            SocketSource::Fd(fd).listen(),
+            Err(SetupError::NotListener { .. })
+        ));
+        // SAFETY: the failed listen did not take ownership; close it here.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+
+    #[test]
+    fn bad_log_filter_is_an_error() {
+        std::env::remove_var("RUST_LOG");
+        assert!(init_logging("info").is_ok());
+        assert!(matches!(
+            init_logging("=[bad"),
+            Err(SetupError::LogFilter { .. })
+        ));
+    }
+}

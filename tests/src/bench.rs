@@ -89,7 +89,10 @@ pub fn closed_loop(
     mut issue: impl FnMut(&mut ReqQueue, u64) -> anyhow::Result<(u16, u64)>,
     mut done: impl FnMut(&Completion, u64) -> anyhow::Result<u64>,
 ) -> anyhow::Result<Stats> {
-    let mut stats = Stats { lat_ns: Vec::with_capacity(1 << 16), ..Default::default() };
+    let mut stats = Stats {
+        lat_ns: Vec::with_capacity(1 << 16),
+        ..Default::default()
+    };
     let mut started: HashMap<u16, (Instant, u64)> = HashMap::with_capacity(qd * 2);
     let start = Instant::now();
     let deadline = start + limit.duration;
@@ -151,21 +154,36 @@ pub fn ensure_tree(root: &Path, dirs: usize, files: usize) -> std::io::Result<()
 /// Check a FUSE reply header: the unique matches and no error.
 fn fuse_ok(c: &Completion, expected: u64) -> anyhow::Result<u64> {
     let h = &c.data;
-    anyhow::ensure!(h.len() >= fs::OUT_HEADER_LEN, "short FUSE reply ({} bytes)", h.len());
+    anyhow::ensure!(
+        h.len() >= fs::OUT_HEADER_LEN,
+        "short FUSE reply ({} bytes)",
+        h.len()
+    );
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
     let err = i32::from_le_bytes([h[4], h[5], h[6], h[7]]);
     let unique = u64::from_le_bytes(h[8..16].try_into()?);
-    anyhow::ensure!(unique == expected, "reply for unique {unique} where {expected} was sent");
+    anyhow::ensure!(
+        unique == expected,
+        "reply for unique {unique} where {expected} was sent"
+    );
     anyhow::ensure!(err == 0, "FUSE error {err}");
     Ok(u64::from(len) - fs::OUT_HEADER_LEN as u64)
 }
 
 /// LOOKUP + GETATTR storm over a tree of `dirs` x `files`: LOOKUP of a
 /// file by name in its directory alternates with GETATTR of a directory.
-pub fn fs_lookup_getattr(backend: &mut BackendProcess, dirs: usize, files: usize, qd: usize, limit: Limit) -> anyhow::Result<Stats> {
+pub fn fs_lookup_getattr(
+    backend: &mut BackendProcess,
+    dirs: usize,
+    files: usize,
+    qd: usize,
+    limit: Limit,
+) -> anyhow::Result<Stats> {
     let mut fuse = FuseClient::connect(backend, qd.max(1))?;
     fuse.init()?;
-    let dir_ids: Vec<u64> = (0..dirs).map(|d| fuse.lookup(ROOT_ID, &format!("d{d}")).map(|e| e.nodeid)).collect::<Result<_, _>>()?;
+    let dir_ids: Vec<u64> = (0..dirs)
+        .map(|d| fuse.lookup(ROOT_ID, &format!("d{d}")).map(|e| e.nodeid))
+        .collect::<Result<_, _>>()?;
     let names: Vec<Vec<u8>> = (0..files).map(|f| fs::cstr(&format!("f{f}"))).collect();
     let mut unique = 1u64 << 40;
     let getattr_in = [0u8; 16];
@@ -181,11 +199,20 @@ pub fn fs_lookup_getattr(backend: &mut BackendProcess, dirs: usize, files: usize
             let dir = dir_ids[(d / files.max(1)) % dir_ids.len()];
             let token = if seq % 2 == 0 {
                 let name = &names[d % names.len()];
-                let hdr = fs::in_header((fs::IN_HEADER_LEN + name.len()) as u32, op::LOOKUP, unique, dir);
+                let hdr = fs::in_header(
+                    (fs::IN_HEADER_LEN + name.len()) as u32,
+                    op::LOOKUP,
+                    unique,
+                    dir,
+                );
                 q.push(&[&hdr, name], &[fs::OUT_HEADER_LEN as u32 + 128], shape)?
             } else {
                 let hdr = fs::in_header((fs::IN_HEADER_LEN + 16) as u32, op::GETATTR, unique, dir);
-                q.push(&[&hdr, &getattr_in], &[fs::OUT_HEADER_LEN as u32 + 104], shape)?
+                q.push(
+                    &[&hdr, &getattr_in],
+                    &[fs::OUT_HEADER_LEN as u32 + 104],
+                    shape,
+                )?
             };
             Ok((token, unique))
         },
@@ -195,7 +222,10 @@ pub fn fs_lookup_getattr(backend: &mut BackendProcess, dirs: usize, files: usize
 
 /// READDIRPLUS walk of the whole tree (as `ls -lR` would), repeated until
 /// the limit. Reports requests and, in `entries`, the entries seen.
-pub fn fs_readdirplus_walk(backend: &mut BackendProcess, limit: Limit) -> anyhow::Result<(Stats, u64)> {
+pub fn fs_readdirplus_walk(
+    backend: &mut BackendProcess,
+    limit: Limit,
+) -> anyhow::Result<(Stats, u64)> {
     let mut fuse = FuseClient::connect(backend, 1)?;
     fuse.init()?;
     let mut stats = Stats::default();
@@ -242,7 +272,13 @@ pub fn fs_readdirplus_walk(backend: &mut BackendProcess, limit: Limit) -> anyhow
 }
 
 /// Sequential READs of `file` (relative to the share root) in `chunk` bytes.
-pub fn fs_read_seq(backend: &mut BackendProcess, file: &str, chunk: u32, qd: usize, limit: Limit) -> anyhow::Result<Stats> {
+pub fn fs_read_seq(
+    backend: &mut BackendProcess,
+    file: &str,
+    chunk: u32,
+    qd: usize,
+    limit: Limit,
+) -> anyhow::Result<Stats> {
     let mut fuse = FuseClient::connect(backend, qd.max(1))?;
     fuse.init()?;
     let e = fuse.lookup(ROOT_ID, file)?;
@@ -276,15 +312,29 @@ pub struct BlkPattern {
 }
 
 /// Random or sequential block I/O against a backend's image of `size` bytes.
-pub fn blk_io(backend: &mut BackendProcess, queues: usize, pattern: BlkPattern, qd: usize, limit: Limit) -> anyhow::Result<Stats> {
+pub fn blk_io(
+    backend: &mut BackendProcess,
+    queues: usize,
+    pattern: BlkPattern,
+    qd: usize,
+    limit: Limit,
+) -> anyhow::Result<Stats> {
     let mut c = BlkClient::connect(backend, queues, qd.max(1), pattern.block)?;
     let cfg = c.config()?;
     let blocks = (cfg.capacity * blk::SECTOR) / u64::from(pattern.block);
-    anyhow::ensure!(blocks > 0, "image smaller than one {}-byte block", pattern.block);
+    anyhow::ensure!(
+        blocks > 0,
+        "image smaller than one {}-byte block",
+        pattern.block
+    );
     let data = vec![0xa5u8; pattern.block as usize];
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let shape = c.shape;
-    let typ = if pattern.write { blk::req::OUT } else { blk::req::IN };
+    let typ = if pattern.write {
+        blk::req::OUT
+    } else {
+        blk::req::IN
+    };
     closed_loop(
         &mut c.queues[0],
         qd,
@@ -310,7 +360,11 @@ pub fn blk_io(backend: &mut BackendProcess, queues: usize, pattern: BlkPattern, 
             Ok((t, 0))
         },
         |c, _| {
-            anyhow::ensure!(c.data.first() == Some(&blk::S_OK), "block request failed with status {:?}", c.data.first());
+            anyhow::ensure!(
+                c.data.first() == Some(&blk::S_OK),
+                "block request failed with status {:?}",
+                c.data.first()
+            );
             Ok(u64::from(pattern.block))
         },
     )

@@ -34,7 +34,8 @@ pub mod feature {
     pub const DISCARD: u64 = 1 << 13;
     pub const WRITE_ZEROES: u64 = 1 << 14;
     /// Everything a Linux guest would accept.
-    pub const ALL: u64 = SIZE_MAX | SEG_MAX | RO | BLK_SIZE | FLUSH | TOPOLOGY | MQ | DISCARD | WRITE_ZEROES;
+    pub const ALL: u64 =
+        SIZE_MAX | SEG_MAX | RO | BLK_SIZE | FLUSH | TOPOLOGY | MQ | DISCARD | WRITE_ZEROES;
 }
 
 /// Length of the GET_ID reply.
@@ -94,21 +95,37 @@ pub struct BlkClient {
 impl BlkClient {
     /// Bring up `queues` request queues, `depth` requests of up to `max_io`
     /// bytes in flight on each.
-    pub fn connect(backend: &mut BackendProcess, queues: usize, depth: usize, max_io: u32) -> Result<Self, BlkError> {
+    pub fn connect(
+        backend: &mut BackendProcess,
+        queues: usize,
+        depth: usize,
+        max_io: u32,
+    ) -> Result<Self, BlkError> {
         let opts = DeviceOptions {
             queues,
             queue_size: (depth * 4).next_power_of_two().clamp(64, 1024) as u16,
             device_features: feature::ALL,
-            region_size: (u64::from(max_io) * depth as u64 * queues as u64 + (16 << 20)).next_power_of_two(),
+            region_size: (u64::from(max_io) * depth as u64 * queues as u64 + (16 << 20))
+                .next_power_of_two(),
             ..Default::default()
         };
         let mut dev = backend.device(&opts)?;
         let rings = std::mem::take(&mut dev.queues);
         let mut qs = Vec::with_capacity(queues);
         for r in rings {
-            qs.push(ReqQueue::new(r, &mut dev.mem, depth, max_io + 64, max_io + 64)?);
+            qs.push(ReqQueue::new(
+                r,
+                &mut dev.mem,
+                depth,
+                max_io + 64,
+                max_io + 64,
+            )?);
         }
-        Ok(BlkClient { dev, queues: qs, shape: Shape::DIRECT })
+        Ok(BlkClient {
+            dev,
+            queues: qs,
+            shape: Shape::DIRECT,
+        })
     }
 
     /// Read the config space through GET_CONFIG.
@@ -127,7 +144,14 @@ impl BlkClient {
     }
 
     /// Queue a request on queue `q` without publishing it.
-    pub fn push(&mut self, q: usize, typ: u32, sector: u64, data: &[u8], read_len: u32) -> Result<u16, BlkError> {
+    pub fn push(
+        &mut self,
+        q: usize,
+        typ: u32,
+        sector: u64,
+        data: &[u8],
+        read_len: u32,
+    ) -> Result<u16, BlkError> {
         let hdr = out_header(typ, sector);
         let writable: &[u32] = if read_len > 0 { &[read_len, 1] } else { &[1] };
         Ok(self.queues[q].push(&[&hdr, data], writable, self.shape)?)
@@ -138,7 +162,13 @@ impl BlkClient {
         c.data.last().copied().ok_or(BlkError::NoStatus(c.len))
     }
 
-    fn call(&mut self, typ: u32, sector: u64, data: &[u8], read_len: u32) -> Result<Vec<u8>, BlkError> {
+    fn call(
+        &mut self,
+        typ: u32,
+        sector: u64,
+        data: &[u8],
+        read_len: u32,
+    ) -> Result<Vec<u8>, BlkError> {
         self.push(0, typ, sector, data, read_len)?;
         self.queues[0].publish()?;
         let mut c = self.queues[0].wait()?;
@@ -164,10 +194,17 @@ impl BlkClient {
         self.call(req::GET_ID, 0, &[], ID_BYTES)
     }
     pub fn discard(&mut self, sector: u64, sectors: u32) -> Result<(), BlkError> {
-        self.call(req::DISCARD, 0, &range_segment(sector, sectors, false), 0).map(|_| ())
+        self.call(req::DISCARD, 0, &range_segment(sector, sectors, false), 0)
+            .map(|_| ())
     }
     pub fn write_zeroes(&mut self, sector: u64, sectors: u32, unmap: bool) -> Result<(), BlkError> {
-        self.call(req::WRITE_ZEROES, 0, &range_segment(sector, sectors, unmap), 0).map(|_| ())
+        self.call(
+            req::WRITE_ZEROES,
+            0,
+            &range_segment(sector, sectors, unmap),
+            0,
+        )
+        .map(|_| ())
     }
     /// A request of any type, returning the raw status (for unknown types).
     pub fn raw_status(&mut self, typ: u32, sector: u64, data: &[u8]) -> Result<u8, BlkError> {

@@ -124,7 +124,10 @@ struct Rd<'a>(&'a [u8], usize);
 
 impl Rd<'_> {
     fn u32(&mut self) -> Result<u32, FsError> {
-        let b = self.0.get(self.1..self.1 + 4).ok_or_else(|| FsError::Malformed(format!("short at {}", self.1)))?;
+        let b = self
+            .0
+            .get(self.1..self.1 + 4)
+            .ok_or_else(|| FsError::Malformed(format!("short at {}", self.1)))?;
         self.1 += 4;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
@@ -150,7 +153,16 @@ fn parse_attr(r: &mut Rd) -> Result<Attr, FsError> {
     let _rdev = r.u32()?;
     let _blksize = r.u32()?;
     let _flags = r.u32()?;
-    Ok(Attr { ino, size, blocks, mtime, mode, nlink, uid, gid })
+    Ok(Attr {
+        ino,
+        size,
+        blocks,
+        mtime,
+        mode,
+        nlink,
+        uid,
+        gid,
+    })
 }
 
 fn parse_entry(r: &mut Rd) -> Result<Entry, FsError> {
@@ -160,21 +172,32 @@ fn parse_entry(r: &mut Rd) -> Result<Entry, FsError> {
     let attr_valid = r.u64()?;
     let _nsecs = (r.u32()?, r.u32()?);
     let attr = parse_attr(r)?;
-    Ok(Entry { nodeid, generation, entry_valid, attr_valid, attr })
+    Ok(Entry {
+        nodeid,
+        generation,
+        entry_valid,
+        attr_valid,
+        attr,
+    })
 }
 
 /// Split a reply into its fuse_out_header fields and body.
 pub fn parse_reply(c: &Completion, unique: u64) -> Result<&[u8], FsError> {
     let d = c.written();
     if d.len() < OUT_HEADER_LEN {
-        return Err(FsError::Malformed(format!("reply of {} bytes has no header", d.len())));
+        return Err(FsError::Malformed(format!(
+            "reply of {} bytes has no header",
+            d.len()
+        )));
     }
     let mut r = Rd(d, 0);
     let len = r.u32()? as usize;
     let error = r.u32()? as i32;
     let u = r.u64()?;
     if u != unique {
-        return Err(FsError::Malformed(format!("reply unique {u} for request {unique}")));
+        return Err(FsError::Malformed(format!(
+            "reply unique {u} for request {unique}"
+        )));
     }
     if len != d.len() {
         return Err(FsError::Malformed(format!(
@@ -205,7 +228,11 @@ pub const MAX_REPLY: u32 = 256 * 1024;
 impl FuseClient {
     /// Bring up hiprio + one request queue on a backend process.
     pub fn connect(backend: &mut BackendProcess, depth: usize) -> Result<Self, FsError> {
-        let opts = DeviceOptions { queues: 2, queue_size: 1024.min((depth * 4).next_power_of_two() as u16).max(64), ..Default::default() };
+        let opts = DeviceOptions {
+            queues: 2,
+            queue_size: 1024.min((depth * 4).next_power_of_two() as u16).max(64),
+            ..Default::default()
+        };
         let dev = backend.device(&opts)?;
         Self::on_device(dev, depth)
     }
@@ -214,11 +241,20 @@ impl FuseClient {
     pub fn on_device(mut dev: VuDevice, depth: usize) -> Result<Self, FsError> {
         let mut rings = std::mem::take(&mut dev.queues).into_iter();
         let (Some(h), Some(q)) = (rings.next(), rings.next()) else {
-            return Err(FsError::Malformed("a virtio-fs device needs two queues".into()));
+            return Err(FsError::Malformed(
+                "a virtio-fs device needs two queues".into(),
+            ));
         };
         let hiprio = ReqQueue::new(h, &mut dev.mem, 4, 4096, 4096)?;
         let req = ReqQueue::new(q, &mut dev.mem, depth, 64 * 1024 + 4096, MAX_REPLY)?;
-        Ok(FuseClient { dev, hiprio, req, unique: 0, shape: Shape::DIRECT, init: None })
+        Ok(FuseClient {
+            dev,
+            hiprio,
+            req,
+            unique: 0,
+            shape: Shape::DIRECT,
+            init: None,
+        })
     }
 
     pub fn set_timeout(&mut self, t: Duration) {
@@ -233,24 +269,41 @@ impl FuseClient {
     }
 
     /// Queue one request without waiting; returns (token, unique).
-    pub fn push(&mut self, opcode: u32, nodeid: u64, args: &[&[u8]], reply_len: u32) -> Result<(u16, u64), FsError> {
+    pub fn push(
+        &mut self,
+        opcode: u32,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+    ) -> Result<(u16, u64), FsError> {
         let unique = self.next_unique();
         let len = IN_HEADER_LEN + args.iter().map(|a| a.len()).sum::<usize>();
         let hdr = in_header(len as u32, opcode, unique, nodeid);
         let mut parts: Vec<&[u8]> = Vec::with_capacity(args.len() + 1);
         parts.push(&hdr);
         parts.extend_from_slice(args);
-        let token = self.req.push(&parts, &[OUT_HEADER_LEN as u32 + reply_len], self.shape)?;
+        let token = self
+            .req
+            .push(&parts, &[OUT_HEADER_LEN as u32 + reply_len], self.shape)?;
         Ok((token, unique))
     }
 
     /// Send one request and return the reply body (after fuse_out_header).
-    pub fn call(&mut self, opcode: u32, nodeid: u64, args: &[&[u8]], reply_len: u32) -> Result<Vec<u8>, FsError> {
+    pub fn call(
+        &mut self,
+        opcode: u32,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+    ) -> Result<Vec<u8>, FsError> {
         let (token, unique) = self.push(opcode, nodeid, args, reply_len)?;
         self.req.publish()?;
         let c = self.req.wait()?;
         if c.token != token {
-            return Err(FsError::Malformed(format!("completion for {} while {} was the only one in flight", c.token, token)));
+            return Err(FsError::Malformed(format!(
+                "completion for {} while {} was the only one in flight",
+                c.token, token
+            )));
         }
         parse_reply(&c, unique).map(|b| b.to_vec())
     }
@@ -263,7 +316,8 @@ impl FuseClient {
         a[8..12].copy_from_slice(&(128u32 * 1024).to_le_bytes());
         // ASYNC_READ | POSIX_LOCKS | ATOMIC_O_TRUNC | EXPORT_SUPPORT | BIG_WRITES
         // | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | INIT_EXT
-        let flags: u64 = 1 | 2 | 8 | 16 | 32 | (1 << 13) | (1 << 14) | (1 << 18) | (1 << 22) | (1 << 30);
+        let flags: u64 =
+            1 | 2 | 8 | 16 | 32 | (1 << 13) | (1 << 14) | (1 << 18) | (1 << 22) | (1 << 30);
         a[12..16].copy_from_slice(&(flags as u32).to_le_bytes());
         a[16..20].copy_from_slice(&((flags >> 32) as u32).to_le_bytes());
         let body = self.call(op::INIT, 0, &[&a], 64)?;
@@ -280,7 +334,12 @@ impl FuseClient {
             let mut r2 = Rd(&body, 36);
             flags |= u64::from(r2.u32()?) << 32;
         }
-        let reply = InitReply { major, minor, max_write, flags };
+        let reply = InitReply {
+            major,
+            minor,
+            max_write,
+            flags,
+        };
         self.init = Some(reply);
         Ok(reply)
     }
@@ -339,7 +398,13 @@ impl FuseClient {
     }
 
     /// CREATE; returns the new entry and its file handle.
-    pub fn create(&mut self, parent: u64, name: &str, mode: u32, flags: u32) -> Result<(Entry, u64), FsError> {
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        flags: u32,
+    ) -> Result<(Entry, u64), FsError> {
         let mut a = [0u8; 16];
         a[0..4].copy_from_slice(&flags.to_le_bytes());
         a[4..8].copy_from_slice(&mode.to_le_bytes());
@@ -401,7 +466,13 @@ impl FuseClient {
     }
 
     /// One READDIRPLUS call: the records that fit `size` bytes from `offset`.
-    pub fn readdirplus(&mut self, node: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<DirEntryPlus>, FsError> {
+    pub fn readdirplus(
+        &mut self,
+        node: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<DirEntryPlus>, FsError> {
         let a = Self::read_in(fh, offset, size);
         let body = self.call(op::READDIRPLUS, node, &[&a], size)?;
         parse_direntplus(&body)
@@ -436,9 +507,17 @@ pub fn parse_direntplus(body: &[u8]) -> Result<Vec<DirEntryPlus>, FsError> {
         let typ = r.u32()?;
         let name = body
             .get(r.1..r.1 + namelen)
-            .ok_or_else(|| FsError::Malformed(format!("name of {namelen} bytes runs past the reply")))?
+            .ok_or_else(|| {
+                FsError::Malformed(format!("name of {namelen} bytes runs past the reply"))
+            })?
             .to_vec();
-        out.push(DirEntryPlus { entry, ino, off, typ, name });
+        out.push(DirEntryPlus {
+            entry,
+            ino,
+            off,
+            typ,
+            name,
+        });
         at = (r.1 + namelen).next_multiple_of(8);
     }
     Ok(out)

@@ -8,7 +8,10 @@
 use vm_memory::{Address, GuestAddress};
 
 use crate::memory::UNMAPPED_GPA;
-use crate::ring::{RawDesc, RingError, Seg, SplitRing, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use crate::ring::{
+    RawDesc, RingError, Seg, SplitRing, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+};
 
 fn publish(ring: &mut SplitRing, head: u16) -> Result<u16, RingError> {
     ring.push_avail(head)?;
@@ -20,20 +23,34 @@ fn publish(ring: &mut SplitRing, head: u16) -> Result<u16, RingError> {
 
 /// A chain whose first (readable) descriptor points outside guest memory,
 /// followed by a sane writable buffer at `reply`.
-pub fn readable_outside_memory(ring: &mut SplitRing, len: u32, reply: Seg) -> Result<u16, RingError> {
-    let h = ring.add(&[Seg::readable(GuestAddress(UNMAPPED_GPA), len), reply], false)?;
+pub fn readable_outside_memory(
+    ring: &mut SplitRing,
+    len: u32,
+    reply: Seg,
+) -> Result<u16, RingError> {
+    let h = ring.add(
+        &[Seg::readable(GuestAddress(UNMAPPED_GPA), len), reply],
+        false,
+    )?;
     publish(ring, h)
 }
 
 /// A sane readable request at `req`, then a writable descriptor outside
 /// guest memory.
 pub fn writable_outside_memory(ring: &mut SplitRing, req: Seg, len: u32) -> Result<u16, RingError> {
-    let h = ring.add(&[req, Seg::writable(GuestAddress(UNMAPPED_GPA), len)], false)?;
+    let h = ring.add(
+        &[req, Seg::writable(GuestAddress(UNMAPPED_GPA), len)],
+        false,
+    )?;
     publish(ring, h)
 }
 
 /// A descriptor that starts inside guest memory and runs past its end.
-pub fn runs_past_end_of_memory(ring: &mut SplitRing, mem_end: GuestAddress, reply: Seg) -> Result<u16, RingError> {
+pub fn runs_past_end_of_memory(
+    ring: &mut SplitRing,
+    mem_end: GuestAddress,
+    reply: Seg,
+) -> Result<u16, RingError> {
     let start = mem_end.unchecked_sub(16);
     let h = ring.add(&[Seg::readable(start, 4096), reply], false)?;
     publish(ring, h)
@@ -43,8 +60,18 @@ pub fn runs_past_end_of_memory(ring: &mut SplitRing, mem_end: GuestAddress, repl
 pub fn looped_chain(ring: &mut SplitRing, buf: GuestAddress) -> Result<u16, RingError> {
     let h = ring.add_raw(2, |idx| {
         vec![
-            RawDesc { addr: buf.raw_value(), len: 16, flags: VRING_DESC_F_NEXT, next: idx[1] },
-            RawDesc { addr: buf.raw_value(), len: 16, flags: VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, next: idx[0] },
+            RawDesc {
+                addr: buf.raw_value(),
+                len: 16,
+                flags: VRING_DESC_F_NEXT,
+                next: idx[1],
+            },
+            RawDesc {
+                addr: buf.raw_value(),
+                len: 16,
+                flags: VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+                next: idx[0],
+            },
         ]
     })?;
     publish(ring, h)
@@ -53,7 +80,14 @@ pub fn looped_chain(ring: &mut SplitRing, buf: GuestAddress) -> Result<u16, Ring
 /// A descriptor whose `next` is beyond the table.
 pub fn next_out_of_table(ring: &mut SplitRing, buf: GuestAddress) -> Result<u16, RingError> {
     let size = ring.size();
-    let h = ring.add_raw(1, |_| vec![RawDesc { addr: buf.raw_value(), len: 16, flags: VRING_DESC_F_NEXT, next: size + 7 }])?;
+    let h = ring.add_raw(1, |_| {
+        vec![RawDesc {
+            addr: buf.raw_value(),
+            len: 16,
+            flags: VRING_DESC_F_NEXT,
+            next: size + 7,
+        }]
+    })?;
     publish(ring, h)
 }
 
@@ -69,28 +103,61 @@ pub fn head_out_of_range(ring: &mut SplitRing) -> Result<u16, RingError> {
 /// An indirect descriptor whose table lies outside guest memory.
 pub fn indirect_table_outside_memory(ring: &mut SplitRing) -> Result<u16, RingError> {
     let h = ring.add_raw(1, |_| {
-        vec![RawDesc { addr: UNMAPPED_GPA, len: 64, flags: VRING_DESC_F_INDIRECT, next: 0 }]
+        vec![RawDesc {
+            addr: UNMAPPED_GPA,
+            len: 64,
+            flags: VRING_DESC_F_INDIRECT,
+            next: 0,
+        }]
     })?;
     publish(ring, h)
 }
 
 /// An indirect table whose length is not a multiple of 16 bytes.
-pub fn indirect_table_bad_length(ring: &mut SplitRing, buf: GuestAddress) -> Result<u16, RingError> {
-    let h = ring.add_raw(1, |_| vec![RawDesc { addr: buf.raw_value(), len: 17, flags: VRING_DESC_F_INDIRECT, next: 0 }])?;
+pub fn indirect_table_bad_length(
+    ring: &mut SplitRing,
+    buf: GuestAddress,
+) -> Result<u16, RingError> {
+    let h = ring.add_raw(1, |_| {
+        vec![RawDesc {
+            addr: buf.raw_value(),
+            len: 17,
+            flags: VRING_DESC_F_INDIRECT,
+            next: 0,
+        }]
+    })?;
     publish(ring, h)
 }
 
 /// An indirect table whose entries loop inside the table.
 pub fn indirect_loop(ring: &mut SplitRing, buf: GuestAddress) -> Result<u16, RingError> {
     let descs = [
-        RawDesc { addr: buf.raw_value(), len: 16, flags: VRING_DESC_F_NEXT, next: 1 },
-        RawDesc { addr: buf.raw_value(), len: 16, flags: VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, next: 0 },
+        RawDesc {
+            addr: buf.raw_value(),
+            len: 16,
+            flags: VRING_DESC_F_NEXT,
+            next: 1,
+        },
+        RawDesc {
+            addr: buf.raw_value(),
+            len: 16,
+            flags: VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            next: 0,
+        },
     ];
     // The table lives in the head's private indirect slot, so take the head
     // first and fill its descriptor in once the table is written.
     let h = ring.add_raw(1, |_| vec![RawDesc::default()])?;
     let table = ring.indirect_table_for_raw(h, &descs)?;
-    ring.overwrite_desc(h, RawDesc { addr: table.raw_value(), len: 32, flags: VRING_DESC_F_INDIRECT, next: 0 })?;
+    ring.overwrite_desc(
+        h,
+        RawDesc {
+            addr: table.raw_value(),
+            len: 32,
+            flags: VRING_DESC_F_INDIRECT,
+            next: 0,
+        },
+    )?;
     publish(ring, h)
 }
 
@@ -108,7 +175,12 @@ pub fn zero_length(ring: &mut SplitRing, buf: GuestAddress, n: usize) -> Result<
 }
 
 /// FUSE: an in-header whose `len` claims more bytes than the chain holds.
-pub fn fuse_header_len_lies(opcode: u32, unique: u64, nodeid: u64, claimed: u32) -> [u8; crate::fs::IN_HEADER_LEN] {
+pub fn fuse_header_len_lies(
+    opcode: u32,
+    unique: u64,
+    nodeid: u64,
+    claimed: u32,
+) -> [u8; crate::fs::IN_HEADER_LEN] {
     crate::fs::in_header(claimed, opcode, unique, nodeid)
 }
 
@@ -159,7 +231,11 @@ mod tests {
         let looped = q.pop_descriptor_chain(gm.mem()).unwrap();
         assert!(looped.count() <= 16, "the walk must stop at the queue size");
         let bad_next = q.pop_descriptor_chain(gm.mem()).unwrap();
-        assert_eq!(bad_next.count(), 1, "the walk stops at the out-of-table next");
+        assert_eq!(
+            bad_next.count(),
+            1,
+            "the walk stops at the out-of-table next"
+        );
     }
 
     #[test]
@@ -180,8 +256,19 @@ mod tests {
         indirect_table_bad_length(&mut ring, buf).unwrap();
         indirect_loop(&mut ring, buf).unwrap();
         let mut q = device(&ring);
-        assert_eq!(q.pop_descriptor_chain(gm.mem()).unwrap().count(), 0, "table outside memory");
-        assert_eq!(q.pop_descriptor_chain(gm.mem()).unwrap().count(), 0, "table length not a multiple of 16");
-        assert!(q.pop_descriptor_chain(gm.mem()).unwrap().count() <= 2, "loop inside the table must end");
+        assert_eq!(
+            q.pop_descriptor_chain(gm.mem()).unwrap().count(),
+            0,
+            "table outside memory"
+        );
+        assert_eq!(
+            q.pop_descriptor_chain(gm.mem()).unwrap().count(),
+            0,
+            "table length not a multiple of 16"
+        );
+        assert!(
+            q.pop_descriptor_chain(gm.mem()).unwrap().count() <= 2,
+            "loop inside the table must end"
+        );
     }
 }

@@ -38,7 +38,11 @@ pub enum MemoryError {
     #[error("describing region for SET_MEM_TABLE failed")]
     RegionInfo(#[source] vhost::Error),
     #[error("out of guest memory: wanted {wanted} bytes, {left} left in region {region}")]
-    Exhausted { wanted: u64, left: u64, region: usize },
+    Exhausted {
+        wanted: u64,
+        left: u64,
+        region: usize,
+    },
     #[error("no region {0}")]
     NoRegion(usize),
 }
@@ -85,7 +89,9 @@ impl GuestMem {
     pub fn region_infos(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, MemoryError> {
         self.mem
             .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).map_err(MemoryError::RegionInfo))
+            .map(|r| {
+                VhostUserMemoryRegionInfo::from_guest_region(r).map_err(MemoryError::RegionInfo)
+            })
             .collect()
     }
 
@@ -101,7 +107,12 @@ impl GuestMem {
     }
 
     /// Allocate `len` bytes aligned to `align` (a power of two) in region `idx`.
-    pub fn alloc_in(&mut self, idx: usize, len: u64, align: u64) -> Result<GuestAddress, MemoryError> {
+    pub fn alloc_in(
+        &mut self,
+        idx: usize,
+        len: u64,
+        align: u64,
+    ) -> Result<GuestAddress, MemoryError> {
         let end = self.region_end(idx)?.raw_value();
         let next = self.next.get_mut(idx).ok_or(MemoryError::NoRegion(idx))?;
         let start = next.next_multiple_of(align.max(1));
@@ -131,15 +142,31 @@ impl GuestMem {
     /// Allocate `len` bytes that straddle the boundary between region `idx`
     /// and `idx + 1`: `before` bytes at the end of the first, the rest in the
     /// second. Everything after it in region `idx` is consumed.
-    pub fn alloc_straddling(&mut self, idx: usize, len: u64, before: u64) -> Result<GuestAddress, MemoryError> {
+    pub fn alloc_straddling(
+        &mut self,
+        idx: usize,
+        len: u64,
+        before: u64,
+    ) -> Result<GuestAddress, MemoryError> {
         let boundary = self.region_end(idx)?.raw_value();
         let start = boundary - before;
         if self.next[idx] > start {
-            return Err(MemoryError::Exhausted { wanted: before, left: boundary - self.next[idx], region: idx });
+            return Err(MemoryError::Exhausted {
+                wanted: before,
+                left: boundary - self.next[idx],
+                region: idx,
+            });
         }
-        let second = self.next.get_mut(idx + 1).ok_or(MemoryError::NoRegion(idx + 1))?;
+        let second = self
+            .next
+            .get_mut(idx + 1)
+            .ok_or(MemoryError::NoRegion(idx + 1))?;
         if *second != boundary {
-            return Err(MemoryError::Exhausted { wanted: len - before, left: 0, region: idx + 1 });
+            return Err(MemoryError::Exhausted {
+                wanted: len - before,
+                left: 0,
+                region: idx + 1,
+            });
         }
         *second = boundary + (len - before);
         self.next[idx] = boundary;
@@ -168,7 +195,10 @@ mod tests {
         let mem = GuestMem::new(1 << 20).unwrap();
         let infos = mem.region_infos().unwrap();
         assert_eq!(infos.len(), 2);
-        assert_eq!(infos[1].guest_phys_addr, infos[0].guest_phys_addr + infos[0].memory_size);
+        assert_eq!(
+            infos[1].guest_phys_addr,
+            infos[0].guest_phys_addr + infos[0].memory_size
+        );
         assert_ne!(infos[0].mmap_handle, infos[1].mmap_handle);
     }
 
@@ -191,6 +221,9 @@ mod tests {
     fn exhaustion_is_an_error() {
         let mut mem = GuestMem::with_regions(&[4096]).unwrap();
         mem.alloc(4000, 8).unwrap();
-        assert!(matches!(mem.alloc(200, 8), Err(MemoryError::Exhausted { .. })));
+        assert!(matches!(
+            mem.alloc(200, 8),
+            Err(MemoryError::Exhausted { .. })
+        ));
     }
 }

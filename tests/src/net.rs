@@ -107,12 +107,20 @@ pub struct NetConfig {
 
 impl NetConfig {
     pub fn decode(b: &[u8]) -> Self {
-        let at = |o: usize| b.get(o..o + 2).map_or(0, |s| u16::from_le_bytes([s[0], s[1]]));
+        let at = |o: usize| {
+            b.get(o..o + 2)
+                .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
+        };
         let mut mac = [0u8; 6];
         if let Some(m) = b.get(0..6) {
             mac.copy_from_slice(m);
         }
-        NetConfig { mac, status: at(6), max_virtqueue_pairs: at(8), mtu: at(10) }
+        NetConfig {
+            mac,
+            status: at(6),
+            max_virtqueue_pairs: at(8),
+            mtu: at(10),
+        }
     }
 }
 
@@ -137,7 +145,8 @@ impl NetClient {
             queues: 2 * pairs,
             queue_size: (depth * 2).next_power_of_two().clamp(64, 1024) as u16,
             device_features: features,
-            region_size: (u64::from(buf_len) * depth as u64 * 2 * pairs as u64 + (16 << 20)).next_power_of_two(),
+            region_size: (u64::from(buf_len) * depth as u64 * 2 * pairs as u64 + (16 << 20))
+                .next_power_of_two(),
             ..Default::default()
         };
         let mut dev = backend.device(&opts)?;
@@ -151,7 +160,12 @@ impl NetClient {
                 tx.push(q);
             }
         }
-        Ok(NetClient { dev, rx, tx, shape: Shape::DIRECT })
+        Ok(NetClient {
+            dev,
+            rx,
+            tx,
+            shape: Shape::DIRECT,
+        })
     }
 
     pub fn config(&mut self) -> Result<NetConfig, NetError> {
@@ -190,7 +204,15 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = NetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 1 };
+        let h = NetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 1,
+        };
         assert_eq!(NetHdr::decode(&h.encode()).unwrap(), h);
         assert!(matches!(NetHdr::decode(&[0; 5]), Err(NetError::Short(5))));
     }
@@ -206,6 +228,14 @@ mod tests {
     fn config_decodes_mac_status_pairs_mtu() {
         let b = [0x52, 0x54, 0, 1, 2, 3, 1, 0, 2, 0, 0xdc, 0x05];
         let c = NetConfig::decode(&b);
-        assert_eq!(c, NetConfig { mac: [0x52, 0x54, 0, 1, 2, 3], status: 1, max_virtqueue_pairs: 2, mtu: 1500 });
+        assert_eq!(
+            c,
+            NetConfig {
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+                status: 1,
+                max_virtqueue_pairs: 2,
+                mtu: 1500
+            }
+        );
     }
 }

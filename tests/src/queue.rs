@@ -23,8 +23,14 @@ pub struct Shape {
 }
 
 impl Shape {
-    pub const DIRECT: Shape = Shape { indirect: false, merge_readable: false };
-    pub const INDIRECT: Shape = Shape { indirect: true, merge_readable: false };
+    pub const DIRECT: Shape = Shape {
+        indirect: false,
+        merge_readable: false,
+    };
+    pub const INDIRECT: Shape = Shape {
+        indirect: true,
+        merge_readable: false,
+    };
 }
 
 /// A finished request.
@@ -76,7 +82,13 @@ pub struct ReqQueue {
 
 impl ReqQueue {
     /// `depth` slots of `rd_cap` readable and `wr_cap` writable bytes each.
-    pub fn new(ring: SplitRing, gm: &mut GuestMem, depth: usize, rd_cap: u32, wr_cap: u32) -> Result<Self, RingError> {
+    pub fn new(
+        ring: SplitRing,
+        gm: &mut GuestMem,
+        depth: usize,
+        rd_cap: u32,
+        wr_cap: u32,
+    ) -> Result<Self, RingError> {
         let second = gm.region_count().saturating_sub(1);
         let mut slots = Vec::with_capacity(depth);
         for _ in 0..depth {
@@ -108,13 +120,24 @@ impl ReqQueue {
 
     /// Copy `readable` into a slot, describe `writable` lengths, and push the
     /// chain onto the available ring without publishing it.
-    pub fn push(&mut self, readable: &[&[u8]], writable: &[u32], shape: Shape) -> Result<u16, RingError> {
+    pub fn push(
+        &mut self,
+        readable: &[&[u8]],
+        writable: &[u32],
+        shape: Shape,
+    ) -> Result<u16, RingError> {
         let total_rd: usize = readable.iter().map(|p| p.len()).sum();
         let total_wr: u64 = writable.iter().map(|&l| u64::from(l)).sum();
         if total_rd > self.rd_cap as usize || total_wr > u64::from(self.wr_cap) {
-            return Err(RingError::Full { wanted: total_rd.max(total_wr as usize), free: self.rd_cap as usize });
+            return Err(RingError::Full {
+                wanted: total_rd.max(total_wr as usize),
+                free: self.rd_cap as usize,
+            });
         }
-        let slot = self.free.pop().ok_or(RingError::Full { wanted: 1, free: 0 })?;
+        let slot = self
+            .free
+            .pop()
+            .ok_or(RingError::Full { wanted: 1, free: 0 })?;
         let mut segs = Vec::with_capacity(readable.len() + writable.len());
         let mut at = self.slots[slot].rd;
         let mem = &self.ring_mem;
@@ -151,14 +174,22 @@ impl ReqQueue {
     }
 
     /// `push` + `publish`.
-    pub fn submit(&mut self, readable: &[&[u8]], writable: &[u32], shape: Shape) -> Result<u16, RingError> {
+    pub fn submit(
+        &mut self,
+        readable: &[&[u8]],
+        writable: &[u32],
+        shape: Shape,
+    ) -> Result<u16, RingError> {
         let h = self.push(readable, writable, shape)?;
         self.publish()?;
         Ok(h)
     }
 
     fn finish(&mut self, used: Used, copy: Copy) -> Result<Completion, RingError> {
-        let (slot, lens) = self.in_flight.remove(&used.head).ok_or(RingError::BogusUsed(u32::from(used.head)))?;
+        let (slot, lens) = self
+            .in_flight
+            .remove(&used.head)
+            .ok_or(RingError::BogusUsed(u32::from(used.head)))?;
         self.free.push(slot);
         let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
         let wr = self.slots[slot].wr;
@@ -168,8 +199,14 @@ impl ReqQueue {
             Copy::Last => (total.saturating_sub(1), total.min(1)),
         };
         let mut data = vec![0u8; n as usize];
-        self.ring_mem.read_slice(&mut data, wr.unchecked_add(at)).map_err(RingError::Access)?;
-        Ok(Completion { token: used.head, len: used.len, data })
+        self.ring_mem
+            .read_slice(&mut data, wr.unchecked_add(at))
+            .map_err(RingError::Access)?;
+        Ok(Completion {
+            token: used.head,
+            len: used.len,
+            data,
+        })
     }
 
     /// Wait for the next completion (any order) and copy its reply out.
@@ -185,7 +222,12 @@ impl ReqQueue {
     }
 
     /// Submit one request and wait for its reply.
-    pub fn call(&mut self, readable: &[&[u8]], writable: &[u32], shape: Shape) -> Result<Completion, RingError> {
+    pub fn call(
+        &mut self,
+        readable: &[&[u8]],
+        writable: &[u32],
+        shape: Shape,
+    ) -> Result<Completion, RingError> {
         let token = self.submit(readable, writable, shape)?;
         let c = self.wait()?;
         if c.token != token {
@@ -196,6 +238,8 @@ impl ReqQueue {
 
     /// Read guest memory (for tests that placed data themselves).
     pub fn read_mem(&self, addr: GuestAddress, buf: &mut [u8]) -> Result<(), RingError> {
-        self.ring_mem.read_slice(buf, addr).map_err(RingError::Access)
+        self.ring_mem
+            .read_slice(buf, addr)
+            .map_err(RingError::Access)
     }
 }

@@ -66,11 +66,19 @@ pub struct Seg {
 impl Seg {
     /// A buffer the device reads.
     pub fn readable(addr: GuestAddress, len: u32) -> Self {
-        Seg { addr, len, write: false }
+        Seg {
+            addr,
+            len,
+            write: false,
+        }
     }
     /// A buffer the device writes.
     pub fn writable(addr: GuestAddress, len: u32) -> Self {
-        Seg { addr, len, write: true }
+        Seg {
+            addr,
+            len,
+            write: true,
+        }
     }
 }
 
@@ -213,18 +221,26 @@ impl SplitRing {
                 return Err(RingError::IndirectTooLong(segs.len()));
             }
             let head = self.take(1)?[0];
-            let table = self.indirect_tables.unchecked_add(16 * u64::from(MAX_INDIRECT) * u64::from(head));
+            let table = self
+                .indirect_tables
+                .unchecked_add(16 * u64::from(MAX_INDIRECT) * u64::from(head));
             for (i, s) in segs.iter().enumerate() {
                 let last = i + 1 == segs.len();
                 let d = RawDesc {
                     addr: s.addr.raw_value(),
                     len: s.len,
-                    flags: if s.write { VRING_DESC_F_WRITE } else { 0 } | if last { 0 } else { VRING_DESC_F_NEXT },
+                    flags: if s.write { VRING_DESC_F_WRITE } else { 0 }
+                        | if last { 0 } else { VRING_DESC_F_NEXT },
                     next: if last { 0 } else { i as u16 + 1 },
                 };
                 self.write_desc(table.unchecked_add(16 * i as u64), d)?;
             }
-            let d = RawDesc { addr: table.raw_value(), len: 16 * segs.len() as u32, flags: VRING_DESC_F_INDIRECT, next: 0 };
+            let d = RawDesc {
+                addr: table.raw_value(),
+                len: 16 * segs.len() as u32,
+                flags: VRING_DESC_F_INDIRECT,
+                next: 0,
+            };
             self.write_desc(self.desc_addr(head), d)?;
             self.chain_len[head as usize] = 1;
             Ok(head)
@@ -235,7 +251,8 @@ impl SplitRing {
                 let d = RawDesc {
                     addr: s.addr.raw_value(),
                     len: s.len,
-                    flags: if s.write { VRING_DESC_F_WRITE } else { 0 } | if last { 0 } else { VRING_DESC_F_NEXT },
+                    flags: if s.write { VRING_DESC_F_WRITE } else { 0 }
+                        | if last { 0 } else { VRING_DESC_F_NEXT },
                     next: if last { 0 } else { idx[i + 1] },
                 };
                 self.write_desc(self.desc_addr(idx[i]), d)?;
@@ -270,8 +287,14 @@ impl SplitRing {
     }
 
     /// A raw indirect table for `head`'s slot, for hostile indirect chains.
-    pub fn indirect_table_for_raw(&self, head: u16, descs: &[RawDesc]) -> Result<GuestAddress, RingError> {
-        let table = self.indirect_tables.unchecked_add(16 * u64::from(MAX_INDIRECT) * u64::from(head));
+    pub fn indirect_table_for_raw(
+        &self,
+        head: u16,
+        descs: &[RawDesc],
+    ) -> Result<GuestAddress, RingError> {
+        let table = self
+            .indirect_tables
+            .unchecked_add(16 * u64::from(MAX_INDIRECT) * u64::from(head));
         for (i, d) in descs.iter().take(MAX_INDIRECT as usize).enumerate() {
             self.write_desc(table.unchecked_add(16 * i as u64), *d)?;
         }
@@ -280,7 +303,10 @@ impl SplitRing {
 
     fn take(&mut self, n: usize) -> Result<Vec<u16>, RingError> {
         if n > self.free.len() {
-            return Err(RingError::Full { wanted: n, free: self.free.len() });
+            return Err(RingError::Full {
+                wanted: n,
+                free: self.free.len(),
+            });
         }
         let at = self.free.len() - n;
         let mut v = self.free.split_off(at);
@@ -290,7 +316,10 @@ impl SplitRing {
 
     /// Put `head` on the available ring (not yet visible: see `publish`).
     pub fn push_avail(&mut self, head: u16) -> Result<(), RingError> {
-        let slot = self.addrs.avail.unchecked_add(4 + 2 * u64::from(self.next_avail % self.size));
+        let slot = self
+            .addrs
+            .avail
+            .unchecked_add(4 + 2 * u64::from(self.next_avail % self.size));
         self.mem.write_obj(head.to_le(), slot)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         Ok(())
@@ -301,7 +330,11 @@ impl SplitRing {
     pub fn publish(&mut self) -> Result<bool, RingError> {
         // Descriptors and ring entries before the index (spec 2.7.13).
         fence(Ordering::Release);
-        self.mem.store(self.next_avail.to_le(), self.addrs.avail.unchecked_add(2), Ordering::Release)?;
+        self.mem.store(
+            self.next_avail.to_le(),
+            self.addrs.avail.unchecked_add(2),
+            Ordering::Release,
+        )?;
         // The index store before reading the device's suppression state.
         fence(Ordering::SeqCst);
         let old = self.kicked_avail;
@@ -347,21 +380,33 @@ impl SplitRing {
 
     /// Take one used entry if the device has returned one.
     pub fn poll_used(&mut self) -> Result<Option<Used>, RingError> {
-        let idx: u16 = self.mem.load(self.addrs.used.unchecked_add(2), Ordering::Acquire)?;
+        let idx: u16 = self
+            .mem
+            .load(self.addrs.used.unchecked_add(2), Ordering::Acquire)?;
         if u16::from_le(idx) == self.last_used {
             return Ok(None);
         }
         // Entry reads after the index read.
         fence(Ordering::Acquire);
-        let at = self.addrs.used.unchecked_add(4 + 8 * u64::from(self.last_used % self.size));
+        let at = self
+            .addrs
+            .used
+            .unchecked_add(4 + 8 * u64::from(self.last_used % self.size));
         let id: u32 = u32::from_le(self.mem.read_obj(at)?);
         let len: u32 = u32::from_le(self.mem.read_obj(at.unchecked_add(4))?);
         self.last_used = self.last_used.wrapping_add(1);
         if self.event_idx {
             // Ask for an interrupt as soon as the next entry lands.
-            self.mem.store(self.last_used.to_le(), self.used_event_addr(), Ordering::Release)?;
+            self.mem.store(
+                self.last_used.to_le(),
+                self.used_event_addr(),
+                Ordering::Release,
+            )?;
         }
-        let head = u16::try_from(id).ok().filter(|&h| h < self.size).ok_or(RingError::BogusUsed(id))?;
+        let head = u16::try_from(id)
+            .ok()
+            .filter(|&h| h < self.size)
+            .ok_or(RingError::BogusUsed(id))?;
         let n = self.chain_len[head as usize];
         if n == 0 {
             return Err(RingError::BogusUsed(id));
@@ -383,7 +428,8 @@ impl SplitRing {
         let mut idx = head;
         for _ in 0..n {
             self.free.push(idx);
-            let flags: u16 = u16::from_le(self.mem.read_obj(self.desc_addr(idx).unchecked_add(12))?);
+            let flags: u16 =
+                u16::from_le(self.mem.read_obj(self.desc_addr(idx).unchecked_add(12))?);
             if flags & VRING_DESC_F_NEXT == 0 {
                 break;
             }
@@ -423,7 +469,11 @@ pub fn need_event(event: u16, new: u16, old: u16) -> bool {
 
 /// poll(2) one fd for readability, up to `timeout`.
 pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> std::io::Result<bool> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: pfd is a valid pollfd for the duration of the call.
     let rc = unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
@@ -451,7 +501,12 @@ mod tests {
     fn device_queue(ring: &SplitRing) -> Queue {
         let mut q = Queue::new(ring.size()).unwrap();
         let a = ring.addrs();
-        let split = |g: GuestAddress| (Some(g.raw_value() as u32), Some((g.raw_value() >> 32) as u32));
+        let split = |g: GuestAddress| {
+            (
+                Some(g.raw_value() as u32),
+                Some((g.raw_value() >> 32) as u32),
+            )
+        };
         let (l, h) = split(a.desc);
         q.set_desc_table_address(l, h);
         let (l, h) = split(a.avail);
@@ -482,8 +537,14 @@ mod tests {
         let rd = gm.alloc_in(0, 32, 8).unwrap();
         let wr = gm.alloc_in(1, 64, 8).unwrap();
         gm.mem().write_slice(b"hello device", rd).unwrap();
-        let head = ring.submit(&[Seg::readable(rd, 12), Seg::writable(wr, 64)], false).unwrap();
-        assert_eq!(ring.kicks(), 1, "no suppression: the first publish must kick");
+        let head = ring
+            .submit(&[Seg::readable(rd, 12), Seg::writable(wr, 64)], false)
+            .unwrap();
+        assert_eq!(
+            ring.kicks(),
+            1,
+            "no suppression: the first publish must kick"
+        );
 
         let mem = gm.mem().clone();
         let mut q = device_queue(&ring);
@@ -491,8 +552,14 @@ mod tests {
         assert_eq!(chain.head_index(), head);
         let descs: Vec<_> = chain.clone().collect();
         assert_eq!(descs.len(), 2);
-        assert_eq!((descs[0].addr(), descs[0].len(), descs[0].is_write_only()), (rd, 12, false));
-        assert_eq!((descs[1].addr(), descs[1].len(), descs[1].is_write_only()), (wr, 64, true));
+        assert_eq!(
+            (descs[0].addr(), descs[0].len(), descs[0].is_write_only()),
+            (rd, 12, false)
+        );
+        assert_eq!(
+            (descs[1].addr(), descs[1].len(), descs[1].is_write_only()),
+            (wr, 64, true)
+        );
         let mut got = [0u8; 12];
         mem.read_slice(&mut got, descs[0].addr()).unwrap();
         assert_eq!(&got, b"hello device");
@@ -503,7 +570,11 @@ mod tests {
         let used = ring.wait_used(Duration::from_secs(1)).unwrap();
         assert_eq!(used, Used { head, len: 5 });
         assert_eq!(ring.in_flight(), 0);
-        assert_eq!(ring.free_descriptors(), 16, "both descriptors are free again");
+        assert_eq!(
+            ring.free_descriptors(),
+            16,
+            "both descriptors are free again"
+        );
     }
 
     #[test]
@@ -514,17 +585,30 @@ mod tests {
         let segs: Vec<_> = bufs
             .iter()
             .enumerate()
-            .map(|(i, &a)| if i < 2 { Seg::readable(a, 16) } else { Seg::writable(a, 16) })
+            .map(|(i, &a)| {
+                if i < 2 {
+                    Seg::readable(a, 16)
+                } else {
+                    Seg::writable(a, 16)
+                }
+            })
             .collect();
         let head = ring.submit(&segs, true).unwrap();
-        assert_eq!(ring.free_descriptors(), 7, "an indirect chain takes one table slot");
+        assert_eq!(
+            ring.free_descriptors(),
+            7,
+            "an indirect chain takes one table slot"
+        );
         let mem = gm.mem().clone();
         let mut q = device_queue(&ring);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         let descs: Vec<_> = chain.collect();
         assert_eq!(descs.len(), 5);
         for (d, s) in descs.iter().zip(&segs) {
-            assert_eq!((d.addr(), d.len(), d.is_write_only()), (s.addr, s.len, s.write));
+            assert_eq!(
+                (d.addr(), d.len(), d.is_write_only()),
+                (s.addr, s.len, s.write)
+            );
         }
         q.add_used(&mem, head, 0).unwrap();
         ring.wait_used(Duration::from_secs(1)).unwrap();
@@ -538,7 +622,8 @@ mod tests {
         let straddler = gm.alloc_straddling(0, 4096, 100).unwrap();
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
         gm.mem().write_slice(&data, straddler).unwrap();
-        ring.submit(&[Seg::readable(straddler, 4096)], false).unwrap();
+        ring.submit(&[Seg::readable(straddler, 4096)], false)
+            .unwrap();
         let mem = gm.mem().clone();
         let mut q = device_queue(&ring);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
@@ -558,9 +643,14 @@ mod tests {
         // The device has seen nothing yet and asks to be told about entry 0.
         q.enable_notification(&mem).unwrap();
         for i in 0..32u64 {
-            ring.submit(&[Seg::writable(buf.unchecked_add(i * 64), 64)], false).unwrap();
+            ring.submit(&[Seg::writable(buf.unchecked_add(i * 64), 64)], false)
+                .unwrap();
         }
-        assert_eq!(ring.kicks(), 1, "only the first of 32 publishes crosses avail_event");
+        assert_eq!(
+            ring.kicks(),
+            1,
+            "only the first of 32 publishes crosses avail_event"
+        );
         assert_eq!(ring.in_flight(), 32);
         // The device drains and re-arms; the next publish kicks again.
         let mut heads = Vec::new();
@@ -592,7 +682,10 @@ mod tests {
         let mut ring = SplitRing::new(&mut gm, 4, false).unwrap();
         let b = gm.alloc_in(0, 64, 8).unwrap();
         ring.submit(&[Seg::readable(b, 8); 3], false).unwrap();
-        assert!(matches!(ring.add(&[Seg::readable(b, 8); 2], false), Err(RingError::Full { wanted: 2, free: 1 })));
+        assert!(matches!(
+            ring.add(&[Seg::readable(b, 8); 2], false),
+            Err(RingError::Full { wanted: 2, free: 1 })
+        ));
         assert!(matches!(ring.add(&[], false), Err(RingError::EmptyChain)));
     }
 

@@ -17,7 +17,8 @@ fn qsd(img: &std::path::Path) -> Option<BackendProcess> {
         "--blockdev".into(),
         format!("driver=file,node-name=f,filename={}", img.display()),
         "--export".into(),
-        "type=vhost-user-blk,id=e,node-name=f,addr.type=fd,addr.str={fd},writable=on,num-queues=2".into(),
+        "type=vhost-user-blk,id=e,node-name=f,addr.type=fd,addr.str={fd},writable=on,num-queues=2"
+            .into(),
     ];
     Some(BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("qemu-storage-daemon serves"))
 }
@@ -31,8 +32,11 @@ fn image() -> tempfile::NamedTempFile {
 #[test]
 fn blk_requests_round_trip() {
     let img = image();
-    let Some(mut backend) = qsd(img.path()) else { return };
-    let mut c = BlkClient::connect(&mut backend, 2, 8, 1 << 20).unwrap_or_else(|e| panic!("{e}\n{}", backend.output()));
+    let Some(mut backend) = qsd(img.path()) else {
+        return;
+    };
+    let mut c = BlkClient::connect(&mut backend, 2, 8, 1 << 20)
+        .unwrap_or_else(|e| panic!("{e}\n{}", backend.output()));
     let cfg = c.config().unwrap();
     assert_eq!(cfg.capacity, IMAGE / blk::SECTOR);
     assert_eq!(cfg.num_queues, 2);
@@ -52,7 +56,10 @@ fn blk_requests_round_trip() {
 
     assert_eq!(c.get_id().unwrap().len(), blk::ID_BYTES as usize);
     // Beyond capacity is an error status, not a hang.
-    assert!(matches!(c.read(IMAGE / blk::SECTOR, 512), Err(BlkError::Status(blk::S_IOERR))));
+    assert!(matches!(
+        c.read(IMAGE / blk::SECTOR, 512),
+        Err(BlkError::Status(blk::S_IOERR))
+    ));
     // An unknown request type is UNSUPP.
     assert_eq!(c.raw_status(0x7777, 0, &[]).unwrap(), blk::S_UNSUPP);
 }
@@ -60,12 +67,21 @@ fn blk_requests_round_trip() {
 #[test]
 fn many_requests_in_flight_on_two_queues() {
     let img = image();
-    let Some(mut backend) = qsd(img.path()) else { return };
+    let Some(mut backend) = qsd(img.path()) else {
+        return;
+    };
     let mut c = BlkClient::connect(&mut backend, 2, 32, 4096).unwrap();
     for q in 0..2 {
         for i in 0..32u64 {
             let sector = (q as u64 * 32 + i) * 8;
-            c.push(q, blk::req::OUT, sector, &[(q as u8) * 32 + i as u8; 4096], 0).unwrap();
+            c.push(
+                q,
+                blk::req::OUT,
+                sector,
+                &[(q as u8) * 32 + i as u8; 4096],
+                0,
+            )
+            .unwrap();
         }
         c.queues[q].publish().unwrap();
     }
@@ -83,7 +99,9 @@ fn many_requests_in_flight_on_two_queues() {
 #[test]
 fn hostile_chains_do_not_stop_the_backend() {
     let img = image();
-    let Some(mut backend) = qsd(img.path()) else { return };
+    let Some(mut backend) = qsd(img.path()) else {
+        return;
+    };
     let mut c = BlkClient::connect(&mut backend, 1, 8, 4096).unwrap();
     let buf = c.dev.mem.alloc_in(1, 4096, 64).unwrap();
     let status = c.dev.mem.alloc_in(1, 64, 64).unwrap();

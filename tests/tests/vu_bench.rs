@@ -9,14 +9,27 @@ fn prints_json_for_an_fs_workload_against_virtiofsd() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vu-bench"))
-        .args(["fs-lookup-getattr", "--backend", "virtiofsd", "--seconds", "0.3", "--dirs", "3", "--files", "10", "--rounds", "2"])
+        .args([
+            "fs-lookup-getattr",
+            "--backend",
+            "virtiofsd",
+            "--seconds",
+            "0.3",
+            "--dirs",
+            "3",
+            "--files",
+            "10",
+            "--rounds",
+            "2",
+        ])
         .arg("--dir")
         .arg(dir.path())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "vu-bench failed:\n{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stderr}"));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stderr}"));
     assert_eq!(v["workload"], "fs-lookup-getattr");
     let r = &v["results"][0];
     assert_eq!(r["name"], "virtiofsd");
@@ -31,7 +44,13 @@ fn prints_json_for_an_fs_workload_against_virtiofsd() {
 #[test]
 fn unknown_backend_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_vu-bench"))
-        .args(["fs-lookup-getattr", "--backend", "nonsense", "--seconds", "0.1"])
+        .args([
+            "fs-lookup-getattr",
+            "--backend",
+            "nonsense",
+            "--seconds",
+            "0.1",
+        ])
         .arg("--dir")
         .arg(tempfile::tempdir().unwrap().path())
         .output()

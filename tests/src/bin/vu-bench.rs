@@ -38,12 +38,18 @@ enum Workload {
 
 impl Workload {
     fn is_fs(self) -> bool {
-        matches!(self, Workload::FsLookupGetattr | Workload::FsReaddirplusWalk | Workload::FsReadSeq)
+        matches!(
+            self,
+            Workload::FsLookupGetattr | Workload::FsReaddirplusWalk | Workload::FsReadSeq
+        )
     }
 }
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Benchmark vhost-user backends side by side through the test frontend")]
+#[command(
+    version,
+    about = "Benchmark vhost-user backends side by side through the test frontend"
+)]
 struct Args {
     /// The workload to run.
     workload: Workload,
@@ -95,7 +101,10 @@ fn preset(name: &str) -> Option<String> {
         // Prefer this workspace's release build, then PATH/cargo bin.
         let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let local = here.parent().map(|p| p.join("target/release").join(n));
-        local.filter(|p| p.is_file()).or_else(|| find_program(n)).map(|p| p.to_string_lossy().into_owned())
+        local
+            .filter(|p| p.is_file())
+            .or_else(|| find_program(n))
+            .map(|p| p.to_string_lossy().into_owned())
     };
     Some(match name {
         "virtiofsd" => format!("{} --fd={{fd}} --shared-dir={{dir}} --cache={{cache}} --sandbox=namespace", bin("virtiofsd")?),
@@ -128,7 +137,11 @@ fn parse_backend(spec: &str, subst: &[(&str, String)]) -> Result<Backend> {
     };
     let argv = cmd
         .split_whitespace()
-        .map(|a| subst.iter().fold(a.to_string(), |acc, (k, v)| acc.replace(k, v)))
+        .map(|a| {
+            subst
+                .iter()
+                .fold(a.to_string(), |acc, (k, v)| acc.replace(k, v))
+        })
         .collect();
     Ok(Backend { name, argv })
 }
@@ -149,19 +162,42 @@ fn run_one(w: Workload, a: &Args, b: &Backend, limit: Limit) -> Result<Report> {
     let mut proc = BackendProcess::spawn(&b.argv, Duration::from_secs(20))
         .with_context(|| format!("starting backend {}", b.name))?;
     let cmd = b.argv.join(" ");
-    let pattern = |write, random| BlkPattern { write, random, block: a.bs };
+    let pattern = |write, random| BlkPattern {
+        write,
+        random,
+        block: a.bs,
+    };
     let result = match w {
-        Workload::FsLookupGetattr => bench::fs_lookup_getattr(&mut proc, a.dirs, a.files, a.qd, limit).map(|s| s.report(&b.name, &cmd)),
-        Workload::FsReaddirplusWalk => bench::fs_readdirplus_walk(&mut proc, limit).map(|(s, entries)| {
-            let mut r = s.report(&b.name, &cmd);
-            r.extra.insert("entries_per_s".into(), entries as f64 / r.seconds);
-            r
-        }),
-        Workload::FsReadSeq => bench::fs_read_seq(&mut proc, "big.bin", a.bs, a.qd, limit).map(|s| s.report(&b.name, &cmd)),
-        Workload::BlkRandread => bench::blk_io(&mut proc, a.queues, pattern(false, true), a.qd, limit).map(|s| s.report(&b.name, &cmd)),
-        Workload::BlkRandwrite => bench::blk_io(&mut proc, a.queues, pattern(true, true), a.qd, limit).map(|s| s.report(&b.name, &cmd)),
-        Workload::BlkSeqread => bench::blk_io(&mut proc, a.queues, pattern(false, false), a.qd, limit).map(|s| s.report(&b.name, &cmd)),
-        Workload::BlkSeqwrite => bench::blk_io(&mut proc, a.queues, pattern(true, false), a.qd, limit).map(|s| s.report(&b.name, &cmd)),
+        Workload::FsLookupGetattr => {
+            bench::fs_lookup_getattr(&mut proc, a.dirs, a.files, a.qd, limit)
+                .map(|s| s.report(&b.name, &cmd))
+        }
+        Workload::FsReaddirplusWalk => {
+            bench::fs_readdirplus_walk(&mut proc, limit).map(|(s, entries)| {
+                let mut r = s.report(&b.name, &cmd);
+                r.extra
+                    .insert("entries_per_s".into(), entries as f64 / r.seconds);
+                r
+            })
+        }
+        Workload::FsReadSeq => bench::fs_read_seq(&mut proc, "big.bin", a.bs, a.qd, limit)
+            .map(|s| s.report(&b.name, &cmd)),
+        Workload::BlkRandread => {
+            bench::blk_io(&mut proc, a.queues, pattern(false, true), a.qd, limit)
+                .map(|s| s.report(&b.name, &cmd))
+        }
+        Workload::BlkRandwrite => {
+            bench::blk_io(&mut proc, a.queues, pattern(true, true), a.qd, limit)
+                .map(|s| s.report(&b.name, &cmd))
+        }
+        Workload::BlkSeqread => {
+            bench::blk_io(&mut proc, a.queues, pattern(false, false), a.qd, limit)
+                .map(|s| s.report(&b.name, &cmd))
+        }
+        Workload::BlkSeqwrite => {
+            bench::blk_io(&mut proc, a.queues, pattern(true, false), a.qd, limit)
+                .map(|s| s.report(&b.name, &cmd))
+        }
     };
     result.with_context(|| format!("backend {} output:\n{}", b.name, proc.output()))
 }
@@ -191,7 +227,11 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         if std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0) != a.image_mib << 20 {
             // Filled, not sparse: reads of holes would not touch the disk.
-            eprintln!("vu-bench: writing {} MiB image {}", a.image_mib, image.display());
+            eprintln!(
+                "vu-bench: writing {} MiB image {}",
+                a.image_mib,
+                image.display()
+            );
             let chunk = vec![0x3cu8; 1 << 20];
             let mut f = std::fs::File::create(&image)?;
             for _ in 0..a.image_mib {
@@ -206,18 +246,35 @@ fn main() -> Result<()> {
         ("{cache}", a.cache.clone()),
         ("{queues}", a.queues.to_string()),
     ];
-    let backends: Vec<Backend> = a.backends.iter().map(|s| parse_backend(s, &subst)).collect::<Result<_>>()?;
-    let limit = Limit { duration: Duration::from_secs_f64(a.seconds), max_requests: a.max_requests };
+    let backends: Vec<Backend> = a
+        .backends
+        .iter()
+        .map(|s| parse_backend(s, &subst))
+        .collect::<Result<_>>()?;
+    let limit = Limit {
+        duration: Duration::from_secs_f64(a.seconds),
+        max_requests: a.max_requests,
+    };
 
     let mut rounds = Vec::new();
     for r in 0..a.rounds.max(1) {
         let mut this = Vec::new();
         // Alternate the order each round so neither backend always runs on
         // the warmer page cache.
-        let order: Vec<usize> = if r % 2 == 0 { (0..backends.len()).collect() } else { (0..backends.len()).rev().collect() };
+        let order: Vec<usize> = if r % 2 == 0 {
+            (0..backends.len()).collect()
+        } else {
+            (0..backends.len()).rev().collect()
+        };
         for &i in &order {
             let b = &backends[i];
-            eprintln!("vu-bench: round {}/{} {} on {}", r + 1, a.rounds.max(1), serde_json::to_string(&w)?, b.name);
+            eprintln!(
+                "vu-bench: round {}/{} {} on {}",
+                r + 1,
+                a.rounds.max(1),
+                serde_json::to_string(&w)?,
+                b.name
+            );
             let rep = run_one(w, &a, b, limit)?;
             eprintln!(
                 "vu-bench:   {:>12.0} req/s  p50 {:>8.1} us  p99 {:>8.1} us  {:>8.1} MB/s",
@@ -231,8 +288,9 @@ fn main() -> Result<()> {
         this.sort_by_key(|(i, _)| *i);
         rounds.push(this.into_iter().map(|(_, r)| r).collect::<Vec<_>>());
     }
-    let results: Vec<Report> =
-        (0..backends.len()).map(|i| median(rounds.iter().map(|r| r[i].clone()).collect())).collect();
+    let results: Vec<Report> = (0..backends.len())
+        .map(|i| median(rounds.iter().map(|r| r[i].clone()).collect()))
+        .collect();
     let base = &results[0];
     let ratios = results
         .iter()
@@ -274,8 +332,14 @@ fn now_utc() -> String {
 fn host_summary() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{n} cpus, {cpu}")
 }
