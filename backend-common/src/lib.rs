@@ -1,6 +1,10 @@
 //! What every vhost-user backend of the workspace shares, so the three device
 //! processes do not each carry a copy: the listening socket (bound by path or
-//! inherited from a supervisor), and logging set-up.
+//! inherited from a supervisor), the serve loop, and logging set-up.
+
+mod serve;
+
+pub use serve::{serve, ServeError};
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;

@@ -1,11 +1,32 @@
-//! A vhost-user virtio-fs backend: fast, coherent, sandboxed.
-//!
-//! Not implemented yet: this binary only reports that, so nothing can mistake
-//! it for a working device. The work is tracked in issue #3.
+//! virtiofsd-fast: a vhost-user virtio-fs backend. See the library docs.
 
 use std::process::ExitCode;
 
+use clap::Parser;
+use virtiofsd_fast::{args, Args, Config};
+
 fn main() -> ExitCode {
-    eprintln!("virtiofsd-fast: not implemented yet (tracked in issue #3); nothing was started");
-    ExitCode::from(2)
+    let a = Args::parse();
+    if a.print_capabilities {
+        println!("{}", args::capabilities_json());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = backend_common::init_logging(&a.log_level) {
+        eprintln!("virtiofsd-fast: {e}");
+        return ExitCode::from(2);
+    }
+    let cfg = match Config::try_from(a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("virtiofsd-fast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match virtiofsd_fast::run(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("virtiofsd-fast: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
 }

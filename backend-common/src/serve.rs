@@ -1,0 +1,63 @@
+//! The serve loop: one frontend at a time, and serve again when it goes.
+//!
+//! A VMM restart or a guest reboot closes the vhost-user connection; a
+//! backend that exited then would take the device away from a VM that is
+//! still running. So each connection gets a fresh daemon (fresh vring state
+//! and worker threads), the backend object itself is kept, and the listener
+//! goes back to accepting.
+
+use std::os::unix::net::UnixListener;
+
+use tracing::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Errors that end the serve loop (a frontend's misbehaviour does not).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("duplicating the listening socket")]
+    Listener(#[source] std::io::Error),
+    // vhost-user-backend's error is Display but not std::error::Error, so
+    // it is carried as text.
+    #[error("creating the vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("accepting a frontend: {0}")]
+    Accept(String),
+}
+
+/// Serve frontends on `listener`, one after another, `connections` times
+/// (`None`: forever). `backend` is cloned into each connection's daemon, so
+/// state it shares through `Arc`s survives a reconnect.
+pub fn serve<T>(
+    name: &str,
+    listener: &UnixListener,
+    backend: T,
+    connections: Option<u64>,
+) -> Result<(), ServeError>
+where
+    T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    T::Vring: Clone + Send + Sync,
+{
+    let mut served = 0u64;
+    while connections.is_none_or(|n| served < n) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
+        daemon
+            .start(&mut l)
+            .map_err(|e| ServeError::Accept(e.to_string()))?;
+        served += 1;
+        info!(connection = served, "frontend connected");
+        match daemon.wait() {
+            Ok(()) => info!(connection = served, "frontend disconnected"),
+            Err(e) => warn!(connection = served, error = %e, "connection ended with an error"),
+        }
+        // The worker threads of this connection's daemon exit on this event.
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+    }
+    Ok(())
+}

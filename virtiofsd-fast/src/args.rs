@@ -1,0 +1,288 @@
+//! Command line, compatible with virtiofsd where the concept is the same, so
+//! existing QEMU, libvirt and Kata set-ups drop in.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use backend_common::SocketSource;
+
+/// How the guest may cache what it learns from the share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheMode {
+    /// No caching: every access asks the host. Always coherent, slowest.
+    Never,
+    /// Metadata cached for the coherence window, file data never.
+    Metadata,
+    /// Close-to-open: metadata cached for the coherence window, file data
+    /// kept until an open sees the file changed (virtiofsd's default).
+    Auto,
+    /// Cache everything for a day: fastest, and host changes may never show
+    /// (as virtiofsd --cache=always). For shares only the guest writes.
+    Always,
+    /// Our default: cache metadata and data for the coherence window, and
+    /// drop cached data as soon as the guest sees a changed mtime or size.
+    /// Host changes show within --coherence-ms.
+    Coherent,
+}
+
+/// Sandboxing of the daemon process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SandboxMode {
+    /// New mount, pid and net namespaces, pivot_root into the share.
+    Namespace,
+    /// chroot into the share.
+    Chroot,
+    /// Nothing: the process sees the host as its user does.
+    None,
+}
+
+/// What seccomp does with a syscall outside the allowlist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SeccompAction {
+    Kill,
+    Log,
+    None,
+}
+
+/// Use of file handles to name inodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InodeFileHandles {
+    Never,
+    Prefer,
+    Mandatory,
+}
+
+/// virtiofsd-fast: a vhost-user virtio-fs backend.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// vhost-user socket to listen on.
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// An already listening vhost-user socket, inherited from a supervisor.
+    #[arg(long, value_name = "FD")]
+    pub fd: Option<RawFd>,
+    /// The directory shared with the guest.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "print_capabilities"
+    )]
+    pub shared_dir: Option<PathBuf>,
+    /// The tag the guest mounts (also in the device's config space).
+    #[arg(long, default_value = "share")]
+    pub tag: String,
+    /// Guest caching policy.
+    #[arg(long, value_enum, default_value_t = CacheMode::Coherent)]
+    pub cache: CacheMode,
+    /// Longest time, in milliseconds, a host change may stay invisible to
+    /// the guest in the auto, metadata and coherent modes.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub coherence_ms: u64,
+    /// Worker threads per request queue (0: handle requests on the queue's
+    /// own thread).
+    #[arg(long, default_value_t = 0)]
+    pub thread_pool_size: usize,
+    /// Sandbox for the daemon. Only `none` is implemented so far; the
+    /// others are refused rather than silently not applied.
+    #[arg(long, value_enum, default_value_t = SandboxMode::None)]
+    pub sandbox: SandboxMode,
+    /// Seccomp action for a syscall outside the allowlist. Only `none` is
+    /// implemented so far.
+    #[arg(long, value_enum, default_value_t = SeccompAction::None)]
+    pub seccomp: SeccompAction,
+    /// Pass extended attributes through.
+    #[arg(long)]
+    pub xattr: bool,
+    /// Support POSIX ACLs (implies --xattr).
+    #[arg(long)]
+    pub posix_acl: bool,
+    /// Let the guest cache writes (FUSE writeback cache).
+    #[arg(long)]
+    pub writeback: bool,
+    /// Tell the guest about submounts in the share.
+    #[arg(long)]
+    pub announce_submounts: bool,
+    /// Name inodes by file handle instead of keeping an O_PATH fd each.
+    #[arg(long, value_enum, default_value_t = InodeFileHandles::Never)]
+    pub inode_file_handles: InodeFileHandles,
+    /// Raise RLIMIT_NOFILE to this (default: the hard limit).
+    #[arg(long, value_name = "N")]
+    pub rlimit_nofile: Option<u64>,
+    /// Print the vhost-user capabilities JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Log filter (error, warn, info, debug, trace, or RUST_LOG syntax).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Serve this many frontend connections, then exit (default: serve
+    /// again after every disconnect).
+    #[arg(long, value_name = "N")]
+    pub connections: Option<u64>,
+}
+
+/// Errors turning flags into a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error(transparent)]
+    Socket(#[from] backend_common::SetupError),
+    #[error("--shared-dir is required")]
+    NoSharedDir,
+    #[error("--shared-dir {0}: not a directory")]
+    NotADir(PathBuf),
+    #[error("--shared-dir {path}")]
+    SharedDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--tag must be 1 to 36 bytes, got {0}")]
+    Tag(usize),
+    #[error("--{0} is not supported yet; leave it off")]
+    Unsupported(&'static str),
+}
+
+/// The daemon's configuration, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket: SocketSource,
+    pub shared_dir: PathBuf,
+    pub tag: String,
+    pub cache: CacheMode,
+    pub coherence: Duration,
+    pub sandbox: SandboxMode,
+    pub seccomp: SeccompAction,
+    pub xattr: bool,
+    pub writeback: bool,
+    pub announce_submounts: bool,
+    pub inode_file_handles: InodeFileHandles,
+    pub rlimit_nofile: Option<u64>,
+    pub connections: Option<u64>,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ArgsError;
+
+    fn try_from(a: Args) -> Result<Self, ArgsError> {
+        let socket = SocketSource::from_flags(a.socket_path, a.fd)?;
+        let given = a.shared_dir.ok_or(ArgsError::NoSharedDir)?;
+        let shared_dir = std::fs::canonicalize(&given).map_err(|source| ArgsError::SharedDir {
+            path: given.clone(),
+            source,
+        })?;
+        if !shared_dir.is_dir() {
+            return Err(ArgsError::NotADir(shared_dir));
+        }
+        if a.tag.is_empty() || a.tag.len() > 36 {
+            return Err(ArgsError::Tag(a.tag.len()));
+        }
+        if a.thread_pool_size > 0 {
+            return Err(ArgsError::Unsupported("thread-pool-size"));
+        }
+        if a.sandbox != SandboxMode::None {
+            return Err(ArgsError::Unsupported(
+                "sandbox=namespace|chroot (use --sandbox=none)",
+            ));
+        }
+        if a.seccomp != SeccompAction::None {
+            return Err(ArgsError::Unsupported(
+                "seccomp=kill|log (use --seccomp=none)",
+            ));
+        }
+        if a.inode_file_handles == InodeFileHandles::Mandatory {
+            return Err(ArgsError::Unsupported("inode-file-handles=mandatory"));
+        }
+        Ok(Config {
+            socket,
+            shared_dir,
+            tag: a.tag,
+            cache: a.cache,
+            coherence: Duration::from_millis(a.coherence_ms),
+            sandbox: a.sandbox,
+            seccomp: a.seccomp,
+            xattr: a.xattr || a.posix_acl,
+            writeback: a.writeback,
+            announce_submounts: a.announce_submounts,
+            inode_file_handles: a.inode_file_handles,
+            rlimit_nofile: a.rlimit_nofile,
+            connections: a.connections,
+        })
+    }
+}
+
+/// The vhost-user backend capabilities, as `--print-capabilities` prints
+/// them (the vhost-user spec's JSON for a backend program).
+pub fn capabilities_json() -> &'static str {
+    "{\n  \"type\": \"fs\",\n  \"features\": [\n    \"migrate-precopy\"\n  ]\n}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, ArgsError> {
+        let dir = std::env::temp_dir();
+        let mut v = vec!["virtiofsd-fast", "--socket-path=/tmp/x.sock"];
+        let d = format!("--shared-dir={}", dir.display());
+        v.push(&d);
+        v.extend_from_slice(extra);
+        Config::try_from(Args::try_parse_from(v).unwrap())
+    }
+
+    #[test]
+    fn defaults_are_coherent() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.cache, CacheMode::Coherent);
+        assert_eq!(c.coherence, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unimplemented_sandboxing_is_refused_not_ignored() {
+        assert!(matches!(
+            parse(&["--sandbox=namespace"]),
+            Err(ArgsError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse(&["--seccomp=kill"]),
+            Err(ArgsError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn virtiofsd_flags_parse() {
+        let c = parse(&[
+            "--cache=always",
+            "--xattr",
+            "--sandbox=none",
+            "--seccomp=none",
+            "--tag=myfs",
+        ])
+        .unwrap();
+        assert_eq!(c.cache, CacheMode::Always);
+        assert!(c.xattr);
+        assert_eq!(c.tag, "myfs");
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        assert!(matches!(parse(&["--tag="]), Err(ArgsError::Tag(0))));
+        let long = format!("--tag={}", "x".repeat(37));
+        assert!(matches!(parse(&[&long]), Err(ArgsError::Tag(37))));
+        let e = Config::try_from(
+            Args::try_parse_from([
+                "virtiofsd-fast",
+                "--socket-path=/x",
+                "--shared-dir=/nonexistent/dir",
+            ])
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/dir"), "{e}");
+        assert!(
+            Args::try_parse_from(["virtiofsd-fast", "--shared-dir=/tmp", "--cache=bogus"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! The vhost-user side: virtqueues in, FUSE requests to the server, replies
+//! out. Queue 0 is the high-priority queue, 1.. are request queues; each has
+//! its own worker thread and its own vring lock, so queues never contend.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use fuse_backend_rs::abi::fuse_abi::InHeader;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::share::ShareFs;
+
+/// VIRTIO_F_VERSION_1.
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_INDIRECT_DESC.
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX.
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Queue size the device offers; Linux and QEMU ask for 1024 at most.
+pub const QUEUE_SIZE: usize = 1024;
+/// Tag field of the virtio-fs config space.
+const TAG_LEN: usize = 36;
+
+/// Counts of what went wrong, for logs that stay readable under a hostile guest.
+#[derive(Default)]
+pub struct Faults {
+    pub bad_chains: AtomicU64,
+    pub bad_requests: AtomicU64,
+}
+
+impl Faults {
+    /// Whether the n-th fault of a kind is logged: the first ten, then
+    /// every power of two, so a flood of bad requests costs little.
+    fn should_log(n: u64) -> bool {
+        n < 10 || n.is_power_of_two()
+    }
+}
+
+/// The virtio-fs device.
+pub struct FsBackend {
+    server: Server<ShareFs>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    event_idx: AtomicBool,
+    request_queues: usize,
+    tag: String,
+    pub faults: Faults,
+}
+
+impl FsBackend {
+    pub fn new(fs: ShareFs, tag: String, request_queues: usize) -> Self {
+        FsBackend {
+            server: Server::new(fs),
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            request_queues: request_queues.max(1),
+            tag,
+            faults: Faults::default(),
+        }
+    }
+
+    /// The device config space: tag, then the number of request queues.
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; TAG_LEN + 4];
+        let t = self.tag.as_bytes();
+        c[..t.len().min(TAG_LEN)].copy_from_slice(&t[..t.len().min(TAG_LEN)]);
+        c[TAG_LEN..].copy_from_slice(&(self.request_queues as u32).to_le_bytes());
+        c
+    }
+
+    /// Serve every chain the guest has made available on `vring`.
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("memory lock poisoned"))?
+            .clone()
+        else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        let mut used_any = false;
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            let head = chain.head_index();
+            let written = self.handle_chain(&mem, chain);
+            if let Err(e) = state.add_used(head, written) {
+                // The used ring itself is unusable: nothing more can be
+                // returned on this queue until the frontend resets it.
+                warn!(queue_head = head, error = %e, "cannot return a used buffer");
+                break;
+            }
+            used_any = true;
+        }
+        if used_any
+            && (!self.event_idx.load(Ordering::Relaxed)
+                || state.needs_notification().unwrap_or(true))
+        {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// One FUSE request. Returns the bytes written to the guest; a chain
+    /// that cannot be read or answered is returned with 0 bytes (the guest
+    /// sees an I/O error) and counted.
+    fn handle_chain<M>(&self, mem: &M, chain: virtio_queue::DescriptorChain<M>) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+    {
+        let reader = match Reader::from_descriptor_chain(&**mem, chain.clone()) {
+            Ok(r) => r,
+            Err(e) => return self.bad_chain(&e),
+        };
+        let mut writer = match VirtioFsWriter::new(&**mem, chain) {
+            Ok(w) => Writer::VirtioFs(w),
+            Err(e) => return self.bad_chain(&e),
+        };
+        // The guest's kernel sets the header's length to exactly what it
+        // sends; a length beyond the chain is a lie the FUSE layer would
+        // not notice for requests whose arguments are shorter.
+        let readable = reader.available_bytes();
+        let mut peek = reader.clone();
+        if let Ok(h) = peek.read_obj::<InHeader>() {
+            if h.len as usize > readable {
+                let n = self.faults.bad_requests.fetch_add(1, Ordering::Relaxed);
+                if Faults::should_log(n) {
+                    warn!(
+                        claimed = h.len,
+                        readable,
+                        opcode = h.opcode,
+                        count = n + 1,
+                        "FUSE header length beyond the request"
+                    );
+                }
+                return reply_error(&mut writer, h.unique, libc::EINVAL);
+            }
+        }
+        match self.server.handle_message(reader, writer, None, None) {
+            Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+            Err(e) => {
+                let n = self.faults.bad_requests.fetch_add(1, Ordering::Relaxed);
+                if Faults::should_log(n) {
+                    warn!(error = %e, count = n + 1, "malformed FUSE request");
+                }
+                0
+            }
+        }
+    }
+
+    fn bad_chain(&self, e: &dyn std::fmt::Display) -> u32 {
+        let n = self.faults.bad_chains.fetch_add(1, Ordering::Relaxed);
+        if Faults::should_log(n) {
+            warn!(error = %e, count = n + 1, "unusable descriptor chain");
+        }
+        0
+    }
+}
+
+/// Answer a request with only a fuse_out_header carrying `errno`.
+fn reply_error(w: &mut Writer<'_, ()>, unique: u64, errno: i32) -> u32 {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&16u32.to_le_bytes());
+    h[4..8].copy_from_slice(&(-errno).to_le_bytes());
+    h[8..16].copy_from_slice(&unique.to_le_bytes());
+    match std::io::Write::write_all(w, &h) {
+        Ok(()) => 16,
+        Err(_) => 0,
+    }
+}
+
+impl VhostUserBackend for FsBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        1 + self.request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        let mut out = c[start..end].to_vec();
+        // Reads past the end see zeros, as on a real device.
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self
+            .mem
+            .write()
+            .map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue.
+        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected events {evset:?}")));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(io::Error::other(format!(
+                "event for queue {device_event}, which does not exist"
+            )));
+        };
+        debug!(queue = device_event, "kick");
+        if self.event_idx.load(Ordering::Relaxed) {
+            // Re-check after re-enabling notifications: a request made
+            // available in between would otherwise wait for the next kick.
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                self.process_queue(vring)?;
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(vring)?;
+        }
+        Ok(())
+    }
+}
+
+/// The backend as the serve loop clones it into each connection.
+pub type SharedBackend = Arc<FsBackend>;

@@ -1,0 +1,228 @@
+//! virtiofsd-fast served over a real vhost-user connection, driven by the
+//! test frontend: normal requests, escape attempts, malformed requests, and
+//! serving again after the frontend goes away.
+
+use std::time::Duration;
+
+use tests::frontend::BackendProcess;
+use tests::fs::{self, op, FsError, FuseClient, ROOT_ID};
+use tests::hostile;
+use tests::queue::Shape;
+use tests::ring::Seg;
+
+fn start(dir: &std::path::Path, extra: &[&str]) -> BackendProcess {
+    let mut argv = vec![
+        env!("CARGO_BIN_EXE_virtiofsd-fast").to_string(),
+        "--fd={fd}".into(),
+        format!("--shared-dir={}", dir.display()),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("virtiofsd-fast starts")
+}
+
+fn client(b: &mut BackendProcess) -> FuseClient {
+    let mut c = FuseClient::connect(b, 8).unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+    c.set_timeout(Duration::from_secs(5));
+    c.init()
+        .unwrap_or_else(|e| panic!("INIT: {e}\n{}", b.output()));
+    c
+}
+
+#[test]
+fn serves_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), b"hello from the host").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let mut b = start(dir.path(), &[]);
+    let mut c = client(&mut b);
+
+    let e = c.lookup(ROOT_ID, "hello.txt").unwrap();
+    assert_eq!(e.attr.size, 19);
+    let fh = c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
+    assert_eq!(
+        c.read(e.nodeid, fh, 0, 4096).unwrap(),
+        b"hello from the host"
+    );
+    c.release(e.nodeid, fh).unwrap();
+    assert_eq!(c.getattr(e.nodeid).unwrap().size, 19);
+
+    c.shape = Shape::INDIRECT;
+    let (n, fh) = c
+        .create(ROOT_ID, "new.txt", 0o644, libc::O_WRONLY as u32)
+        .unwrap();
+    assert_eq!(c.write(n.nodeid, fh, 0, b"from the guest").unwrap(), 14);
+    c.release(n.nodeid, fh).unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("new.txt")).unwrap(),
+        b"from the guest"
+    );
+    c.shape = Shape::DIRECT;
+
+    let d = c.mkdir(ROOT_ID, "made", 0o755).unwrap();
+    assert_eq!(d.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+    let mut names: Vec<String> = c
+        .readdirplus_all(ROOT_ID)
+        .unwrap()
+        .into_iter()
+        .map(|d| String::from_utf8_lossy(&d.name).into_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    names.sort();
+    assert_eq!(names, ["hello.txt", "made", "new.txt", "sub"]);
+    c.unlink(ROOT_ID, "new.txt").unwrap();
+    assert!(!dir.path().join("new.txt").exists());
+    let (blocks, _, _) = c.statfs(ROOT_ID).unwrap();
+    assert!(blocks > 0);
+}
+
+#[test]
+fn the_guest_cannot_leave_the_share() {
+    let outer = tempfile::tempdir().unwrap();
+    std::fs::write(outer.path().join("secret"), b"outside").unwrap();
+    let share = outer.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::create_dir(share.join("sub")).unwrap();
+    std::os::unix::fs::symlink(outer.path(), share.join("escape")).unwrap();
+    std::os::unix::fs::symlink("../secret", share.join("rel-escape")).unwrap();
+    let mut b = start(&share, &[]);
+    let mut c = client(&mut b);
+
+    // ".." at the root is the root itself.
+    let up = c.lookup(ROOT_ID, "..").unwrap();
+    assert_eq!(up.nodeid, ROOT_ID);
+    assert!(matches!(
+        c.lookup(up.nodeid, "secret"),
+        Err(FsError::Errno(libc::ENOENT))
+    ));
+    // ".." below the root is refused.
+    let sub = c.lookup(ROOT_ID, "sub").unwrap();
+    assert!(matches!(
+        c.lookup(sub.nodeid, ".."),
+        Err(FsError::Errno(libc::EACCES))
+    ));
+    // Names with a slash never reach the host.
+    assert!(matches!(
+        c.lookup(ROOT_ID, "../secret"),
+        Err(FsError::Errno(libc::EINVAL))
+    ));
+    assert!(matches!(
+        c.lookup(ROOT_ID, "sub/../../secret"),
+        Err(FsError::Errno(libc::EINVAL))
+    ));
+    assert!(matches!(
+        c.mkdir(ROOT_ID, "..", 0o755),
+        Err(FsError::Errno(libc::EINVAL))
+    ));
+    // A symlink to outside is a symlink: the host never follows it.
+    let link = c.lookup(ROOT_ID, "escape").unwrap();
+    assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert!(c.lookup(link.nodeid, "secret").is_err());
+    assert!(c.open(link.nodeid, libc::O_RDONLY as u32).is_err());
+    assert_eq!(
+        c.readlink(link.nodeid).unwrap(),
+        outer.path().as_os_str().as_encoded_bytes()
+    );
+    let rel = c.lookup(ROOT_ID, "rel-escape").unwrap();
+    assert!(c.open(rel.nodeid, libc::O_RDONLY as u32).is_err());
+    // A file handle that was never opened.
+    let f = c.lookup(ROOT_ID, "sub").unwrap();
+    assert!(matches!(
+        c.read(f.nodeid, 0xdead_beef, 0, 16),
+        Err(FsError::Errno(libc::EBADF))
+    ));
+    // A node id that was never looked up.
+    assert!(c.getattr(0x7777_7777).is_err());
+    assert!(b.is_running(), "{}", b.output());
+}
+
+#[test]
+fn malformed_requests_get_errors_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"ok").unwrap();
+    let mut b = start(dir.path(), &[]);
+    let mut c = client(&mut b);
+
+    // An unknown opcode is answered with ENOSYS.
+    assert!(matches!(
+        c.call(9999, ROOT_ID, &[], 0),
+        Err(FsError::Errno(libc::ENOSYS))
+    ));
+    // A header whose length claims more than the chain holds.
+    let unique = c.next_unique();
+    let hdr = hostile::fuse_header_len_lies(op::GETATTR, unique, ROOT_ID, 1 << 20);
+    let done = c
+        .req
+        .call(&[&hdr, &[0u8; 16]], &[256], Shape::DIRECT)
+        .unwrap();
+    assert!(
+        fs::parse_reply(&done, unique).is_err(),
+        "a lying length must not succeed"
+    );
+    // A header cut short.
+    let done = c.req.call(&[&[1u8; 10]], &[256], Shape::DIRECT).unwrap();
+    assert_eq!(done.len, 0, "nothing to answer a 10-byte request with");
+    // Descriptors outside guest memory, loops, bad heads, bad indirect tables.
+    let reply = c.dev.mem.alloc_in(1, 4096, 64).unwrap();
+    let ring = c.req.ring();
+    hostile::readable_outside_memory(ring, 64, Seg::writable(reply, 4096)).unwrap();
+    hostile::writable_outside_memory(ring, Seg::readable(reply, 40), 4096).unwrap();
+    hostile::looped_chain(ring, reply).unwrap();
+    hostile::indirect_table_outside_memory(ring).unwrap();
+    hostile::indirect_table_bad_length(ring, reply).unwrap();
+    hostile::zero_length(ring, reply, 3).unwrap();
+    // Whatever happened to those chains, valid requests are still served.
+    for _ in 0..6 {
+        let _ = c.req.ring().wait_used(Duration::from_millis(200));
+    }
+    let e = c.lookup(ROOT_ID, "f").unwrap();
+    assert_eq!(e.attr.size, 2);
+    assert!(b.is_running(), "daemon died:\n{}", b.output());
+}
+
+#[test]
+fn serves_again_after_the_frontend_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"ok").unwrap();
+    let mut b = start(dir.path(), &[]);
+    for round in 0..3 {
+        let mut c = client(&mut b);
+        assert_eq!(
+            c.lookup(ROOT_ID, "f").unwrap().attr.size,
+            2,
+            "round {round}"
+        );
+        drop(c);
+    }
+    assert!(b.is_running(), "{}", b.output());
+}
+
+#[test]
+fn config_space_has_tag_and_queue_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = start(dir.path(), &["--tag=projects"]);
+    let mut c = client(&mut b);
+    let cfg = c.dev.read_config(0, 40).unwrap();
+    assert_eq!(&cfg[..8], b"projects");
+    assert!(cfg[8..36].iter().all(|&x| x == 0));
+    assert_eq!(u32::from_le_bytes(cfg[36..40].try_into().unwrap()), 1);
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_virtiofsd-fast"))
+        .args([
+            "--socket-path=/tmp/unused.sock",
+            "--shared-dir=/does/not/exist",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/does/not/exist"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_virtiofsd-fast"))
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"type\": \"fs\""));
+}
