@@ -1,0 +1,212 @@
+//! A real Linux guest under QEMU uses a share served by virtiofsd-fast:
+//! the everyday file operations, checked on both sides, and coherence with
+//! changes made on the host while the guest is running.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::frontend::BackendProcess;
+use tests::guest::{self, GuestRun, Qemu};
+
+/// TCG boots in ~5 s here; the rest is headroom for a loaded 2-core machine.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn daemon(share: &Path, extra: &[&str]) -> BackendProcess {
+    let mut argv = vec![
+        env!("CARGO_BIN_EXE_virtiofsd-fast").to_string(),
+        "--fd={fd}".into(),
+        format!("--shared-dir={}", share.display()),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("virtiofsd-fast starts")
+}
+
+fn boot(d: &BackendProcess, script: &str) -> GuestRun {
+    let full = format!(
+        "set -e\nmkdir -p /mnt/host\nmount -t virtiofs share /mnt/host\ncd /mnt/host\n{script}"
+    );
+    match Qemu::new()
+        .fs(d.socket(), "share")
+        .run(&full, GUEST_TIMEOUT)
+    {
+        Ok(run) => run,
+        Err(e) => panic!("{e}\n--- virtiofsd-fast ---\n{}", d.output()),
+    }
+}
+
+fn md5(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn line_after<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no `{key}` line in:\n{out}"))
+        .trim()
+}
+
+#[test]
+fn everyday_file_operations() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let blob: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(dir.path().join("host.bin"), &blob).unwrap();
+    let d = daemon(dir.path(), &[]);
+    let run = boot(
+        &d,
+        r#"
+echo "host-md5: $(md5sum host.bin | cut -d' ' -f1)"
+echo small > g-small.txt
+dd if=/dev/urandom of=g-big.bin bs=1M count=8 2>/dev/null
+echo "guest-md5: $(md5sum g-big.bin | cut -d' ' -f1)"
+echo one > r1; echo two > r2; mv r1 r2
+echo "rename-over: $(cat r2) $([ -e r1 ] && echo r1-left || echo r1-gone)"
+echo h > h1; ln h1 h2
+echo "links: $(stat -c %h h1)"
+ln -s h1 s1
+echo "symlink: $(readlink s1) $(cat s1)"
+chmod 640 h1
+echo "mode: $(stat -c %a h1)"
+echo 0123456789 > t; truncate -s 4 t
+echo "truncated: $(cat t) $(stat -c %s t)"
+exec 3< h2
+rm h1 h2
+echo "open-unlinked: $(cat <&3)"
+exec 3<&-
+mkdir many
+i=0; while [ $i -lt 3000 ]; do : > many/f$i; i=$((i+1)); done
+echo "created: $(ls many | wc -l)"
+mkdir -p tree/a/b/c; echo x > tree/a/b/c/f; ln -s ../.. tree/a/b/up
+rm -rf many tree
+echo "removed: $([ -e many ] || [ -e tree ] && echo no || echo yes)"
+sync
+"#,
+    );
+    let out = run.script_output();
+    assert_eq!(
+        run.exit_code,
+        0,
+        "{out}\n--- console ---\n{}\n--- daemon ---\n{}",
+        run.serial,
+        d.output()
+    );
+    assert_eq!(
+        line_after(&out, "host-md5:"),
+        md5(&dir.path().join("host.bin"))
+    );
+    assert_eq!(
+        line_after(&out, "guest-md5:"),
+        md5(&dir.path().join("g-big.bin"))
+    );
+    assert_eq!(
+        std::fs::metadata(dir.path().join("g-big.bin"))
+            .unwrap()
+            .len(),
+        8 << 20
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("g-small.txt")).unwrap(),
+        b"small\n"
+    );
+    assert_eq!(line_after(&out, "rename-over:"), "one r1-gone");
+    assert_eq!(line_after(&out, "links:"), "2");
+    assert_eq!(line_after(&out, "symlink:"), "h1 h");
+    assert_eq!(line_after(&out, "mode:"), "640");
+    assert_eq!(line_after(&out, "truncated:"), "0123 4");
+    assert_eq!(line_after(&out, "open-unlinked:"), "h");
+    assert_eq!(line_after(&out, "created:"), "3000");
+    assert_eq!(line_after(&out, "removed:"), "yes");
+    assert!(!dir.path().join("many").exists() && !dir.path().join("h1").exists());
+    assert_eq!(
+        std::fs::read_link(dir.path().join("s1")).unwrap(),
+        Path::new("h1")
+    );
+}
+
+/// The guest reads `data.txt`, tells the host (through the share) it has,
+/// the host rewrites it in place, and the guest reports how long the new
+/// content took to show. Returns what the guest printed.
+fn rewrite_seen_by_guest(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.txt");
+    std::fs::write(&data, b"version-1\n").unwrap();
+    let d = daemon(dir.path(), extra);
+    let host = {
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let ready = dir.join("ready");
+            let start = Instant::now();
+            while !ready.exists() {
+                if start.elapsed() > GUEST_TIMEOUT {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // In place: same inode, same size, new mtime.
+            use std::io::{Seek, Write};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("data.txt"))
+                .unwrap();
+            f.seek(std::io::SeekFrom::Start(0)).unwrap();
+            f.write_all(b"version-2\n").unwrap();
+            f.sync_all().unwrap();
+            std::fs::write(dir.join("rewritten"), b"").unwrap();
+        })
+    };
+    let run = boot(
+        &d,
+        r#"
+echo "first: $(cat data.txt)"
+: > ready
+n=0; while [ ! -e rewritten ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
+t0=$(cut -d' ' -f1 /proc/uptime)
+seen=no; n=0
+while [ $n -lt 100 ]; do
+  if [ "$(cat data.txt)" = version-2 ]; then seen=yes; break; fi
+  sleep 0.05; n=$((n+1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "seen: $seen"
+echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
+"#,
+    );
+    host.join().unwrap();
+    let out = run.script_output();
+    assert_eq!(run.exit_code, 0, "{out}\n{}", run.serial);
+    assert_eq!(line_after(&out, "first:"), "version-1");
+    out
+}
+
+#[test]
+fn host_rewrite_shows_within_the_coherence_window() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    let out = rewrite_seen_by_guest(&[]);
+    assert_eq!(line_after(&out, "seen:"), "yes", "{out}");
+    let cs: u64 = line_after(&out, "after-cs:").parse().unwrap();
+    // The window is 1 s; allow the guest's polling and TCG's slowness.
+    assert!(cs <= 250, "took {cs} centiseconds to show:\n{out}");
+    eprintln!("host rewrite seen by the guest after {cs} cs");
+}
+
+#[test]
+fn cache_always_keeps_the_stale_copy_as_virtiofsd_does() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    // The control: without the coherence window the guest keeps what it read.
+    let out = rewrite_seen_by_guest(&["--cache=always"]);
+    assert_eq!(line_after(&out, "seen:"), "no", "{out}");
+}
