@@ -5,6 +5,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::InHeader;
 use fuse_backend_rs::api::server::Server;
@@ -54,17 +55,21 @@ pub struct FsBackend {
     event_idx: AtomicBool,
     request_queues: usize,
     tag: String,
+    /// How long a queue thread watches its ring after the last request
+    /// before it sleeps until the next kick.
+    poll: Duration,
     pub faults: Faults,
 }
 
 impl FsBackend {
-    pub fn new(fs: ShareFs, tag: String, request_queues: usize) -> Self {
+    pub fn new(fs: ShareFs, tag: String, request_queues: usize, poll: Duration) -> Self {
         FsBackend {
             server: Server::new(fs),
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             request_queues: request_queues.max(1),
             tag,
+            poll,
             faults: Faults::default(),
         }
     }
@@ -155,6 +160,36 @@ impl FsBackend {
                 }
                 0
             }
+        }
+    }
+
+    /// Spin up to the poll window for the guest's next request. Returns
+    /// whether one arrived.
+    fn poll_for_more(&self, vring: &VringRwLock) -> bool {
+        if self.poll.is_zero() {
+            return false;
+        }
+        let Ok(guard) = self.mem.read() else {
+            return false;
+        };
+        let Some(atomic) = guard.as_ref() else {
+            return false;
+        };
+        let mem = atomic.memory();
+        let deadline = Instant::now() + self.poll;
+        loop {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            match q.avail_idx(&*mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != q.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            drop(state);
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -257,6 +292,12 @@ impl VhostUserBackend for FsBackend {
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
                 self.process_queue(vring)?;
+                // With kicks still off, watch the ring a little longer: a
+                // guest that sends its next request soon sends it without a
+                // kick, and we take it without a wake-up from epoll.
+                if self.poll_for_more(vring) {
+                    continue;
+                }
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     break;
                 }

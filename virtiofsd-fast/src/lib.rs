@@ -28,13 +28,9 @@ pub enum RunError {
 /// `connections`, after that many frontends).
 pub fn run(cfg: &Config) -> Result<(), RunError> {
     let listener = cfg.socket.listen()?;
-    if let Some(n) = cfg.rlimit_nofile {
-        raise_nofile(n);
-    } else {
-        raise_nofile(u64::MAX);
-    }
+    raise_nofile(cfg.rlimit_nofile.unwrap_or(DEFAULT_NOFILE));
     let fs = share::ShareFs::new(cfg).map_err(RunError::Share)?;
-    let backend = Arc::new(backend::FsBackend::new(fs, cfg.tag.clone(), 1));
+    let backend = Arc::new(backend::FsBackend::new(fs, cfg.tag.clone(), 1, cfg.poll));
     tracing::info!(
         shared_dir = %cfg.shared_dir.display(),
         cache = ?cfg.cache,
@@ -45,8 +41,12 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Raise the open-file limit towards `want` (capped at the hard limit): the
+/// The open-file limit asked for by default, as virtiofsd does: the
 /// passthrough layer keeps a descriptor per inode the guest knows.
+const DEFAULT_NOFILE: u64 = 1_000_000;
+
+/// Raise RLIMIT_NOFILE towards `want`: the soft limit up to the hard one,
+/// and with privilege the hard one too, up to the kernel's fs.nr_open.
 fn raise_nofile(want: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -56,12 +56,33 @@ fn raise_nofile(want: u64) {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return;
     }
-    let target = want.min(lim.rlim_max);
-    if target > lim.rlim_cur {
-        lim.rlim_cur = target;
-        // SAFETY: setrlimit reads `lim`, a valid rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            tracing::warn!(want = target, "could not raise RLIMIT_NOFILE");
-        }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(lim.rlim_max);
+    let want = want.min(nr_open);
+    if want <= lim.rlim_cur {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want.max(lim.rlim_max),
+    };
+    // SAFETY: setrlimit reads `raised`, a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return;
+    }
+    // Unprivileged: the hard limit is as far as we may go.
+    let soft = libc::rlimit {
+        rlim_cur: want.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } != 0 || soft.rlim_cur < want {
+        tracing::warn!(
+            want,
+            got = soft.rlim_cur,
+            "could not raise RLIMIT_NOFILE as far as asked"
+        );
     }
 }
