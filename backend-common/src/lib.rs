@@ -1,7 +1,9 @@
 //! What every vhost-user backend of the workspace shares, so the three device
 //! processes do not each carry a copy: the listening socket (bound by path or
-//! inherited from a supervisor), the serve loop, and logging set-up.
+//! inherited from a supervisor), the serve loop, sandboxing, and logging
+//! set-up.
 
+pub mod sandbox;
 mod serve;
 
 pub use serve::{serve, ServeError};

@@ -92,9 +92,8 @@ pub struct Args {
     /// own thread).
     #[arg(long, default_value_t = 0)]
     pub thread_pool_size: usize,
-    /// Sandbox for the daemon. Only `none` is implemented so far; the
-    /// others are refused rather than silently not applied.
-    #[arg(long, value_enum, default_value_t = SandboxMode::None)]
+    /// Sandbox for the daemon.
+    #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
     pub sandbox: SandboxMode,
     /// Seccomp action for a syscall outside the allowlist. Only `none` is
     /// implemented so far.
@@ -189,11 +188,6 @@ impl TryFrom<Args> for Config {
         if a.thread_pool_size > 0 {
             return Err(ArgsError::Unsupported("thread-pool-size"));
         }
-        if a.sandbox != SandboxMode::None {
-            return Err(ArgsError::Unsupported(
-                "sandbox=namespace|chroot (use --sandbox=none)",
-            ));
-        }
         if a.seccomp != SeccompAction::None {
             return Err(ArgsError::Unsupported(
                 "seccomp=kill|log (use --seccomp=none)",
@@ -241,18 +235,15 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_coherent() {
+    fn defaults_are_coherent_and_sandboxed() {
         let c = parse(&[]).unwrap();
+        assert_eq!(c.sandbox, SandboxMode::Namespace);
         assert_eq!(c.cache, CacheMode::Coherent);
         assert_eq!(c.coherence, Duration::from_secs(1));
     }
 
     #[test]
     fn unimplemented_sandboxing_is_refused_not_ignored() {
-        assert!(matches!(
-            parse(&["--sandbox=namespace"]),
-            Err(ArgsError::Unsupported(_))
-        ));
         assert!(matches!(
             parse(&["--seccomp=kill"]),
             Err(ArgsError::Unsupported(_))

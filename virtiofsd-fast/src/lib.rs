@@ -11,6 +11,9 @@ pub mod share;
 
 use std::sync::Arc;
 
+use args::SandboxMode;
+use backend_common::sandbox::{self, cap};
+
 pub use args::{Args, Config};
 
 /// Errors that stop the daemon.
@@ -22,24 +25,64 @@ pub enum RunError {
     Setup(#[from] backend_common::SetupError),
     #[error(transparent)]
     Serve(#[from] backend_common::ServeError),
+    #[error("setting up the sandbox")]
+    Sandbox(#[from] backend_common::sandbox::SandboxError),
 }
 
 /// Serve the share on the configured socket until told to stop (or, with
 /// `connections`, after that many frontends).
 pub fn run(cfg: &Config) -> Result<(), RunError> {
+    // Everything from outside the share is opened first: the socket, then
+    // (after the namespaces exist) the /proc handles of the filesystem.
     let listener = cfg.socket.listen()?;
     raise_nofile(cfg.rlimit_nofile.unwrap_or(DEFAULT_NOFILE));
-    let fs = share::ShareFs::new(cfg).map_err(RunError::Share)?;
+    // The filesystem opens /proc/self/fd and /proc/self/mountinfo when it is
+    // made, so it is made where it will run: inside the jail, or before the
+    // chroot (whose mountinfo paths would not resolve inside, which is why
+    // chroot mode names inodes by descriptor, not file handle).
+    let fs = match cfg.sandbox {
+        SandboxMode::Namespace => {
+            sandbox::enter_namespaces()?;
+            sandbox::pivot_into_jail(&cfg.shared_dir)?;
+            share::ShareFs::new(cfg, sandbox::JAIL_SHARE)
+        }
+        SandboxMode::Chroot => {
+            let fs = share::ShareFs::new(cfg, "/");
+            sandbox::chroot_into(&cfg.shared_dir)?;
+            fs
+        }
+        SandboxMode::None => share::ShareFs::new(cfg, &cfg.shared_dir.to_string_lossy()),
+    }
+    .map_err(RunError::Share)?;
+    fs.import().map_err(RunError::Share)?;
+    sandbox::drop_capabilities(KEEP_CAPS)?;
     let backend = Arc::new(backend::FsBackend::new(fs, cfg.tag.clone(), 1, cfg.poll));
     tracing::info!(
         shared_dir = %cfg.shared_dir.display(),
         cache = ?cfg.cache,
         coherence_ms = cfg.coherence.as_millis() as u64,
+        sandbox = ?cfg.sandbox,
+        capabilities = format!("{:#x}", sandbox::effective_capabilities().unwrap_or(0)),
         "serving"
     );
     backend_common::serve("virtiofsd-fast", &listener, backend, cfg.connections)?;
     Ok(())
 }
+
+/// What a passthrough filesystem needs to act for any guest user: change
+/// owners and modes, pass permission checks the guest already made, open by
+/// file handle, switch credentials, make device nodes and fifos.
+const KEEP_CAPS: &[u32] = &[
+    cap::CHOWN,
+    cap::DAC_OVERRIDE,
+    cap::DAC_READ_SEARCH,
+    cap::FOWNER,
+    cap::FSETID,
+    cap::SETGID,
+    cap::SETUID,
+    cap::MKNOD,
+    cap::SETFCAP,
+];
 
 /// The open-file limit asked for by default, as virtiofsd does: the
 /// passthrough layer keeps a descriptor per inode the guest knows.

@@ -20,7 +20,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PtConfig, PassthroughFs};
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
-use crate::args::{CacheMode, Config, InodeFileHandles};
+use crate::args::{CacheMode, Config, InodeFileHandles, SandboxMode};
 
 type Inode = u64;
 type Handle = u64;
@@ -32,7 +32,8 @@ pub struct ShareFs {
 }
 
 /// What a cache mode means for guest-side timeouts and data caching.
-pub fn passthrough_config(cfg: &Config) -> PtConfig {
+/// `root` is the share as this process will see it once sandboxed.
+pub fn passthrough_config(cfg: &Config, root: &str) -> PtConfig {
     let (policy, timeout) = match cfg.cache {
         CacheMode::Never => (CachePolicy::Never, Duration::ZERO),
         CacheMode::Metadata => (CachePolicy::Metadata, cfg.coherence),
@@ -45,26 +46,36 @@ pub fn passthrough_config(cfg: &Config) -> PtConfig {
         CacheMode::Coherent => (CachePolicy::Always, cfg.coherence),
     };
     PtConfig {
-        root_dir: cfg.shared_dir.to_string_lossy().into_owned(),
+        root_dir: root.to_string(),
         cache_policy: policy,
         entry_timeout: timeout,
         attr_timeout: timeout,
         xattr: cfg.xattr,
         writeback: cfg.writeback,
-        inode_file_handles: cfg.inode_file_handles != InodeFileHandles::Never,
+        // In a chroot, mountinfo names mounts by host paths that do not
+        // resolve, so file handles could not be reopened there.
+        inode_file_handles: cfg.inode_file_handles != InodeFileHandles::Never
+            && cfg.sandbox != SandboxMode::Chroot,
         do_import: true,
         ..Default::default()
     }
 }
 
 impl ShareFs {
-    pub fn new(cfg: &Config) -> io::Result<Self> {
-        let inner = PassthroughFs::new(passthrough_config(cfg))?;
-        inner.import()?;
+    /// Open the host handles the filesystem keeps (/proc/self/fd and
+    /// mountinfo): this must happen before the sandbox hides /proc. The
+    /// share itself is opened by `import`, from inside the sandbox.
+    pub fn new(cfg: &Config, root: &str) -> io::Result<Self> {
+        let inner = PassthroughFs::new(passthrough_config(cfg, root))?;
         Ok(ShareFs {
             inner,
             coherent: cfg.cache == CacheMode::Coherent,
         })
+    }
+
+    /// Open the share's root (again at each guest INIT).
+    pub fn import(&self) -> io::Result<()> {
+        self.inner.import()
     }
 }
 

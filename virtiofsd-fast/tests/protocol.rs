@@ -226,3 +226,93 @@ fn bad_flags_are_clear_errors() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"type\": \"fs\""));
 }
+
+/// The process serving the share: with the namespace sandbox, the child
+/// that the started process forked into the new pid namespace.
+fn serving_pid(b: &BackendProcess) -> u32 {
+    let pid = b.pid().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .next()
+        .map_or(pid, |c| c.parse().unwrap())
+}
+
+#[test]
+fn namespace_sandbox_confines_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"ok").unwrap();
+    let mut b = start(dir.path(), &["--sandbox=namespace"]);
+    let mut c = client(&mut b);
+    assert_eq!(c.lookup(ROOT_ID, "f").unwrap().attr.size, 2);
+    let pid = serving_pid(&b);
+    assert_ne!(
+        pid,
+        b.pid().unwrap(),
+        "the daemon forks into a pid namespace"
+    );
+    for ns in ["mnt", "net", "pid", "ipc"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(ours, theirs, "{ns} namespace is shared with the host");
+    }
+    // Its whole filesystem is the share and its own /proc.
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert_eq!(root, ["proc", "share"]);
+    // Capabilities: what a passthrough filesystem needs, and not the rest.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let cap = |key: &str| {
+        let l = status.lines().find(|l| l.starts_with(key)).unwrap();
+        u64::from_str_radix(l.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    let (eff, bnd) = (cap("CapEff:"), cap("CapBnd:"));
+    const SYS_ADMIN: u64 = 1 << 21;
+    const NET_ADMIN: u64 = 1 << 12;
+    const SYS_PTRACE: u64 = 1 << 19;
+    for (name, bit) in [
+        ("SYS_ADMIN", SYS_ADMIN),
+        ("NET_ADMIN", NET_ADMIN),
+        ("SYS_PTRACE", SYS_PTRACE),
+    ] {
+        assert_eq!(eff & bit, 0, "CAP_{name} is still effective");
+        assert_eq!(bnd & bit, 0, "CAP_{name} is still in the bounding set");
+    }
+    assert_ne!(
+        eff & (1 << 2),
+        0,
+        "CAP_DAC_READ_SEARCH is needed for file handles"
+    );
+    assert!(b.is_running());
+}
+
+#[test]
+fn every_sandbox_mode_serves() {
+    for mode in ["namespace", "chroot", "none"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"mode").unwrap();
+        let mut b = start(dir.path(), &[&format!("--sandbox={mode}")]);
+        let mut c = client(&mut b);
+        let e = c.lookup(ROOT_ID, "f").unwrap();
+        let fh = c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
+        assert_eq!(
+            c.read(e.nodeid, fh, 0, 16).unwrap(),
+            b"mode",
+            "sandbox={mode}"
+        );
+        let (n, fh) = c
+            .create(ROOT_ID, "g", 0o600, libc::O_WRONLY as u32)
+            .unwrap();
+        c.write(n.nodeid, fh, 0, b"w").unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("g")).unwrap(),
+            b"w",
+            "sandbox={mode}"
+        );
+        assert!(matches!(c.lookup(ROOT_ID, ".."), Ok(e) if e.nodeid == ROOT_ID));
+    }
+}
