@@ -4,6 +4,7 @@
 //! set-up.
 
 pub mod sandbox;
+pub mod seccomp;
 mod serve;
 
 pub use serve::{serve, ServeError};

@@ -95,9 +95,9 @@ pub struct Args {
     /// Sandbox for the daemon.
     #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
     pub sandbox: SandboxMode,
-    /// Seccomp action for a syscall outside the allowlist. Only `none` is
-    /// implemented so far.
-    #[arg(long, value_enum, default_value_t = SeccompAction::None)]
+    /// Seccomp action for a syscall outside the allowlist (`log` allows it
+    /// and leaves an audit record).
+    #[arg(long, value_enum, default_value_t = SeccompAction::Kill)]
     pub seccomp: SeccompAction,
     /// Pass extended attributes through.
     #[arg(long)]
@@ -188,11 +188,6 @@ impl TryFrom<Args> for Config {
         if a.thread_pool_size > 0 {
             return Err(ArgsError::Unsupported("thread-pool-size"));
         }
-        if a.seccomp != SeccompAction::None {
-            return Err(ArgsError::Unsupported(
-                "seccomp=kill|log (use --seccomp=none)",
-            ));
-        }
         if a.inode_file_handles == InodeFileHandles::Mandatory {
             return Err(ArgsError::Unsupported("inode-file-handles=mandatory"));
         }
@@ -238,16 +233,9 @@ mod tests {
     fn defaults_are_coherent_and_sandboxed() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.sandbox, SandboxMode::Namespace);
+        assert_eq!(c.seccomp, SeccompAction::Kill);
         assert_eq!(c.cache, CacheMode::Coherent);
         assert_eq!(c.coherence, Duration::from_secs(1));
-    }
-
-    #[test]
-    fn unimplemented_sandboxing_is_refused_not_ignored() {
-        assert!(matches!(
-            parse(&["--seccomp=kill"]),
-            Err(ArgsError::Unsupported(_))
-        ));
     }
 
     #[test]

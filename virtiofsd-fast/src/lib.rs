@@ -7,11 +7,12 @@
 
 pub mod args;
 pub mod backend;
+pub mod seccomp;
 pub mod share;
 
 use std::sync::Arc;
 
-use args::SandboxMode;
+use args::{SandboxMode, SeccompAction};
 use backend_common::sandbox::{self, cap};
 
 pub use args::{Args, Config};
@@ -27,6 +28,8 @@ pub enum RunError {
     Serve(#[from] backend_common::ServeError),
     #[error("setting up the sandbox")]
     Sandbox(#[from] backend_common::sandbox::SandboxError),
+    #[error("installing the seccomp filter")]
+    Seccomp(#[from] backend_common::seccomp::SeccompError),
 }
 
 /// Serve the share on the configured socket until told to stop (or, with
@@ -56,6 +59,14 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     .map_err(RunError::Share)?;
     fs.import().map_err(RunError::Share)?;
     sandbox::drop_capabilities(KEEP_CAPS)?;
+    // Last, once nothing is left to set up: from here on only the
+    // syscalls serving the guest needs are allowed.
+    let action = match cfg.seccomp {
+        SeccompAction::Kill => backend_common::seccomp::Action::Kill,
+        SeccompAction::Log => backend_common::seccomp::Action::Log,
+        SeccompAction::None => backend_common::seccomp::Action::None,
+    };
+    backend_common::seccomp::install(&seccomp::allowlist(), action)?;
     let backend = Arc::new(backend::FsBackend::new(fs, cfg.tag.clone(), 1, cfg.poll));
     tracing::info!(
         shared_dir = %cfg.shared_dir.display(),

@@ -1,0 +1,215 @@
+//! A syscall allowlist for a backend process, in the crosvm/Firecracker
+//! manner: one flat list per device, installed once the process is set up
+//! (sockets open, sandbox entered), so that the list only has to cover what
+//! serving the guest needs.
+//!
+//! The syscall numbers are x86_64's (`libc::SYS_*`).
+
+use std::collections::BTreeMap;
+
+use libc::c_long;
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// Errors building or installing the filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("seccomp is not supported on {0}")]
+    Arch(&'static str, #[source] seccompiler::BackendError),
+    #[error("building the seccomp filter")]
+    Build(#[source] seccompiler::BackendError),
+    #[error("installing the seccomp filter")]
+    Install(#[source] seccompiler::Error),
+}
+
+/// What the kernel does with a syscall outside the allowlist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Kill the whole process (SECCOMP_RET_KILL_PROCESS): a half-dead
+    /// backend is worse than a restarted one.
+    Kill,
+    /// Allow it but have the kernel audit-log it (SECCOMP_RET_LOG): for
+    /// finding what a list misses without breaking anything.
+    Log,
+    /// Install no filter at all.
+    None,
+}
+
+/// Install a filter allowing only `allowed` on every thread of the process
+/// (TSYNC), so threads the serve loop already started are covered too.
+/// Sets `PR_SET_NO_NEW_PRIVS` first, which an unprivileged filter requires.
+/// Irreversible; [`Action::None`] does nothing.
+pub fn install(allowed: &[c_long], action: Action) -> Result<(), SeccompError> {
+    let mismatch = match action {
+        Action::Kill => SeccompAction::KillProcess,
+        Action::Log => SeccompAction::Log,
+        Action::None => return Ok(()),
+    };
+    let prog = compile(allowed, mismatch)?;
+    seccompiler::apply_filter_all_threads(&prog).map_err(SeccompError::Install)?;
+    tracing::info!(
+        syscalls = allowed.len(),
+        ?action,
+        "seccomp filter installed"
+    );
+    Ok(())
+}
+
+fn compile(allowed: &[c_long], mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let arch = std::env::consts::ARCH;
+    let arch = TargetArch::try_from(arch).map_err(|e| SeccompError::Arch(arch, e))?;
+    // No argument rules: an empty rule chain allows the syscall outright.
+    let rules: BTreeMap<i64, Vec<_>> = allowed.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
+        .map_err(SeccompError::Build)?;
+    BpfProgram::try_from(filter).map_err(SeccompError::Build)
+}
+
+/// What any of the workspace's backends needs once it serves: the Rust
+/// runtime (memory, threads, signals for abort), the vhost-user socket
+/// (descriptors arrive by SCM_RIGHTS), guest memory mappings, and the epoll
+/// and eventfd machinery of vhost-user-backend. A device adds its own.
+pub const COMMON: &[c_long] = &[
+    // Memory: the allocator, and guest memory mapped from SET_MEM_TABLE fds.
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    // Threads: std and glibc's pthreads; the vring workers come and go with
+    // each frontend connection.
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // Thread names (PR_SET_NAME) and the kernel's no-new-privs query.
+    libc::SYS_prctl,
+    // Signals: stack overflow guards, pthread's signal masking around
+    // clone, and abort() on panic.
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_restart_syscall,
+    // Time, where the vDSO falls back to the kernel.
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    // The event loop: epoll over kick eventfds and the exit eventfd.
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    // The vhost-user socket: a new frontend on the listener, messages with
+    // descriptors attached.
+    libc::SYS_accept4,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    // Plain descriptor work.
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run `f` in a forked child and return its wait status. The child
+    /// reports through its exit code only: it must not unwind into the
+    /// test harness it was forked from.
+    fn in_child(f: impl FnOnce() -> i32) -> libc::c_int {
+        // SAFETY: the child only calls `f`, which keeps to seccomp set-up and
+        // plain syscalls, then _exit; glibc makes malloc safe after fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let code = f();
+            // SAFETY: _exit ends the child without running the parent's
+            // atexit handlers or destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid writes the status of our own child into `status`.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+        status
+    }
+
+    /// What the child needs after installing: returning from install (which
+    /// may free) and exiting.
+    const TINY: &[c_long] = &[
+        libc::SYS_exit_group,
+        libc::SYS_exit,
+        libc::SYS_munmap,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_write,
+    ];
+
+    fn getppid_under(allowed: &[c_long], action: Action) -> libc::c_int {
+        in_child(|| {
+            if install(allowed, action).is_err() {
+                return 2;
+            }
+            // SAFETY: getppid takes no arguments and cannot fail.
+            unsafe { libc::getppid() };
+            0
+        })
+    }
+
+    fn exited_ok(status: libc::c_int) -> bool {
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+
+    #[test]
+    fn kill_ends_the_process_on_an_unlisted_syscall() {
+        let status = getppid_under(TINY, Action::Kill);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "wait status {status:#x}"
+        );
+    }
+
+    #[test]
+    fn listed_syscalls_pass() {
+        let mut allowed = TINY.to_vec();
+        allowed.push(libc::SYS_getppid);
+        let status = getppid_under(&allowed, Action::Kill);
+        assert!(exited_ok(status), "wait status {status:#x}");
+    }
+
+    #[test]
+    fn log_only_records() {
+        let status = getppid_under(TINY, Action::Log);
+        assert!(exited_ok(status), "wait status {status:#x}");
+    }
+
+    #[test]
+    fn none_installs_nothing() {
+        let status = getppid_under(&[], Action::None);
+        assert!(exited_ok(status), "wait status {status:#x}");
+    }
+
+    #[test]
+    fn common_list_compiles() {
+        let prog = compile(COMMON, SeccompAction::KillProcess).unwrap();
+        assert!(!prog.is_empty());
+    }
+}
