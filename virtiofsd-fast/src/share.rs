@@ -97,6 +97,11 @@ impl FileSystem for ShareFs {
         if self.coherent && capable.contains(FsOptions::AUTO_INVAL_DATA) {
             opts |= FsOptions::AUTO_INVAL_DATA;
         }
+        // READDIRPLUS on every directory read, not only on the ones the
+        // kernel guesses will be stat'ed: each reply refreshes a whole
+        // directory's dentries and attributes, so a walk like `find` or
+        // `git status` revalidates per directory instead of per entry.
+        opts.remove(FsOptions::READDIRPLUS_AUTO);
         Ok(opts)
     }
 
@@ -368,7 +373,14 @@ impl FileSystem for ShareFs {
         inode: Inode,
         flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let (h, mut opts) = self.inner.opendir(ctx, inode, flags)?;
+        if self.coherent {
+            // A cached listing is served without READDIRPLUS, so its entries
+            // would each need a LOOKUP once their window is up: keep listings
+            // uncached and let READDIRPLUS refresh them in bulk.
+            opts.remove(OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE);
+        }
+        Ok((h, opts))
     }
 
     fn readdir(
