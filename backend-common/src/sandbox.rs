@@ -143,16 +143,20 @@ pub const JAIL_SHARE: &str = "/share";
 /// must describe the process as it is after the pivot.
 pub fn pivot_into_jail(dir: &Path) -> Result<(), SandboxError> {
     let d = cpath(dir)?;
-    // Hold the share by descriptor: the tmpfs may be mounted over the
-    // directory that contains it.
+    // Take a detached copy of the share's mount tree before the tmpfs
+    // exists: the tmpfs may be mounted over the share itself or below it
+    // (a share of /tmp, or of /), and must not appear inside it.
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
     // SAFETY: valid C string; the result is checked.
-    let share_fd = unsafe {
-        libc::open(
-            d.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    sys("opening the shared directory", share_fd)?;
+    let tree = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, d.as_ptr(), flags) }
+        as libc::c_int;
+    sys(
+        "cloning the share's mount tree (open_tree, Linux 5.2+)",
+        tree,
+    )?;
     let base = ["/tmp", "/run", "/mnt"]
         .into_iter()
         .find(|p| Path::new(p).is_dir())
@@ -176,20 +180,21 @@ pub fn pivot_into_jail(dir: &Path) -> Result<(), SandboxError> {
             libc::mkdir(p.as_ptr(), 0o755)
         })?;
     }
-    let via_fd = CString::new(format!("/proc/self/fd/{share_fd}"))
-        .map_err(|_| SandboxError::Path(dir.into()))?;
-    // SAFETY: valid C strings; no data argument.
-    sys("bind-mounting the share into the jail", unsafe {
-        libc::mount(
-            via_fd.as_ptr(),
+    // SAFETY: `tree` is the detached mount from open_tree; empty path with
+    // F_EMPTY_PATH moves that mount itself; the target is a valid C string.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
             share_in.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REC,
-            std::ptr::null(),
+            MOVE_MOUNT_F_EMPTY_PATH,
         )
-    })?;
-    // SAFETY: share_fd is ours and no longer needed.
-    unsafe { libc::close(share_fd) };
+    } as libc::c_int;
+    // SAFETY: `tree` is ours; the mount stays attached after the close.
+    unsafe { libc::close(tree) };
+    sys("attaching the share in the jail (move_mount)", rc)?;
     // SAFETY: constant C strings; no data argument.
     sys("mounting /proc in the jail", unsafe {
         libc::mount(

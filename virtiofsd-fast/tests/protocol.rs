@@ -316,3 +316,42 @@ fn every_sandbox_mode_serves() {
         assert!(matches!(c.lookup(ROOT_ID, ".."), Ok(e) if e.nodeid == ROOT_ID));
     }
 }
+
+#[test]
+fn the_jail_never_shows_through_the_share() {
+    // The jail's tmpfs goes on /tmp (or /run): a share of that directory or
+    // of / must still show the host's files, not the jail.
+    let base = ["/tmp", "/run", "/mnt"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_dir())
+        .unwrap();
+    let marker = tempfile::Builder::new()
+        .prefix("jail-marker")
+        .tempfile_in(base)
+        .unwrap();
+    let name = marker
+        .path()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    for share in [base, "/"] {
+        let mut b = start(std::path::Path::new(share), &["--sandbox=namespace"]);
+        let mut c = client(&mut b);
+        let dir = if share == "/" {
+            c.lookup(ROOT_ID, &base[1..]).unwrap().nodeid
+        } else {
+            ROOT_ID
+        };
+        assert!(
+            c.lookup(dir, &name).is_ok(),
+            "share {share}: the host's {base} is hidden"
+        );
+        let jail_only = ["proc", "share"].iter().all(|n| c.lookup(dir, n).is_ok());
+        assert!(
+            !jail_only || std::path::Path::new(base).join("share").exists(),
+            "share {share}: the jail shows"
+        );
+    }
+}

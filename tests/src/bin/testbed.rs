@@ -1,6 +1,7 @@
-//! `testbed`: boots a real guest under QEMU with a virtio-fs share (virtiofsd), a scratch
-//! vhost-user-blk disk (qemu-storage-daemon) and user-mode networking, runs a command in it and
-//! exits with the command's exit code. A stand-in for the orchestrator's "run it" until it lands.
+//! `testbed`: boots a real guest under QEMU with a virtio-fs share (our virtiofsd-fast when it is
+//! built beside this binary, else virtiofsd), a scratch vhost-user-blk disk (qemu-storage-daemon)
+//! and user-mode networking, runs a command in it and exits with the command's exit code. A
+//! stand-in for the orchestrator's "run it" until it lands.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,7 +38,17 @@ fn main() -> anyhow::Result<ExitCode> {
     if let Err(why) = guest::qemu_available() {
         bail!("cannot boot a guest: {why}");
     }
-    let virtiofsd = program("virtiofsd", "cargo install virtiofsd")?;
+    // Our own backend when it was built with this binary (`cargo build`
+    // builds the whole workspace), else the peer.
+    let beside = std::env::current_exe()?.with_file_name("virtiofsd-fast");
+    let (fs_name, virtiofsd) = if beside.is_file() {
+        ("virtiofsd-fast", beside)
+    } else {
+        (
+            "virtiofsd",
+            program("virtiofsd", "cargo install virtiofsd")?,
+        )
+    };
     let qsd = program("qemu-storage-daemon", "apt-get install qemu-system-common")?;
     let share = args
         .share
@@ -48,8 +59,18 @@ fn main() -> anyhow::Result<ExitCode> {
     let disk = work.path().join("disk.img");
     std::fs::File::create(&disk)?.set_len(args.disk_mib << 20)?;
 
-    eprintln!("testbed: virtiofsd sharing {}", share.display());
-    let fs_daemon = peers::virtiofsd(&virtiofsd, &share)?;
+    eprintln!("testbed: {fs_name} sharing {}", share.display());
+    let fs_daemon = if fs_name == "virtiofsd-fast" {
+        // With its defaults: coherent cache, namespace sandbox, seccomp.
+        let argv = [
+            virtiofsd.to_string_lossy().into_owned(),
+            "--fd={fd}".into(),
+            format!("--shared-dir={}", share.display()),
+        ];
+        tests::frontend::BackendProcess::spawn(&argv, Duration::from_secs(20))?
+    } else {
+        peers::virtiofsd(&virtiofsd, &share)?
+    };
     eprintln!(
         "testbed: qemu-storage-daemon exporting a {} MiB scratch disk",
         args.disk_mib
@@ -71,7 +92,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let run = match qemu.run(&script, Duration::from_secs(args.timeout)) {
         Ok(run) => run,
         Err(e) => bail!(
-            "{:#}\n--- virtiofsd ---\n{}\n--- qemu-storage-daemon ---\n{}",
+            "{:#}\n--- {fs_name} ---\n{}\n--- qemu-storage-daemon ---\n{}",
             anyhow::Error::from(e),
             fs_daemon.output(),
             blk_daemon.output()
