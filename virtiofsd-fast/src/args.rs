@@ -163,7 +163,6 @@ pub struct Config {
     pub seccomp: SeccompAction,
     pub xattr: bool,
     pub writeback: bool,
-    pub announce_submounts: bool,
     pub inode_file_handles: InodeFileHandles,
     pub rlimit_nofile: Option<u64>,
     pub connections: Option<u64>,
@@ -191,6 +190,16 @@ impl TryFrom<Args> for Config {
         if a.inode_file_handles == InodeFileHandles::Mandatory {
             return Err(ArgsError::Unsupported("inode-file-handles=mandatory"));
         }
+        // Accepted by the parser so virtiofsd command lines give a clear
+        // message, refused until they do what they say.
+        if a.announce_submounts {
+            return Err(ArgsError::Unsupported("announce-submounts"));
+        }
+        if a.posix_acl {
+            return Err(ArgsError::Unsupported(
+                "posix-acl (use --xattr for plain xattrs)",
+            ));
+        }
         Ok(Config {
             socket,
             shared_dir,
@@ -200,9 +209,8 @@ impl TryFrom<Args> for Config {
             poll: Duration::from_micros(a.poll_us),
             sandbox: a.sandbox,
             seccomp: a.seccomp,
-            xattr: a.xattr || a.posix_acl,
+            xattr: a.xattr,
             writeback: a.writeback,
-            announce_submounts: a.announce_submounts,
             inode_file_handles: a.inode_file_handles,
             rlimit_nofile: a.rlimit_nofile,
             connections: a.connections,

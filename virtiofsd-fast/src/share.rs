@@ -57,6 +57,9 @@ pub fn passthrough_config(cfg: &Config, root: &str) -> PtConfig {
         inode_file_handles: cfg.inode_file_handles != InodeFileHandles::Never
             && cfg.sandbox != SandboxMode::Chroot,
         do_import: true,
+        // Where listings may be cached for good, skip OPENDIR/RELEASEDIR
+        // too (FUSE_NO_OPENDIR_SUPPORT): a warm walk then sends nothing.
+        no_opendir: cfg.cache == CacheMode::Always,
         ..Default::default()
     }
 }

@@ -53,6 +53,17 @@ fn line_after<'a>(out: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn everyday_file_operations() {
+    everyday_file_operations_with(&[]);
+}
+
+#[test]
+fn everyday_file_operations_with_cache_always() {
+    // Listings cached for good and no OPENDIR at all: the paths a walk takes
+    // are different, the results must not be.
+    everyday_file_operations_with(&["--cache=always"]);
+}
+
+fn everyday_file_operations_with(flags: &[&str]) {
     if tests::require(guest::qemu_available()).is_none() {
         return;
     }
@@ -61,7 +72,7 @@ fn everyday_file_operations() {
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
         .collect();
     std::fs::write(dir.path().join("host.bin"), &blob).unwrap();
-    let d = daemon(dir.path(), &[]);
+    let d = daemon(dir.path(), flags);
     let run = boot(
         &d,
         r#"
