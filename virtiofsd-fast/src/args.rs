@@ -88,6 +88,12 @@ pub struct Args {
     /// polling off.
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
+    /// Request queues offered to the frontend (besides the high-priority
+    /// queue), each served by its own thread. Linux 6.11+ guests spread
+    /// requests over as many as the VMM sets up.
+    #[arg(long, value_name = "N", default_value_t = default_request_queues(),
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub request_queues: u16,
     /// Worker threads per request queue (0: handle requests on the queue's
     /// own thread).
     #[arg(long, default_value_t = 0)]
@@ -129,6 +135,12 @@ pub struct Args {
     pub connections: Option<u64>,
 }
 
+/// One request queue per CPU, at most 8: more queues than CPUs only add
+/// idle threads.
+fn default_request_queues() -> u16 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8) as u16)
+}
+
 /// Errors turning flags into a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ArgsError {
@@ -159,6 +171,7 @@ pub struct Config {
     pub cache: CacheMode,
     pub coherence: Duration,
     pub poll: Duration,
+    pub request_queues: usize,
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
     pub xattr: bool,
@@ -207,6 +220,7 @@ impl TryFrom<Args> for Config {
             cache: a.cache,
             coherence: Duration::from_millis(a.coherence_ms),
             poll: Duration::from_micros(a.poll_us),
+            request_queues: usize::from(a.request_queues),
             sandbox: a.sandbox,
             seccomp: a.seccomp,
             xattr: a.xattr,

@@ -67,7 +67,12 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         SeccompAction::None => backend_common::seccomp::Action::None,
     };
     backend_common::seccomp::install(&seccomp::allowlist(), action)?;
-    let backend = Arc::new(backend::FsBackend::new(fs, cfg.tag.clone(), 1, cfg.poll));
+    let backend = Arc::new(backend::FsBackend::new(
+        fs,
+        cfg.tag.clone(),
+        cfg.request_queues,
+        cfg.poll,
+    ));
     tracing::info!(
         shared_dir = %cfg.shared_dir.display(),
         cache = ?cfg.cache,

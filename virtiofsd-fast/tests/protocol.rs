@@ -199,12 +199,67 @@ fn serves_again_after_the_frontend_goes() {
 #[test]
 fn config_space_has_tag_and_queue_count() {
     let dir = tempfile::tempdir().unwrap();
-    let mut b = start(dir.path(), &["--tag=projects"]);
+    let mut b = start(dir.path(), &["--tag=projects", "--request-queues=3"]);
     let mut c = client(&mut b);
     let cfg = c.dev.read_config(0, 40).unwrap();
     assert_eq!(&cfg[..8], b"projects");
     assert!(cfg[8..36].iter().all(|&x| x == 0));
-    assert_eq!(u32::from_le_bytes(cfg[36..40].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(cfg[36..40].try_into().unwrap()), 3);
+}
+
+#[test]
+fn every_request_queue_serves() {
+    use tests::frontend::DeviceOptions;
+    use tests::queue::ReqQueue;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"queues").unwrap();
+    let mut b = start(dir.path(), &["--request-queues=3"]);
+    // hiprio + 3 request queues, as a multi-queue guest sets them up.
+    let opts = DeviceOptions {
+        queues: 4,
+        ..Default::default()
+    };
+    let mut dev = b
+        .device(&opts)
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+    let rings = std::mem::take(&mut dev.queues);
+    let mut qs: Vec<ReqQueue> = rings
+        .into_iter()
+        .map(|r| ReqQueue::new(r, &mut dev.mem, 8, 4096, 4096).unwrap())
+        .collect();
+    let init = {
+        let mut a = [0u8; 64];
+        a[0..4].copy_from_slice(&7u32.to_le_bytes());
+        a[4..8].copy_from_slice(&38u32.to_le_bytes());
+        a
+    };
+    let hdr = fs::in_header(40 + 64, op::INIT, 2, 0);
+    let done = qs[1]
+        .call(&[&hdr, &init], &[16 + 64], Shape::DIRECT)
+        .unwrap();
+    fs::parse_reply(&done, 2).unwrap();
+    // The same LOOKUP on each request queue, several in flight on each.
+    let mut unique = 100;
+    for q in qs.iter_mut().skip(1) {
+        let mut sent = Vec::new();
+        for _ in 0..4 {
+            unique += 2;
+            let name = fs::cstr("f");
+            let hdr = fs::in_header((40 + name.len()) as u32, op::LOOKUP, unique, ROOT_ID);
+            sent.push((
+                q.push(&[&hdr, &name], &[16 + 128], Shape::DIRECT).unwrap(),
+                unique,
+            ));
+        }
+        q.publish().unwrap();
+        for _ in 0..4 {
+            let c = q.wait().unwrap();
+            let u = sent.iter().find(|(t, _)| *t == c.token).unwrap().1;
+            let body = fs::parse_reply(&c, u).unwrap();
+            let size = u64::from_le_bytes(body[48..56].try_into().unwrap());
+            assert_eq!(size, 6);
+        }
+    }
 }
 
 #[test]
