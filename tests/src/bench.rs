@@ -188,11 +188,19 @@ pub fn fs_lookup_getattr(
     let mut unique = 1u64 << 40;
     let getattr_in = [0u8; 16];
     let shape = fuse.shape;
+    // Like a guest kernel under memory pressure, give back what was looked
+    // up, so a storm over a large tree does not pin one host descriptor per
+    // file for the whole run. Forgets go on the high-priority queue, in
+    // batches, between completions.
+    let mut looked_up: Vec<(u64, u64)> = Vec::with_capacity(FORGET_BATCH);
+    let hiprio = &mut fuse.hiprio;
+    let mut forget_unique = 1u64 << 50;
     closed_loop(
         &mut fuse.req,
         qd,
         limit,
-        Copy::Prefix(fs::OUT_HEADER_LEN),
+        // Header plus the nodeid of a LOOKUP reply.
+        Copy::Prefix(fs::OUT_HEADER_LEN + 8),
         |q, seq| {
             unique += 2;
             let d = (seq / 2) as usize;
@@ -214,10 +222,48 @@ pub fn fs_lookup_getattr(
                     shape,
                 )?
             };
-            Ok((token, unique))
+            // Even sequence numbers are LOOKUPs: tag them for `done`.
+            Ok((token, unique | (seq % 2 == 0) as u64))
         },
-        |c, unique| fuse_ok(c, unique).map(|_| 0),
+        |c, tag| {
+            fuse_ok(c, tag & !1)?;
+            if tag & 1 == 1 && c.data.len() >= fs::OUT_HEADER_LEN + 8 {
+                let node = u64::from_le_bytes(c.data[16..24].try_into()?);
+                looked_up.push((node, 1));
+                if looked_up.len() >= FORGET_BATCH {
+                    forget_unique += 2;
+                    send_batch_forget(hiprio, forget_unique, &looked_up)?;
+                    looked_up.clear();
+                }
+            }
+            Ok(0)
+        },
     )
+}
+
+/// Nodes given back per BATCH_FORGET by the benchmark drivers.
+const FORGET_BATCH: usize = 200;
+
+fn send_batch_forget(
+    hiprio: &mut ReqQueue,
+    unique: u64,
+    nodes: &[(u64, u64)],
+) -> anyhow::Result<()> {
+    let mut body = Vec::with_capacity(8 + 16 * nodes.len());
+    body.extend_from_slice(&(nodes.len() as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    for (node, n) in nodes {
+        body.extend_from_slice(&node.to_le_bytes());
+        body.extend_from_slice(&n.to_le_bytes());
+    }
+    let hdr = fs::in_header(
+        (fs::IN_HEADER_LEN + body.len()) as u32,
+        op::BATCH_FORGET,
+        unique,
+        0,
+    );
+    hiprio.call(&[&hdr, &body], &[], crate::queue::Shape::DIRECT)?;
+    Ok(())
 }
 
 /// READDIRPLUS walk of the whole tree (as `ls -lR` would), repeated until
@@ -239,6 +285,7 @@ pub fn fs_readdirplus_walk(
             let fh = fuse.opendir(dir)?;
             stats.record(t.elapsed(), 0);
             let mut off = 0;
+            let mut done_with: Vec<(u64, u64)> = Vec::new();
             loop {
                 let t = Instant::now();
                 let batch = fuse.readdirplus(dir, fh, off, 64 * 1024)?;
@@ -246,15 +293,23 @@ pub fn fs_readdirplus_walk(
                 let Some(last) = batch.last() else { break };
                 off = last.off;
                 for e in &batch {
-                    if e.name == b"." || e.name == b".." {
+                    if e.name == b"." || e.name == b".." || e.entry.nodeid == 0 {
                         continue;
                     }
                     entries += 1;
                     if e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR {
                         stack.push(e.entry.nodeid);
+                    } else {
+                        done_with.push((e.entry.nodeid, 1));
                     }
                 }
             }
+            // Give back the files, and this directory once it is walked, as
+            // a guest does when it drops them; not timed.
+            if dir != ROOT_ID {
+                done_with.push((dir, 1));
+            }
+            fuse.batch_forget(&done_with)?;
             let t = Instant::now();
             fuse.releasedir(dir, fh)?;
             stats.record(t.elapsed(), 0);

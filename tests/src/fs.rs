@@ -40,6 +40,7 @@ pub mod op {
     pub const READDIRPLUS: u32 = 44;
     pub const RENAME2: u32 = 45;
     pub const LSEEK: u32 = 46;
+    pub const BATCH_FORGET: u32 = 42;
 }
 
 /// The root inode of every FUSE filesystem.
@@ -462,6 +463,30 @@ impl FuseClient {
         let hdr = in_header((IN_HEADER_LEN + 8) as u32, op::FORGET, unique, node);
         let n = nlookup.to_le_bytes();
         self.hiprio.call(&[&hdr, &n], &[], self.shape)?;
+        Ok(())
+    }
+
+    /// BATCH_FORGET on the high-priority queue, as a guest kernel sends when
+    /// it drops inodes under memory pressure: (node, lookups) pairs.
+    pub fn batch_forget(&mut self, nodes: &[(u64, u64)]) -> Result<(), FsError> {
+        // Keep each message well inside the hiprio slot.
+        for chunk in nodes.chunks(200) {
+            let unique = self.next_unique();
+            let mut body = Vec::with_capacity(8 + 16 * chunk.len());
+            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            body.extend_from_slice(&0u32.to_le_bytes());
+            for (node, n) in chunk {
+                body.extend_from_slice(&node.to_le_bytes());
+                body.extend_from_slice(&n.to_le_bytes());
+            }
+            let hdr = in_header(
+                (IN_HEADER_LEN + body.len()) as u32,
+                op::BATCH_FORGET,
+                unique,
+                0,
+            );
+            self.hiprio.call(&[&hdr, &body], &[], self.shape)?;
+        }
         Ok(())
     }
 

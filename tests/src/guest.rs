@@ -310,7 +310,9 @@ impl Qemu {
         static ONE_GUEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
         // A test that panicked while holding the lock poisoned it; the guest
         // it ran is gone, so the lock is still good.
-        let _turn = ONE_GUEST_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let start = Instant::now();
         let img = image::build(&self.image)?;
         let dir = tempfile::tempdir().map_err(|source| GuestError::Scratch {
