@@ -78,7 +78,7 @@ fn run_suite(name: &str, argv: &[String], tools: &Path) -> BTreeMap<String, Stri
         .run(SCRIPT, Duration::from_secs(1800))
         .unwrap_or_else(|e| panic!("{name}: {e}\n--- daemon ---\n{}", fs.output()));
     assert_eq!(run.exit_code, 0, "{name}: {}", run.serial);
-    let out = run.script_output();
+    let out = strip_ansi(&run.script_output());
     assert!(
         out.contains("Summary:"),
         "{name}: pjdfstest did not finish:\n{out}"
