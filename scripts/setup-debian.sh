@@ -8,6 +8,7 @@
 #             them), qemu-storage-daemon (the block peer), and the C libraries
 #             virtiofsd (the fs peer) builds against.
 #   Peers:    virtiofsd 1.14 from crates.io, for side-by-side tests and benches.
+#   Suites:   pjdfstest 0.2 from crates.io, the POSIX filesystem test suite.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -47,5 +48,10 @@ virtiofsd_version=1.14.0
 if ! "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" --version 2>/dev/null | grep -q "$virtiofsd_version"; then
     echo "setup: cargo install virtiofsd $virtiofsd_version (the peer; about two minutes on 2 cores)"
     cargo install --quiet --locked virtiofsd --version "$virtiofsd_version"
+fi
+pjdfstest_version=0.2.2
+if ! "${CARGO_HOME:-$HOME/.cargo}/bin/pjdfstest" --version 2>/dev/null | grep -q "$pjdfstest_version"; then
+    echo "setup: cargo install pjdfstest $pjdfstest_version (the POSIX filesystem test suite)"
+    cargo install --quiet --locked pjdfstest --version "$pjdfstest_version"
 fi
 echo "setup: done"
