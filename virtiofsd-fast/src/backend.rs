@@ -119,7 +119,7 @@ impl FsBackend {
     /// One FUSE request. Returns the bytes written to the guest; a chain
     /// that cannot be read or answered is returned with 0 bytes (the guest
     /// sees an I/O error) and counted.
-    fn handle_chain<M>(&self, mem: &M, chain: virtio_queue::DescriptorChain<M>) -> u32
+    pub fn handle_chain<M>(&self, mem: &M, chain: virtio_queue::DescriptorChain<M>) -> u32
     where
         M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
     {

@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod backend;
+pub mod fuzz;
 pub mod seccomp;
 pub mod share;
 
