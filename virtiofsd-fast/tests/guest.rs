@@ -221,3 +221,66 @@ fn cache_always_keeps_the_stale_copy_as_virtiofsd_does() {
     let out = rewrite_seen_by_guest(&["--cache=always"]);
     assert_eq!(line_after(&out, "seen:"), "no", "{out}");
 }
+
+#[test]
+fn host_create_delete_rename_chmod_show_within_the_window() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("doomed"), b"x").unwrap();
+    std::fs::write(dir.path().join("old-name"), b"y").unwrap();
+    std::fs::write(dir.path().join("perm"), b"z").unwrap();
+    let d = daemon(dir.path(), &[]);
+    let host = {
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !dir.join("ready").exists() {
+                if start.elapsed() > GUEST_TIMEOUT {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(dir.join("born"), b"new").unwrap();
+            std::fs::remove_file(dir.join("doomed")).unwrap();
+            std::fs::rename(dir.join("old-name"), dir.join("new-name")).unwrap();
+            std::fs::set_permissions(dir.join("perm"), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+            std::fs::write(dir.join("changed"), b"").unwrap();
+        })
+    };
+    // The guest looks at everything first, so each answer is cached.
+    let run = boot(
+        &d,
+        r#"
+ls > /dev/null; cat doomed old-name perm > /dev/null; stat -c %a perm > /dev/null
+[ -e born ] || echo "before: born absent"
+: > ready
+n=0; while [ ! -e changed ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
+t0=$(cut -d' ' -f1 /proc/uptime)
+n=0
+while [ $n -lt 100 ]; do
+  if [ -e born ] && [ ! -e doomed ] && [ -e new-name ] && [ ! -e old-name ] && [ "$(stat -c %a perm)" = 600 ]; then break; fi
+  sleep 0.05; n=$((n+1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "born: $([ -e born ] && cat born)"
+echo "doomed: $([ -e doomed ] && echo present || echo gone)"
+echo "renamed: $([ -e new-name ] && cat new-name) $([ -e old-name ] && echo old-left || echo old-gone)"
+echo "mode: $(stat -c %a perm)"
+echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
+"#,
+    );
+    host.join().unwrap();
+    let out = run.script_output();
+    assert_eq!(run.exit_code, 0, "{out}\n{}", run.serial);
+    assert_eq!(line_after(&out, "before:"), "born absent");
+    assert_eq!(line_after(&out, "born:"), "new");
+    assert_eq!(line_after(&out, "doomed:"), "gone");
+    assert_eq!(line_after(&out, "renamed:"), "y old-gone");
+    assert_eq!(line_after(&out, "mode:"), "600");
+    let cs: u64 = line_after(&out, "after-cs:").parse().unwrap();
+    assert!(cs <= 250, "took {cs} centiseconds to show:\n{out}");
+}
