@@ -249,19 +249,7 @@ fn send_batch_forget(
     unique: u64,
     nodes: &[(u64, u64)],
 ) -> anyhow::Result<()> {
-    let mut body = Vec::with_capacity(8 + 16 * nodes.len());
-    body.extend_from_slice(&(nodes.len() as u32).to_le_bytes());
-    body.extend_from_slice(&0u32.to_le_bytes());
-    for (node, n) in nodes {
-        body.extend_from_slice(&node.to_le_bytes());
-        body.extend_from_slice(&n.to_le_bytes());
-    }
-    let hdr = fs::in_header(
-        (fs::IN_HEADER_LEN + body.len()) as u32,
-        op::BATCH_FORGET,
-        unique,
-        0,
-    );
+    let (hdr, body) = fs::batch_forget_request(unique, nodes);
     hiprio.call(&[&hdr, &body], &[], crate::queue::Shape::DIRECT)?;
     Ok(())
 }

@@ -472,19 +472,7 @@ impl FuseClient {
         // Keep each message well inside the hiprio slot.
         for chunk in nodes.chunks(200) {
             let unique = self.next_unique();
-            let mut body = Vec::with_capacity(8 + 16 * chunk.len());
-            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-            body.extend_from_slice(&0u32.to_le_bytes());
-            for (node, n) in chunk {
-                body.extend_from_slice(&node.to_le_bytes());
-                body.extend_from_slice(&n.to_le_bytes());
-            }
-            let hdr = in_header(
-                (IN_HEADER_LEN + body.len()) as u32,
-                op::BATCH_FORGET,
-                unique,
-                0,
-            );
+            let (hdr, body) = batch_forget_request(unique, chunk);
             self.hiprio.call(&[&hdr, &body], &[], self.shape)?;
         }
         Ok(())
@@ -546,6 +534,27 @@ pub fn parse_direntplus(body: &[u8]) -> Result<Vec<DirEntryPlus>, FsError> {
         at = (r.1 + namelen).next_multiple_of(8);
     }
     Ok(out)
+}
+
+/// A BATCH_FORGET request: its header and its body (fuse_batch_forget_in
+/// followed by one fuse_forget_one per node).
+pub fn batch_forget_request(unique: u64, nodes: &[(u64, u64)]) -> ([u8; IN_HEADER_LEN], Vec<u8>) {
+    let mut body = Vec::with_capacity(8 + 16 * nodes.len());
+    body.extend_from_slice(&(nodes.len() as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    for (node, n) in nodes {
+        body.extend_from_slice(&node.to_le_bytes());
+        body.extend_from_slice(&n.to_le_bytes());
+    }
+    (
+        in_header(
+            (IN_HEADER_LEN + body.len()) as u32,
+            op::BATCH_FORGET,
+            unique,
+            0,
+        ),
+        body,
+    )
 }
 
 /// A name as FUSE sends it: NUL-terminated.

@@ -1,7 +1,6 @@
 //! The test frontend drives a real virtio-fs backend process (virtiofsd, the
-//! stand-in until virtiofsd-fast serves) through its own split-ring driver.
+//! reference peer) through its own split-ring driver.
 
-use std::time::Duration;
 
 use tests::frontend::BackendProcess;
 use tests::fs::{FsError, FuseClient, ROOT_ID};
@@ -9,14 +8,7 @@ use tests::queue::Shape;
 
 fn virtiofsd(dir: &std::path::Path) -> Option<BackendProcess> {
     let bin = tests::require_program("virtiofsd", "cargo install virtiofsd --locked")?;
-    let argv = [
-        bin.to_string_lossy().into_owned(),
-        "--fd={fd}".into(),
-        format!("--shared-dir={}", dir.display()),
-        "--cache=auto".into(),
-        "--sandbox=none".into(),
-    ];
-    Some(BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("virtiofsd serves"))
+    Some(tests::guest::peers::virtiofsd(&bin, dir).expect("virtiofsd serves"))
 }
 
 #[test]

@@ -117,12 +117,9 @@ pub struct Args {
     /// Tell the guest about submounts in the share.
     #[arg(long)]
     pub announce_submounts: bool,
-    /// Name inodes by file handle instead of keeping an O_PATH fd each.
-    /// Only `never` for now: the passthrough layer reopens a handle after
-    /// switching to the guest user's credentials, which drops the
-    /// capability open_by_handle_at needs, so a non-root guest user could
-    /// not create files.
-    #[arg(long, value_enum, default_value_t = InodeFileHandles::Never)]
+    /// Name inodes by file handle instead of keeping an O_PATH fd each, so
+    /// the daemon holds no descriptor per inode the guest knows.
+    #[arg(long, value_enum, default_value_t = InodeFileHandles::Prefer)]
     pub inode_file_handles: InodeFileHandles,
     /// Raise RLIMIT_NOFILE to this (default: the hard limit).
     #[arg(long, value_name = "N")]
@@ -204,10 +201,8 @@ impl TryFrom<Args> for Config {
         if a.thread_pool_size > 0 {
             return Err(ArgsError::Unsupported("thread-pool-size"));
         }
-        if a.inode_file_handles != InodeFileHandles::Never {
-            return Err(ArgsError::Unsupported(
-                "inode-file-handles=prefer|mandatory (non-root guest users could not create files)",
-            ));
+        if a.inode_file_handles == InodeFileHandles::Mandatory {
+            return Err(ArgsError::Unsupported("inode-file-handles=mandatory"));
         }
         // Accepted by the parser so virtiofsd command lines give a clear
         // message, refused until they do what they say.

@@ -29,6 +29,8 @@ type Handle = u64;
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     coherent: bool,
+    /// Inodes are named by file handle (see `create_as_root`).
+    file_handles: bool,
 }
 
 /// What a cache mode means for guest-side timeouts and data caching.
@@ -73,12 +75,75 @@ impl ShareFs {
         Ok(ShareFs {
             inner,
             coherent: cfg.cache == CacheMode::Coherent,
+            file_handles: cfg.inode_file_handles != InodeFileHandles::Never
+                && cfg.sandbox != SandboxMode::Chroot,
         })
     }
 
     /// Open the share's root (again at each guest INIT).
     pub fn import(&self) -> io::Result<()> {
         self.inner.import()
+    }
+}
+
+impl ShareFs {
+    /// With inodes named by file handle, the passthrough layer's mkdir and
+    /// symlink reopen the parent's handle after switching to the guest
+    /// user's credentials, which clears the capability open_by_handle_at
+    /// needs: they fail with EPERM for any non-root guest user.
+    fn needs_root_create(&self, ctx: &Context) -> bool {
+        self.file_handles && (ctx.uid != 0 || ctx.gid != 0)
+    }
+
+    /// Create as root, then give the new entry to the guest user: the owner
+    /// the kernel would have set had the user created it (the group is the
+    /// parent's when the parent is set-group-ID). Permission to create was
+    /// already checked by the guest kernel (virtio-fs mounts use
+    /// default_permissions). If the hand-over fails, the entry is removed.
+    fn create_as_root(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &CStr,
+        create: impl FnOnce(&Context) -> io::Result<Entry>,
+    ) -> io::Result<Entry> {
+        let root = Context {
+            uid: 0,
+            gid: 0,
+            pid: ctx.pid,
+        };
+        let (pst, _) = self.inner.getattr(&root, parent, None)?;
+        let mut entry = create(&root)?;
+        // SAFETY: stat64 is plain old data; all-zero is a valid value.
+        let mut attr: stat64 = unsafe { std::mem::zeroed() };
+        attr.st_uid = ctx.uid;
+        attr.st_gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            ctx.gid
+        };
+        match self.inner.setattr(
+            &root,
+            entry.inode,
+            attr,
+            None,
+            SetattrValid::UID | SetattrValid::GID,
+        ) {
+            Ok((st, _)) => {
+                entry.attr = st;
+                Ok(entry)
+            }
+            Err(e) => {
+                let is_dir = entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                let _ = if is_dir {
+                    self.inner.rmdir(&root, parent, name)
+                } else {
+                    self.inner.unlink(&root, parent, name)
+                };
+                self.inner.forget(&root, entry.inode, 1);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -166,6 +231,11 @@ impl FileSystem for ShareFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         check_name(name)?;
+        if self.needs_root_create(ctx) {
+            return self.create_as_root(ctx, parent, name, |root| {
+                self.inner.symlink(root, linkname, parent, name)
+            });
+        }
         self.inner.symlink(ctx, linkname, parent, name)
     }
 
@@ -191,6 +261,11 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         check_name(name)?;
+        if self.needs_root_create(ctx) {
+            return self.create_as_root(ctx, parent, name, |root| {
+                self.inner.mkdir(root, parent, name, mode, umask)
+            });
+        }
         self.inner.mkdir(ctx, parent, name, mode, umask)
     }
 

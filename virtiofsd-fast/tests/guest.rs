@@ -100,6 +100,12 @@ echo "created: $(ls many | wc -l)"
 mkdir -p tree/a/b/c; echo x > tree/a/b/c/f; ln -s ../.. tree/a/b/up
 rm -rf many tree
 echo "removed: $([ -e many ] || [ -e tree ] && echo no || echo yes)"
+mkdir -m 777 userdir
+mkdir -p /etc
+printf 'root:x:0:0::/root:/bin/sh\ntester:x:1000:1000::/tmp:/bin/sh\n' > /etc/passwd
+printf 'root:x:0:\ntester:x:1000:\n' > /etc/group
+su tester -c 'mkdir userdir/d && echo x > userdir/f && ln -s f userdir/l && mkfifo userdir/p'
+echo "as-user: $(stat -c %u:%g userdir/d) $(stat -c %u:%g userdir/f) $(stat -c %u:%g userdir/l) $(stat -c %u:%g userdir/p)"
 sync
 "#,
     );
@@ -137,11 +143,41 @@ sync
     assert_eq!(line_after(&out, "open-unlinked:"), "h");
     assert_eq!(line_after(&out, "created:"), "3000");
     assert_eq!(line_after(&out, "removed:"), "yes");
+    // What a non-root guest user creates is theirs, on both sides.
+    assert_eq!(
+        line_after(&out, "as-user:"),
+        "1000:1000 1000:1000 1000:1000 1000:1000"
+    );
+    for name in ["d", "f", "l", "p"] {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(dir.path().join("userdir").join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1000, 1000), "host owner of {name}");
+    }
     assert!(!dir.path().join("many").exists() && !dir.path().join("h1").exists());
     assert_eq!(
         std::fs::read_link(dir.path().join("s1")).unwrap(),
         Path::new("h1")
     );
+}
+
+/// Run `change` on a host thread once the guest creates `ready` in the
+/// share, then create `changed` so the guest knows; gives up with the guest.
+fn when_guest_ready(
+    dir: &Path,
+    change: impl FnOnce(&Path) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while !dir.join("ready").exists() {
+            if start.elapsed() > GUEST_TIMEOUT {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        change(&dir);
+        std::fs::write(dir.join("changed"), b"").unwrap();
+    })
 }
 
 /// The guest reads `data.txt`, tells the host (through the share) it has,
@@ -152,35 +188,23 @@ fn rewrite_seen_by_guest(extra: &[&str]) -> String {
     let data = dir.path().join("data.txt");
     std::fs::write(&data, b"version-1\n").unwrap();
     let d = daemon(dir.path(), extra);
-    let host = {
-        let dir = dir.path().to_path_buf();
-        std::thread::spawn(move || {
-            let ready = dir.join("ready");
-            let start = Instant::now();
-            while !ready.exists() {
-                if start.elapsed() > GUEST_TIMEOUT {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            // In place: same inode, same size, new mtime.
-            use std::io::{Seek, Write};
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join("data.txt"))
-                .unwrap();
-            f.seek(std::io::SeekFrom::Start(0)).unwrap();
-            f.write_all(b"version-2\n").unwrap();
-            f.sync_all().unwrap();
-            std::fs::write(dir.join("rewritten"), b"").unwrap();
-        })
-    };
+    let host = when_guest_ready(dir.path(), |dir| {
+        // In place: same inode, same size, new mtime.
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("data.txt"))
+            .unwrap();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.write_all(b"version-2\n").unwrap();
+        f.sync_all().unwrap();
+    });
     let run = boot(
         &d,
         r#"
 echo "first: $(cat data.txt)"
 : > ready
-n=0; while [ ! -e rewritten ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
+n=0; while [ ! -e changed ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
 t0=$(cut -d' ' -f1 /proc/uptime)
 seen=no; n=0
 while [ $n -lt 100 ]; do
@@ -232,25 +256,13 @@ fn host_create_delete_rename_chmod_show_within_the_window() {
     std::fs::write(dir.path().join("old-name"), b"y").unwrap();
     std::fs::write(dir.path().join("perm"), b"z").unwrap();
     let d = daemon(dir.path(), &[]);
-    let host = {
-        let dir = dir.path().to_path_buf();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while !dir.join("ready").exists() {
-                if start.elapsed() > GUEST_TIMEOUT {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::write(dir.join("born"), b"new").unwrap();
-            std::fs::remove_file(dir.join("doomed")).unwrap();
-            std::fs::rename(dir.join("old-name"), dir.join("new-name")).unwrap();
-            std::fs::set_permissions(dir.join("perm"), std::fs::Permissions::from_mode(0o600))
-                .unwrap();
-            std::fs::write(dir.join("changed"), b"").unwrap();
-        })
-    };
+    let host = when_guest_ready(dir.path(), |dir| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(dir.join("born"), b"new").unwrap();
+        std::fs::remove_file(dir.join("doomed")).unwrap();
+        std::fs::rename(dir.join("old-name"), dir.join("new-name")).unwrap();
+        std::fs::set_permissions(dir.join("perm"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    });
     // The guest looks at everything first, so each answer is cached.
     let run = boot(
         &d,

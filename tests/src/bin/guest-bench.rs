@@ -3,9 +3,9 @@
 //!
 //! Each backend gets a fresh guest and, where the host allows it, a cold
 //! host page cache. Inside the guest: `find` cold, `find` again at once
-//! (warm), `find` after the 1 s coherence window, `ls -lR`, and creating
-//! files; and, as the physical limit, the same `find` over a copy of the
-//! tree in the guest's own tmpfs.
+//! (warm), `find` after the 1 s coherence window, `ls -lR`, creating files,
+//! reading one large file; and, as the physical limit, the same `find` over
+//! a copy of the tree in the guest's own tmpfs.
 //!
 //!   guest-bench --backend 'fast=virtiofsd-fast --cache=coherent' \
 //!               --backend 'virtiofsd=virtiofsd --cache=auto'
@@ -36,8 +36,11 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     files: usize,
     /// Files the create workload makes.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 20000)]
     creates: usize,
+    /// Size of the file the read workload reads, in MiB (0: skip).
+    #[arg(long, default_value_t = 1024)]
+    read_mib: u64,
     /// Also time `find` over a copy of the tree in the guest's tmpfs.
     #[arg(long)]
     tmpfs: bool,
@@ -85,8 +88,11 @@ mkdir -p /mnt/host/.bench-create
 a=$(now); i=0; while [ $i -lt CREATES ]; do : > /mnt/host/.bench-create/f$i; i=$((i+1)); done; b=$(now)
 echo "create: $a $b"
 rm -rf /mnt/host/.bench-create
+if [ -e /mnt/host/.bench-big ]; then
+  echo "read_big: $(t dd if=/mnt/host/.bench-big of=/dev/null bs=1M)"
+fi
 if [ TMPFS = 1 ]; then
-  mkdir -p /tmp/copy && mount -t tmpfs tmpfs /tmp/copy && cp -a /mnt/host/. /tmp/copy/
+  mkdir -p /tmp/copy && mount -t tmpfs tmpfs /tmp/copy && cp -a /mnt/host/d* /tmp/copy/
   echo "tmpfs_find_cold: $(t find /tmp/copy)"
   echo "tmpfs_find_warm: $(t find /tmp/copy)"
 fi
@@ -101,6 +107,17 @@ fn main() -> Result<()> {
     let tree = dir.join(format!("tree-{}x{}", a.dirs, a.files));
     eprintln!("guest-bench: preparing tree {}", tree.display());
     bench::ensure_tree(&tree, a.dirs, a.files)?;
+    let big = tree.join(".bench-big");
+    if a.read_mib > 0 && std::fs::metadata(&big).map(|m| m.len()).unwrap_or(0) != a.read_mib << 20 {
+        eprintln!("guest-bench: writing a {} MiB file to read", a.read_mib);
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut f = std::fs::File::create(&big)?;
+        for _ in 0..a.read_mib {
+            std::io::Write::write_all(&mut f, &chunk)?;
+        }
+    } else if a.read_mib == 0 {
+        let _ = std::fs::remove_file(&big);
+    }
     let script = SCRIPT
         .replace("CREATES", &a.creates.to_string())
         .replace("TMPFS", if a.tmpfs { "1" } else { "0" });
