@@ -1,7 +1,6 @@
 //! The test frontend drives a real virtio-fs backend process (virtiofsd, the
 //! reference peer) through its own split-ring driver.
 
-
 use tests::frontend::BackendProcess;
 use tests::fs::{FsError, FuseClient, ROOT_ID};
 use tests::queue::Shape;
