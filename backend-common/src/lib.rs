@@ -82,38 +82,30 @@ fn bind(path: &Path) -> Result<UnixListener, SetupError> {
     UnixListener::bind(path).map_err(err)
 }
 
+/// An integer SOL_SOCKET option of `fd`.
+fn sockopt_int(fd: RawFd, opt: libc::c_int) -> std::io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, which is a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
 fn inherited(fd: RawFd) -> Result<UnixListener, SetupError> {
     let not = |source| SetupError::NotListener { fd, source };
-    let mut ty: libc::c_int = 0;
-    let mut acc: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `ty`, which is a c_int.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(not(std::io::Error::last_os_error()));
-    }
-    len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above, into `acc`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut acc as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(not(std::io::Error::last_os_error()));
-    }
+    let ty = sockopt_int(fd, libc::SO_TYPE).map_err(not)?;
+    let acc = sockopt_int(fd, libc::SO_ACCEPTCONN).map_err(not)?;
     if ty != libc::SOCK_STREAM || acc == 0 {
         return Err(not(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,

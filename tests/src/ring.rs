@@ -82,6 +82,19 @@ impl Seg {
     }
 }
 
+impl Seg {
+    /// The table entry for this buffer, chained to `next` if there is one.
+    fn desc(&self, next: Option<u16>) -> RawDesc {
+        RawDesc {
+            addr: self.addr.raw_value(),
+            len: self.len,
+            flags: if self.write { VRING_DESC_F_WRITE } else { 0 }
+                | if next.is_some() { VRING_DESC_F_NEXT } else { 0 },
+            next: next.unwrap_or(0),
+        }
+    }
+}
+
 /// A descriptor exactly as it lies in the table, for hostile chains.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RawDesc {
@@ -225,15 +238,8 @@ impl SplitRing {
                 .indirect_tables
                 .unchecked_add(16 * u64::from(MAX_INDIRECT) * u64::from(head));
             for (i, s) in segs.iter().enumerate() {
-                let last = i + 1 == segs.len();
-                let d = RawDesc {
-                    addr: s.addr.raw_value(),
-                    len: s.len,
-                    flags: if s.write { VRING_DESC_F_WRITE } else { 0 }
-                        | if last { 0 } else { VRING_DESC_F_NEXT },
-                    next: if last { 0 } else { i as u16 + 1 },
-                };
-                self.write_desc(table.unchecked_add(16 * i as u64), d)?;
+                let next = (i + 1 < segs.len()).then(|| i as u16 + 1);
+                self.write_desc(table.unchecked_add(16 * i as u64), s.desc(next))?;
             }
             let d = RawDesc {
                 addr: table.raw_value(),
@@ -247,15 +253,7 @@ impl SplitRing {
         } else {
             let idx = self.take(segs.len())?;
             for (i, s) in segs.iter().enumerate() {
-                let last = i + 1 == segs.len();
-                let d = RawDesc {
-                    addr: s.addr.raw_value(),
-                    len: s.len,
-                    flags: if s.write { VRING_DESC_F_WRITE } else { 0 }
-                        | if last { 0 } else { VRING_DESC_F_NEXT },
-                    next: if last { 0 } else { idx[i + 1] },
-                };
-                self.write_desc(self.desc_addr(idx[i]), d)?;
+                self.write_desc(self.desc_addr(idx[i]), s.desc(idx.get(i + 1).copied()))?;
             }
             self.chain_len[idx[0] as usize] = segs.len() as u16;
             Ok(idx[0])

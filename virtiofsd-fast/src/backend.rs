@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -123,6 +123,14 @@ impl FsBackend {
     where
         M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
     {
+        // Linux puts the header in a descriptor of its own: read it from
+        // there, rather than cloning the reader (an allocation per request).
+        let header = chain
+            .clone()
+            .readable()
+            .next()
+            .filter(|d| d.len() as usize >= std::mem::size_of::<InHeader>())
+            .and_then(|d| mem.read_obj::<InHeader>(d.addr()).ok());
         let reader = match Reader::from_descriptor_chain(&**mem, chain.clone()) {
             Ok(r) => r,
             Err(e) => return self.bad_chain(&e),
@@ -135,8 +143,9 @@ impl FsBackend {
         // sends; a length beyond the chain is a lie the FUSE layer would
         // not notice for requests whose arguments are shorter.
         let readable = reader.available_bytes();
-        let mut peek = reader.clone();
-        if let Ok(h) = peek.read_obj::<InHeader>() {
+        // A header split across descriptors is rare; peek at it the slow way.
+        let header = header.or_else(|| reader.clone().read_obj::<InHeader>().ok());
+        if let Some(h) = header {
             if h.len as usize > readable {
                 let n = self.faults.bad_requests.fetch_add(1, Ordering::Relaxed);
                 if Faults::should_log(n) {
