@@ -7,7 +7,7 @@ pub mod sandbox;
 pub mod seccomp;
 mod serve;
 
-pub use serve::{serve, ServeError};
+pub use serve::{serve, serve_with_hooks, ConnectionHooks, NoHooks, ServeError};
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -197,5 +197,35 @@ mod tests {
             init_logging("=[bad"),
             Err(SetupError::LogFilter { .. })
         ));
+    }
+}
+
+/// A count of one kind of guest fault, so logs stay readable when a hostile
+/// or broken guest sends a flood of bad requests.
+#[derive(Debug, Default)]
+pub struct FaultCounter(std::sync::atomic::AtomicU64);
+
+impl FaultCounter {
+    /// Count one fault. Returns the running count when this one should be
+    /// logged: the first ten, then every power of two.
+    pub fn hit(&self) -> Option<u64> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (n <= 10 || n.is_power_of_two()).then_some(n)
+    }
+
+    /// Faults so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    #[test]
+    fn logs_the_first_ten_then_powers_of_two() {
+        let c = super::FaultCounter::default();
+        let logged: Vec<u64> = (0..100).filter_map(|_| c.hit()).collect();
+        assert_eq!(logged, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 32, 64]);
+        assert_eq!(c.get(), 100);
     }
 }

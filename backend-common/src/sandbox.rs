@@ -142,21 +142,40 @@ pub const JAIL_SHARE: &str = "/share";
 /// /proc/self/fd and finds mounts through /proc/self/mountinfo, and both
 /// must describe the process as it is after the pivot.
 pub fn pivot_into_jail(dir: &Path) -> Result<(), SandboxError> {
-    let d = cpath(dir)?;
+    jail(Some(dir))
+}
+
+/// Make a fresh, read-only, empty tmpfs the root of the process: no share,
+/// no /proc. For a backend that works only on descriptors it opened before
+/// (a disk image, a tap). Needs `enter_namespaces` first.
+pub fn pivot_into_empty_jail() -> Result<(), SandboxError> {
+    jail(None)
+}
+
+fn jail(dir: Option<&Path>) -> Result<(), SandboxError> {
     // Take a detached copy of the share's mount tree before the tmpfs
     // exists: the tmpfs may be mounted over the share itself or below it
     // (a share of /tmp, or of /), and must not appear inside it.
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-    let flags =
-        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
-    // SAFETY: valid C string; the result is checked.
-    let tree = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, d.as_ptr(), flags) }
-        as libc::c_int;
-    sys(
-        "cloning the share's mount tree (open_tree, Linux 5.2+)",
-        tree,
-    )?;
+    let tree = match dir {
+        Some(dir) => {
+            let d = cpath(dir)?;
+            let flags = OPEN_TREE_CLONE
+                | libc::O_CLOEXEC as libc::c_uint
+                | libc::AT_RECURSIVE as libc::c_uint;
+            // SAFETY: valid C string; the result is checked.
+            let tree =
+                unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, d.as_ptr(), flags) }
+                    as libc::c_int;
+            sys(
+                "cloning the share's mount tree (open_tree, Linux 5.2+)",
+                tree,
+            )?;
+            Some(tree)
+        }
+        None => None,
+    };
     let base = ["/tmp", "/run", "/mnt"]
         .into_iter()
         .find(|p| Path::new(p).is_dir())
@@ -172,39 +191,42 @@ pub fn pivot_into_jail(dir: &Path) -> Result<(), SandboxError> {
             c"mode=0755,size=64k".as_ptr().cast(),
         )
     })?;
-    let share_in = cpath(&Path::new(base).join("share"))?;
-    let proc_in = cpath(&Path::new(base).join("proc"))?;
-    for p in [&share_in, &proc_in] {
-        // SAFETY: valid C string.
-        sys("creating a jail directory", unsafe {
-            libc::mkdir(p.as_ptr(), 0o755)
+    if let Some(tree) = tree {
+        let share_in = cpath(&Path::new(base).join("share"))?;
+        let proc_in = cpath(&Path::new(base).join("proc"))?;
+        for p in [&share_in, &proc_in] {
+            // SAFETY: valid C string.
+            sys("creating a jail directory", unsafe {
+                libc::mkdir(p.as_ptr(), 0o755)
+            })?;
+        }
+        // SAFETY: `tree` is the detached mount from open_tree; empty path
+        // with F_EMPTY_PATH moves that mount itself; the target is a valid
+        // C string.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                share_in.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        } as libc::c_int;
+        // SAFETY: `tree` is ours; the mount stays attached after the close.
+        unsafe { libc::close(tree) };
+        sys("attaching the share in the jail (move_mount)", rc)?;
+        // SAFETY: constant C strings; no data argument.
+        sys("mounting /proc in the jail", unsafe {
+            libc::mount(
+                c"proc".as_ptr(),
+                proc_in.as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            )
         })?;
     }
-    // SAFETY: `tree` is the detached mount from open_tree; empty path with
-    // F_EMPTY_PATH moves that mount itself; the target is a valid C string.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree,
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            share_in.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    } as libc::c_int;
-    // SAFETY: `tree` is ours; the mount stays attached after the close.
-    unsafe { libc::close(tree) };
-    sys("attaching the share in the jail (move_mount)", rc)?;
-    // SAFETY: constant C strings; no data argument.
-    sys("mounting /proc in the jail", unsafe {
-        libc::mount(
-            c"proc".as_ptr(),
-            proc_in.as_ptr(),
-            c"proc".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            std::ptr::null(),
-        )
-    })?;
     // SAFETY: valid C string.
     sys("chdir into the jail", unsafe {
         libc::chdir(base_c.as_ptr())
@@ -236,6 +258,30 @@ pub fn pivot_into_jail(dir: &Path) -> Result<(), SandboxError> {
             std::ptr::null(),
         )
     })?;
+    Ok(())
+}
+
+/// Close every descriptor except stdin, stdout, stderr and `keep`, so the
+/// process holds nothing it inherited by accident. Reads /proc/self/fd, so
+/// call it before /proc goes away.
+pub fn close_other_fds(keep: &[std::os::fd::RawFd]) -> Result<(), SandboxError> {
+    let dir = std::fs::read_dir("/proc/self/fd").map_err(|source| SandboxError::Sys {
+        what: "listing /proc/self/fd",
+        hint: "",
+        source,
+    })?;
+    // Collect first: the directory's own descriptor is in the listing.
+    let fds: Vec<std::os::fd::RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing a descriptor nothing else in this process
+            // refers to by construction (it is not in `keep`); EBADF for the
+            // listing's own, already closed, descriptor is harmless.
+            unsafe { libc::close(fd) };
+        }
+    }
     Ok(())
 }
 

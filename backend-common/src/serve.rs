@@ -8,9 +8,11 @@
 
 use std::os::unix::net::UnixListener;
 
+use std::sync::Arc;
+
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Errors that end the serve loop (a frontend's misbehaviour does not).
@@ -24,7 +26,26 @@ pub enum ServeError {
     Daemon(String),
     #[error("accepting a frontend: {0}")]
     Accept(String),
+    #[error("preparing a connection's worker threads")]
+    Hook(#[source] std::io::Error),
 }
+
+/// What a backend does around each connection, beyond what
+/// vhost-user-backend does.
+pub trait ConnectionHooks<T: VhostUserBackend> {
+    /// Before the frontend is accepted: e.g. add the backend's own event
+    /// sources (I/O completions) to the worker threads' epoll sets.
+    fn start(&self, _handlers: &[Arc<VringEpollHandler<T>>]) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// After the frontend has gone and the workers were told to exit:
+    /// e.g. wait out I/O still in flight into that frontend's memory.
+    fn end(&self) {}
+}
+
+/// No hooks.
+pub struct NoHooks;
+impl<T: VhostUserBackend> ConnectionHooks<T> for NoHooks {}
 
 /// Serve frontends on `listener`, one after another, `connections` times
 /// (`None`: forever). `backend` is cloned into each connection's daemon, so
@@ -39,11 +60,30 @@ where
     T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     T::Vring: Clone + Send + Sync,
 {
+    serve_with_hooks(name, listener, backend, connections, &NoHooks)
+}
+
+/// [`serve`], calling `hooks` around each connection.
+pub fn serve_with_hooks<T, H>(
+    name: &str,
+    listener: &UnixListener,
+    backend: T,
+    connections: Option<u64>,
+    hooks: &H,
+) -> Result<(), ServeError>
+where
+    T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    T::Vring: Clone + Send + Sync,
+    H: ConnectionHooks<T>,
+{
     let mut served = 0u64;
     while connections.is_none_or(|n| served < n) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        hooks
+            .start(&daemon.get_epoll_handlers())
+            .map_err(ServeError::Hook)?;
         let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
         daemon
             .start(&mut l)
@@ -58,6 +98,7 @@ where
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        hooks.end();
     }
     Ok(())
 }

@@ -3,10 +3,11 @@
 //! its own worker thread and its own vring lock, so queues never contend.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use backend_common::FaultCounter;
 use fuse_backend_rs::abi::fuse_abi::InHeader;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
@@ -36,16 +37,8 @@ const TAG_LEN: usize = 36;
 /// Counts of what went wrong, for logs that stay readable under a hostile guest.
 #[derive(Default)]
 pub struct Faults {
-    pub bad_chains: AtomicU64,
-    pub bad_requests: AtomicU64,
-}
-
-impl Faults {
-    /// Whether the n-th fault of a kind is logged: the first ten, then
-    /// every power of two, so a flood of bad requests costs little.
-    fn should_log(n: u64) -> bool {
-        n < 10 || n.is_power_of_two()
-    }
+    pub bad_chains: FaultCounter,
+    pub bad_requests: FaultCounter,
 }
 
 /// The virtio-fs device.
@@ -147,13 +140,12 @@ impl FsBackend {
         let header = header.or_else(|| reader.clone().read_obj::<InHeader>().ok());
         if let Some(h) = header {
             if h.len as usize > readable {
-                let n = self.faults.bad_requests.fetch_add(1, Ordering::Relaxed);
-                if Faults::should_log(n) {
+                if let Some(count) = self.faults.bad_requests.hit() {
                     warn!(
                         claimed = h.len,
                         readable,
                         opcode = h.opcode,
-                        count = n + 1,
+                        count,
                         "FUSE header length beyond the request"
                     );
                 }
@@ -163,9 +155,8 @@ impl FsBackend {
         match self.server.handle_message(reader, writer, None, None) {
             Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
             Err(e) => {
-                let n = self.faults.bad_requests.fetch_add(1, Ordering::Relaxed);
-                if Faults::should_log(n) {
-                    warn!(error = %e, count = n + 1, "malformed FUSE request");
+                if let Some(count) = self.faults.bad_requests.hit() {
+                    warn!(error = %e, count, "malformed FUSE request");
                 }
                 0
             }
@@ -203,9 +194,8 @@ impl FsBackend {
     }
 
     fn bad_chain(&self, e: &dyn std::fmt::Display) -> u32 {
-        let n = self.faults.bad_chains.fetch_add(1, Ordering::Relaxed);
-        if Faults::should_log(n) {
-            warn!(error = %e, count = n + 1, "unusable descriptor chain");
+        if let Some(count) = self.faults.bad_chains.hit() {
+            warn!(error = %e, count, "unusable descriptor chain");
         }
         0
     }

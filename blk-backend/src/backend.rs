@@ -1,0 +1,805 @@
+//! The vhost-user side: requests from the queues to the I/O engines, and
+//! completions back to the used rings.
+//!
+//! Queue q has its own worker thread, engine and in-flight table; nothing
+//! on the data path is shared between queues. A request goes:
+//! kick → parse and check ([`crate::request`]) → an [`Op`] pushed to the
+//! queue's engine → completion (reaped right after submission, or when the
+//! engine's eventfd fires) → status byte, used ring, interrupt.
+//!
+//! Every request taken from the avail ring sits in the queue's in-flight
+//! table, by descriptor head, until its used entry is written. That table is
+//! what crash-safe reconnect needs to resubmit (see the notes on the
+//! vhost-user inflight area in the README).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use backend_common::FaultCounter;
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::io::{Engine, IoResult, IoVecs, Op};
+use crate::request::{self, status, Desc, Geometry, Plan, Segment};
+
+/// Feature bits (virtio 1.2, 5.2.3).
+pub mod feature {
+    pub const SIZE_MAX: u64 = 1 << 1;
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const TOPOLOGY: u64 = 1 << 10;
+    pub const MQ: u64 = 1 << 12;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+    pub const INDIRECT_DESC: u64 = 1 << 28;
+    pub const EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Largest data segment the driver may use (VIRTIO_BLK_F_SIZE_MAX).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data segments per request (VIRTIO_BLK_F_SEG_MAX), leaving room in
+/// the iovec limit for buffers that cross a memory-region boundary.
+pub const SEG_MAX: u32 = 254;
+/// Zeros for write-zeroes where the filesystem cannot zero a range.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// The image and what the guest is told about it.
+pub struct Disk {
+    /// The image, opened with O_DIRECT when asked.
+    file: File,
+    /// With O_DIRECT: the same image through the page cache, for requests
+    /// whose buffers O_DIRECT cannot take.
+    buffered: Option<File>,
+    /// Bytes, rounded down to the logical block size.
+    capacity: AtomicU64,
+    pub logical_block_size: u32,
+    pub readonly: bool,
+    /// Memory alignment O_DIRECT needs.
+    dio_align: u64,
+    pub serial: Vec<u8>,
+    /// Cleared when the filesystem refuses FALLOC_FL_ZERO_RANGE.
+    zero_range: AtomicBool,
+}
+
+impl Disk {
+    pub fn new(
+        file: File,
+        buffered: Option<File>,
+        logical_block_size: u32,
+        readonly: bool,
+        serial: Vec<u8>,
+    ) -> io::Result<Self> {
+        let dio_align = if buffered.is_some() {
+            dio_mem_align(&file).unwrap_or(u64::from(logical_block_size))
+        } else {
+            1
+        };
+        let d = Disk {
+            file,
+            buffered,
+            capacity: AtomicU64::new(0),
+            logical_block_size,
+            readonly,
+            dio_align,
+            serial,
+            zero_range: AtomicBool::new(true),
+        };
+        d.refresh_capacity()?;
+        Ok(d)
+    }
+
+    /// Re-read the image's size. Returns whether it changed.
+    pub fn refresh_capacity(&self) -> io::Result<bool> {
+        let bytes = image_size(&self.file)?;
+        let cap = bytes - bytes % u64::from(self.logical_block_size);
+        Ok(self.capacity.swap(cap, Ordering::Relaxed) != cap)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            capacity: self.capacity(),
+            logical_block_size: self.logical_block_size,
+            readonly: self.readonly,
+        }
+    }
+
+    /// The descriptors the process must keep.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.file.as_raw_fd()];
+        v.extend(self.buffered.as_ref().map(|f| f.as_raw_fd()));
+        v
+    }
+
+    /// The descriptor for a transfer into or out of `iov`.
+    fn fd_for(&self, iov: &IoVecs) -> RawFd {
+        if let Some(b) = &self.buffered {
+            let a = self.dio_align;
+            let aligned = iov
+                .0
+                .iter()
+                .all(|v| (v.iov_base as u64) % a == 0 && (v.iov_len as u64) % a == 0);
+            if !aligned {
+                return b.as_raw_fd();
+            }
+        }
+        self.file.as_raw_fd()
+    }
+}
+
+/// Size of a regular file or a block device.
+fn image_size(f: &File) -> io::Result<u64> {
+    // SAFETY: lseek on our own descriptor; SEEK_END works for both kinds.
+    let end = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
+    if end < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(end as u64)
+}
+
+/// O_DIRECT's memory alignment, from statx (Linux 6.1+).
+fn dio_mem_align(f: &File) -> Option<u64> {
+    const STATX_DIOALIGN: u32 = 0x2000;
+    // SAFETY: statx fills the zeroed struct; an empty path with
+    // AT_EMPTY_PATH names the descriptor itself.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    (rc == 0 && st.stx_mask & STATX_DIOALIGN != 0 && st.stx_dio_mem_align > 0)
+        .then_some(u64::from(st.stx_dio_mem_align))
+}
+
+/// What to do with a write-zeroes the filesystem could not do itself.
+#[derive(Debug, Clone, Copy)]
+enum Fallback {
+    None,
+    /// Write zeros over the range instead.
+    WriteZeros {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// A request between the avail ring and the used ring.
+struct InFlight {
+    head: u16,
+    /// Keeps the guest memory the operation reads or writes mapped.
+    mem: Arc<GuestMemoryMmap>,
+    status: GuestAddress,
+    /// Bytes written into guest buffers so far (for the used length).
+    written: u32,
+    is_read: bool,
+    op: Op,
+    /// Bytes still to transfer (reads and writes).
+    remaining: u64,
+    fallback: Fallback,
+    kind: u32,
+    generation: u64,
+}
+
+/// One queue's engine and in-flight table.
+struct QueueState {
+    engine: Box<dyn Engine>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    done: Vec<(u64, IoResult)>,
+    generation: u64,
+}
+
+impl QueueState {
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Wait for every operation in flight and forget its request.
+    fn drain(&mut self) {
+        while self.in_flight() > 0 {
+            if let Err(e) = self.engine.wait() {
+                warn!(error = %e, "waiting for I/O in flight; abandoning it");
+                break;
+            }
+            let mut done = std::mem::take(&mut self.done);
+            self.engine.reap(&mut done);
+            for (token, _) in done.drain(..) {
+                self.release(token as usize);
+            }
+            self.done = done;
+        }
+        self.generation += 1;
+    }
+
+    fn insert(&mut self, f: InFlight) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(f);
+                i
+            }
+            None => {
+                self.slots.push(Some(f));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn release(&mut self, i: usize) -> Option<InFlight> {
+        let f = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(f)
+    }
+}
+
+/// Counts of what went wrong.
+#[derive(Default)]
+pub struct Faults {
+    pub bad_chains: FaultCounter,
+    pub io_errors: FaultCounter,
+    pub rejected: FaultCounter,
+}
+
+/// The virtio-blk device.
+pub struct BlkBackend {
+    pub disk: Arc<Disk>,
+    queues: Vec<Mutex<QueueState>>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    event_idx: AtomicBool,
+    queue_size: usize,
+    pub faults: Faults,
+}
+
+impl BlkBackend {
+    /// A device with one queue per engine.
+    pub fn new(disk: Arc<Disk>, engines: Vec<Box<dyn Engine>>, queue_size: usize) -> Self {
+        BlkBackend {
+            disk,
+            queues: engines
+                .into_iter()
+                .map(|engine| {
+                    Mutex::new(QueueState {
+                        engine,
+                        slots: Vec::new(),
+                        free: Vec::new(),
+                        done: Vec::new(),
+                        generation: 0,
+                    })
+                })
+                .collect(),
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            queue_size,
+            faults: Faults::default(),
+        }
+    }
+
+    /// virtio_blk_config, up to write_zeroes_may_unmap.
+    pub fn config_space(&self) -> Vec<u8> {
+        let d = &self.disk;
+        let lbs = d.logical_block_size;
+        let mut c = vec![0u8; 60];
+        c[0..8].copy_from_slice(&(d.capacity() / request::SECTOR).to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&lbs.to_le_bytes());
+        // Topology: 4 KiB physical blocks, whatever the logical size, so
+        // the guest keeps its writes to whole host pages.
+        c[24] = (4096 / lbs).trailing_zeros() as u8;
+        c[26..28].copy_from_slice(&((4096 / lbs) as u16).to_le_bytes());
+        c[34..36].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
+        c[36..40].copy_from_slice(&request::MAX_DISCARD_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&(request::MAX_RANGE_SEGMENTS as u32).to_le_bytes());
+        c[44..48].copy_from_slice(&(4096u32 / request::SECTOR as u32).to_le_bytes());
+        c[48..52].copy_from_slice(&request::MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&(request::MAX_RANGE_SEGMENTS as u32).to_le_bytes());
+        c[56] = 1;
+        c
+    }
+
+    /// Register each queue's completion eventfd with its worker thread.
+    pub fn register_engines(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Arc<BlkBackend>>>],
+    ) -> io::Result<()> {
+        for (q, h) in handlers.iter().enumerate() {
+            let Some(state) = self.queues.get(q) else {
+                continue;
+            };
+            let mut s = state
+                .lock()
+                .map_err(|_| io::Error::other("queue lock poisoned"))?;
+            // Leftovers of a frontend that left: finish them first.
+            s.drain();
+            h.register_listener(
+                s.engine.notifier(),
+                EventSet::IN,
+                self.completion_event(q) as u64,
+            )
+            .map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// After a frontend has gone: let I/O into its memory finish.
+    pub fn drain_all(&self) {
+        for q in &self.queues {
+            if let Ok(mut s) = q.lock() {
+                s.drain();
+            }
+        }
+    }
+
+    fn completion_event(&self, q: usize) -> usize {
+        self.queues.len() + 1 + q
+    }
+
+    /// Take every available request on queue `q`, start its I/O, and
+    /// complete what is already done.
+    fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("memory lock poisoned"))?
+            .clone()
+        else {
+            return Ok(());
+        };
+        let mem = atomic.memory().into_inner();
+        let mut state = self.queues[q]
+            .lock()
+            .map_err(|_| io::Error::other("queue lock poisoned"))?;
+        let mut vstate = vring.get_mut();
+        let geometry = self.disk.geometry();
+        let mut used_any = false;
+        while let Some(chain) = vstate.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            let head = chain.head_index();
+            let descs = chain.map(|d| Desc {
+                addr: d.addr(),
+                len: d.len(),
+                writable: d.is_write_only(),
+            });
+            let req = match request::parse(&*mem, descs) {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(count) = self.faults.bad_chains.hit() {
+                        warn!(queue = q, head, error = %e, count, "dropping an unusable request");
+                    }
+                    used_any |= add_used(&mut vstate, head, 0);
+                    continue;
+                }
+            };
+            let mut finish = |st: u8, written: u32| {
+                // The status address was checked by the parser.
+                let _ = mem.write_obj(st, req.status);
+                add_used(&mut vstate, head, written + 1)
+            };
+            let plan = match request::plan(&*mem, &req, &geometry) {
+                Ok(p) => p,
+                Err(st) => {
+                    if let Some(count) = self.faults.rejected.hit() {
+                        debug!(
+                            queue = q,
+                            kind = req.kind,
+                            sector = req.sector,
+                            status = st,
+                            count,
+                            "request refused"
+                        );
+                    }
+                    used_any |= finish(st, 0);
+                    continue;
+                }
+            };
+            let (op, fallback) = match plan {
+                Plan::Nothing => {
+                    used_any |= finish(status::OK, 0);
+                    continue;
+                }
+                Plan::GetId { bufs } => {
+                    let mut id = [0u8; request::ID_BYTES];
+                    id[..self.disk.serial.len()].copy_from_slice(&self.disk.serial);
+                    let n = request::write_gathered(&*mem, &bufs, &id).unwrap_or(0);
+                    used_any |= finish(status::OK, n as u32);
+                    continue;
+                }
+                Plan::Read { offset, bufs } | Plan::Write { offset, bufs } => {
+                    let Some(iov) = iovecs(&mem, &bufs) else {
+                        used_any |= finish(status::IOERR, 0);
+                        continue;
+                    };
+                    let fd = self.disk.fd_for(&iov);
+                    let op = if req.kind == request::kind::IN {
+                        Op::Read { fd, iov, offset }
+                    } else {
+                        Op::Write { fd, iov, offset }
+                    };
+                    (op, Fallback::None)
+                }
+                Plan::Flush => (
+                    Op::Sync {
+                        fd: self.disk.file.as_raw_fd(),
+                    },
+                    Fallback::None,
+                ),
+                Plan::Discard { offset, len } => (
+                    Op::Fallocate {
+                        fd: self.disk.file.as_raw_fd(),
+                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                    },
+                    Fallback::None,
+                ),
+                Plan::WriteZeroes { offset, len, unmap } => {
+                    let fallback = Fallback::WriteZeros { offset, len };
+                    if !unmap && !self.disk.zero_range.load(Ordering::Relaxed) {
+                        (zero_write(&self.disk, offset, len), Fallback::None)
+                    } else {
+                        let mode = if unmap {
+                            libc::FALLOC_FL_PUNCH_HOLE
+                        } else {
+                            libc::FALLOC_FL_ZERO_RANGE
+                        };
+                        (
+                            Op::Fallocate {
+                                fd: self.disk.file.as_raw_fd(),
+                                mode: mode | libc::FALLOC_FL_KEEP_SIZE,
+                                offset,
+                                len,
+                            },
+                            fallback,
+                        )
+                    }
+                }
+            };
+            let remaining = match &op {
+                Op::Read { iov, .. } | Op::Write { iov, .. } => iov.total(),
+                _ => 0,
+            };
+            let generation = state.generation;
+            let slot = state.insert(InFlight {
+                head,
+                mem: Arc::clone(&mem),
+                status: req.status,
+                written: 0,
+                is_read: req.kind == request::kind::IN,
+                op: op.clone(),
+                remaining,
+                fallback,
+                kind: req.kind,
+                generation,
+            });
+            if let Err(e) = state.engine.push(slot as u64, op) {
+                state.release(slot);
+                if let Some(count) = self.faults.io_errors.hit() {
+                    warn!(queue = q, error = %e, count, "cannot queue I/O");
+                }
+                used_any |= finish(status::IOERR, 0);
+            }
+        }
+        state.engine.submit()?;
+        used_any |= self.complete(q, &mut state, &mut vstate);
+        drop(state);
+        if used_any {
+            self.notify(&mut vstate)?;
+        }
+        Ok(())
+    }
+
+    /// Finish the requests whose I/O has completed. Returns whether any
+    /// used entry was written.
+    fn complete(&self, q: usize, state: &mut QueueState, vstate: &mut VringState) -> bool {
+        let mut used_any = false;
+        let mut done = std::mem::take(&mut state.done);
+        state.engine.reap(&mut done);
+        let mut resubmit = false;
+        for (token, res) in done.drain(..) {
+            let slot = token as usize;
+            let Some(mut f) = state.release(slot) else {
+                continue;
+            };
+            if f.generation != state.generation {
+                continue;
+            }
+            let st = match self.outcome(q, &mut f, res) {
+                Outcome::Done(st) => st,
+                Outcome::Again(op) => {
+                    let generation = f.generation;
+                    let mut f = f;
+                    f.op = op.clone();
+                    f.generation = generation;
+                    let new = state.insert(f);
+                    match state.engine.push(new as u64, op) {
+                        Ok(()) => {
+                            resubmit = true;
+                            continue;
+                        }
+                        Err(_) => {
+                            let Some(f2) = state.release(new) else {
+                                continue;
+                            };
+                            let _ = f2.mem.write_obj(status::IOERR, f2.status);
+                            used_any |= add_used(vstate, f2.head, 1);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let _ = f.mem.write_obj(st, f.status);
+            used_any |= add_used(vstate, f.head, f.written + 1);
+        }
+        state.done = done;
+        if resubmit {
+            if let Err(e) = state.engine.submit() {
+                warn!(queue = q, error = %e, "resubmitting I/O");
+            }
+        }
+        used_any
+    }
+
+    /// What a completion means for its request.
+    fn outcome(&self, q: usize, f: &mut InFlight, res: IoResult) -> Outcome {
+        if res < 0 {
+            let errno = (-res) as i32;
+            if errno == libc::EOPNOTSUPP || errno == libc::EINVAL {
+                if let Fallback::WriteZeros { offset, len } = f.fallback {
+                    if let Op::Fallocate { mode, .. } = f.op {
+                        if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+                            self.disk.zero_range.store(false, Ordering::Relaxed);
+                        }
+                    }
+                    f.fallback = Fallback::None;
+                    return Outcome::Again(zero_write(&self.disk, offset, len));
+                }
+                if f.kind == request::kind::DISCARD {
+                    return Outcome::Done(status::UNSUPP);
+                }
+            }
+            if let Some(count) = self.faults.io_errors.hit() {
+                warn!(queue = q, kind = f.kind, error = %io::Error::from_raw_os_error(errno), count, "I/O error");
+            }
+            return Outcome::Done(status::IOERR);
+        }
+        let n = res as u64;
+        match &mut f.op {
+            Op::Read { iov, offset, .. } | Op::Write { iov, offset, .. } => {
+                if f.is_read {
+                    f.written = f.written.saturating_add(n as u32);
+                }
+                if n >= f.remaining {
+                    return Outcome::Done(status::OK);
+                }
+                if n == 0 {
+                    // The image ended early: it shrank under us.
+                    if let Some(count) = self.faults.io_errors.hit() {
+                        warn!(
+                            queue = q,
+                            offset = *offset,
+                            count,
+                            "short transfer at the image's end"
+                        );
+                    }
+                    return Outcome::Done(status::IOERR);
+                }
+                iov.advance(n as usize);
+                *offset += n;
+                f.remaining -= n;
+                Outcome::Again(f.op.clone())
+            }
+            _ => Outcome::Done(status::OK),
+        }
+    }
+
+    fn notify(&self, vstate: &mut VringState) -> io::Result<()> {
+        if !self.event_idx.load(Ordering::Relaxed) || vstate.needs_notification().unwrap_or(true) {
+            vstate.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Completions only (the engine's eventfd fired).
+    fn process_completions(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+        let mut state = self.queues[q]
+            .lock()
+            .map_err(|_| io::Error::other("queue lock poisoned"))?;
+        let mut vstate = vring.get_mut();
+        let used = self.complete(q, &mut state, &mut vstate);
+        drop(state);
+        if used {
+            self.notify(&mut vstate)?;
+        }
+        Ok(())
+    }
+}
+
+enum Outcome {
+    Done(u8),
+    Again(Op),
+}
+
+fn add_used(vstate: &mut VringState, head: u16, len: u32) -> bool {
+    match vstate.add_used(head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(head, error = %e, "cannot return a used buffer");
+            false
+        }
+    }
+}
+
+/// Host iovecs for guest buffers (already checked to be in guest memory).
+fn iovecs(mem: &GuestMemoryMmap, bufs: &[Segment]) -> Option<IoVecs> {
+    let mut v = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        for slice in mem.get_slices(b.addr, b.len as usize) {
+            let slice = slice.ok()?;
+            v.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    (v.len() <= request::MAX_IOVECS).then_some(IoVecs(v))
+}
+
+/// A write of `len` zeros at `offset`, from the static zero buffer.
+fn zero_write(disk: &Disk, offset: u64, len: u64) -> Op {
+    let mut v = Vec::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64);
+        v.push(libc::iovec {
+            // pwritev only reads through this pointer.
+            iov_base: ZEROS.as_ptr() as *mut libc::c_void,
+            iov_len: n as usize,
+        });
+        left -= n;
+    }
+    Op::Write {
+        fd: disk.file.as_raw_fd(),
+        iov: IoVecs(v),
+        offset,
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = feature::VERSION_1
+            | feature::INDIRECT_DESC
+            | feature::EVENT_IDX
+            | feature::SIZE_MAX
+            | feature::SEG_MAX
+            | feature::BLK_SIZE
+            | feature::TOPOLOGY
+            | feature::FLUSH
+            | feature::MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.disk.readonly {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        let mut out = c[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self
+            .mem
+            .write()
+            .map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected events {evset:?}")));
+        }
+        let ev = usize::from(device_event);
+        let nq = self.queues.len();
+        if ev > nq {
+            let q = ev - nq - 1;
+            let Some(vring) = vrings.get(q) else {
+                return Ok(());
+            };
+            return self.process_completions(q, vring);
+        }
+        let Some(vring) = vrings.get(ev) else {
+            return Err(io::Error::other(format!(
+                "event for queue {ev}, which does not exist"
+            )));
+        };
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                self.process_queue(ev, vring)?;
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(ev, vring)?;
+        }
+        Ok(())
+    }
+}
+
+/// Connection hooks: completions into each new worker's epoll set, and
+/// in-flight I/O drained when a frontend goes.
+pub struct Hooks(pub Arc<BlkBackend>);
+
+impl backend_common::ConnectionHooks<Arc<BlkBackend>> for Hooks {
+    fn start(&self, handlers: &[Arc<VringEpollHandler<Arc<BlkBackend>>>]) -> io::Result<()> {
+        self.0.register_engines(handlers)
+    }
+
+    fn end(&self) {
+        self.0.drain_all();
+    }
+}

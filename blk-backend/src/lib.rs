@@ -1,0 +1,233 @@
+//! blk-backend: a vhost-user virtio-blk backend over raw images and block
+//! devices, one process per disk.
+//!
+//! - [`args`]: the command line, turned into a [`Config`].
+//! - [`request`]: descriptor chains to checked requests.
+//! - [`io`]: the io_uring and thread-pool engines.
+//! - [`backend`]: queues to engines and back.
+
+pub mod args;
+pub mod backend;
+pub mod io;
+pub mod request;
+pub mod seccomp;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use args::{IoEngine, SandboxMode, SeccompAction};
+use backend::{BlkBackend, Disk, Hooks};
+use backend_common::sandbox;
+use tracing::{info, warn};
+
+pub use args::{Args, Config};
+
+/// Errors that stop the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the image {path}: {source}{hint}")]
+    Image {
+        path: std::path::PathBuf,
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is neither a regular file nor a block device")]
+    NotADisk(std::path::PathBuf),
+    #[error("{0} is in use by another process (it holds a lock on it); stop that one first")]
+    Locked(std::path::PathBuf),
+    #[error("setting up the {engine} engine: {source}")]
+    Engine {
+        engine: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Setup(#[from] backend_common::SetupError),
+    #[error(transparent)]
+    Serve(#[from] backend_common::ServeError),
+    #[error("setting up the sandbox")]
+    Sandbox(#[from] backend_common::sandbox::SandboxError),
+    #[error("installing the seccomp filter")]
+    Seccomp(#[from] backend_common::seccomp::SeccompError),
+}
+
+/// Serve the image on the configured socket until told to stop (or, with
+/// `connections`, after that many frontends).
+pub fn run(cfg: &Config) -> Result<(), RunError> {
+    let listener = cfg.socket.listen()?;
+    let disk = Arc::new(open_disk(cfg)?);
+    let mut keep = disk.fds();
+    keep.push(listener.as_raw_fd());
+    if cfg.sandbox == SandboxMode::Namespace {
+        sandbox::enter_namespaces()?;
+    }
+    // Only the image and the socket stay open: nothing inherited by
+    // accident is reachable from the guest-facing code.
+    sandbox::close_other_fds(&keep)?;
+    if cfg.sandbox == SandboxMode::Namespace {
+        sandbox::pivot_into_empty_jail()?;
+    }
+    let engines = make_engines(cfg)?;
+    let engine_name = engines.first().map(|e| e.name()).unwrap_or("none");
+    sandbox::drop_capabilities(&[])?;
+    let action = match cfg.seccomp {
+        SeccompAction::Kill => backend_common::seccomp::Action::Kill,
+        SeccompAction::Log => backend_common::seccomp::Action::Log,
+        SeccompAction::None => backend_common::seccomp::Action::None,
+    };
+    backend_common::seccomp::install(&seccomp::allowlist(), action)?;
+    if cfg.resize_poll_ms > 0 {
+        watch_size(Arc::clone(&disk), Duration::from_millis(cfg.resize_poll_ms));
+    }
+    info!(
+        image = %cfg.image.display(),
+        bytes = disk.capacity(),
+        readonly = cfg.readonly,
+        direct = cfg.direct,
+        engine = engine_name,
+        queues = cfg.num_queues,
+        sandbox = ?cfg.sandbox,
+        "serving"
+    );
+    let backend = Arc::new(BlkBackend::new(disk, engines, cfg.queue_size));
+    backend_common::serve_with_hooks(
+        "blk-backend",
+        &listener,
+        Arc::clone(&backend),
+        cfg.connections,
+        &Hooks(backend),
+    )?;
+    Ok(())
+}
+
+fn open_disk(cfg: &Config) -> Result<Disk, RunError> {
+    let path = &cfg.image;
+    let open = |direct: bool| -> Result<File, RunError> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(!cfg.readonly);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(path).map_err(|source| RunError::Image {
+            path: path.clone(),
+            hint: hint(&source, direct),
+            source,
+        })
+    };
+    let file = open(cfg.direct)?;
+    let ft = file
+        .metadata()
+        .map_err(|source| RunError::Image {
+            path: path.clone(),
+            hint: "",
+            source,
+        })?
+        .file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(RunError::NotADisk(path.clone()));
+    }
+    lock(&file, cfg.readonly, path)?;
+    let buffered = if cfg.direct { Some(open(false)?) } else { None };
+    Disk::new(
+        file,
+        buffered,
+        cfg.logical_block_size,
+        cfg.readonly,
+        cfg.serial.clone(),
+    )
+    .map_err(|source| RunError::Image {
+        path: path.clone(),
+        hint: "",
+        source,
+    })
+}
+
+fn hint(e: &std::io::Error, direct: bool) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EINVAL) if direct => {
+            " (the filesystem refuses O_DIRECT, as tmpfs does; run without --direct)"
+        }
+        Some(libc::EACCES) | Some(libc::EROFS) => {
+            " (no write access; pass --readonly to serve it read-only)"
+        }
+        Some(libc::ENOENT) => " (create it first, e.g. `truncate -s 10G IMAGE`)",
+        _ => "",
+    }
+}
+
+/// One writer per image: an exclusive lock, or a shared one when read-only,
+/// so two backends never write the same image.
+fn lock(file: &File, readonly: bool, path: &Path) -> Result<(), RunError> {
+    let how = if readonly {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on our own descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(RunError::Locked(path.to_path_buf()));
+        }
+        // A filesystem without locks is no reason to refuse the disk.
+        warn!(error = %e, "cannot lock the image");
+    }
+    Ok(())
+}
+
+fn make_engines(cfg: &Config) -> Result<Vec<Box<dyn io::Engine>>, RunError> {
+    let depth = cfg.queue_size as u32;
+    let mut engines: Vec<Box<dyn io::Engine>> = Vec::new();
+    let mut use_uring = cfg.io_engine != IoEngine::Threads;
+    for q in 0..cfg.num_queues {
+        if use_uring {
+            match io::uring::UringEngine::new(depth) {
+                Ok(e) => {
+                    engines.push(Box::new(e));
+                    continue;
+                }
+                Err(source) if cfg.io_engine == IoEngine::Uring => {
+                    return Err(RunError::Engine {
+                        engine: "io_uring",
+                        source,
+                    })
+                }
+                Err(e) => {
+                    warn!(error = %e, "io_uring refused; using the thread-pool engine");
+                    use_uring = false;
+                }
+            }
+        }
+        let e = io::threads::ThreadEngine::new(cfg.pool_threads, &format!("q{q}")).map_err(
+            |source| RunError::Engine {
+                engine: "thread-pool",
+                source,
+            },
+        )?;
+        engines.push(Box::new(e));
+    }
+    Ok(engines)
+}
+
+/// Re-read the image's size now and then, so GET_CONFIG reports a grown or
+/// shrunk image and requests are checked against its real end.
+fn watch_size(disk: Arc<Disk>, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("resize".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match disk.refresh_capacity() {
+                Ok(true) => info!(bytes = disk.capacity(), "the image changed size"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot read the image's size"),
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot watch the image's size");
+    }
+}

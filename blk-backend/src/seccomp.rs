@@ -1,0 +1,44 @@
+//! The syscalls blk-backend needs once it is serving.
+
+use libc::c_long;
+
+/// The allowlist: the common runtime plus image I/O.
+pub fn allowlist() -> Vec<c_long> {
+    let mut v = backend_common::seccomp::COMMON.to_vec();
+    v.extend_from_slice(IMAGE_IO);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+const IMAGE_IO: &[c_long] = &[
+    // The thread-pool engine.
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    // The io_uring engine (the ring itself is set up before the filter).
+    libc::SYS_io_uring_enter,
+    // Size checks for resizes.
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    // Engines waiting for completions while a frontend's I/O drains.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn compiles_and_holds_the_io_calls() {
+        let list = super::allowlist();
+        assert!(list.contains(&libc::SYS_io_uring_enter));
+        assert!(list.contains(&libc::SYS_pwritev));
+        assert!(
+            !list.contains(&libc::SYS_openat),
+            "no new files once serving"
+        );
+    }
+}
