@@ -45,6 +45,14 @@ pub fn install(allowed: &[c_long], action: Action) -> Result<(), SeccompError> {
         Action::None => return Ok(()),
     };
     let prog = compile(allowed, mismatch)?;
+    // glibc's malloc counts the CPUs (opening /sys/devices/system/cpu/online)
+    // the first time a thread needs a ninth arena; under a filter without
+    // openat that kills the process. A fixed arena limit means it never asks.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a malloc tunable.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 8)
+    };
     seccompiler::apply_filter_all_threads(&prog).map_err(SeccompError::Install)?;
     tracing::info!(
         syscalls = allowed.len(),

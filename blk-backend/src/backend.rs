@@ -756,35 +756,33 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected events {evset:?}")));
         }
-        let ev = usize::from(device_event);
-        let nq = self.queues.len();
-        if ev > nq {
-            let q = ev - nq - 1;
-            let Some(vring) = vrings.get(q) else {
-                return Ok(());
-            };
-            return self.process_completions(q, vring);
-        }
-        let Some(vring) = vrings.get(ev) else {
+        // One queue per thread: the thread's index is the queue's, and its
+        // only vring is `vrings[0]` (a kick's event number counts within
+        // the thread's own vrings).
+        let q = thread;
+        let (Some(vring), true) = (vrings.first(), q < self.queues.len()) else {
             return Err(io::Error::other(format!(
-                "event for queue {ev}, which does not exist"
+                "event for queue {q}, which does not exist"
             )));
         };
+        if usize::from(device_event) == self.completion_event(q) {
+            return self.process_completions(q, vring);
+        }
         if self.event_idx.load(Ordering::Relaxed) {
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(ev, vring)?;
+                self.process_queue(q, vring)?;
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     break;
                 }
             }
         } else {
-            self.process_queue(ev, vring)?;
+            self.process_queue(q, vring)?;
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ pub use args::{Args, Config};
 /// Errors that stop the backend.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot open the image {path}: {source}{hint}")]
+    #[error("cannot open the image {path}{hint}")]
     Image {
         path: std::path::PathBuf,
         hint: &'static str,
@@ -113,10 +113,15 @@ fn open_disk(cfg: &Config) -> Result<Disk, RunError> {
         if direct {
             o.custom_flags(libc::O_DIRECT);
         }
-        o.open(path).map_err(|source| RunError::Image {
-            path: path.clone(),
-            hint: hint(&source, direct),
-            source,
+        o.open(path).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EISDIR) {
+                return RunError::NotADisk(path.clone());
+            }
+            RunError::Image {
+                path: path.clone(),
+                hint: hint(&source, direct),
+                source,
+            }
         })
     };
     let file = open(cfg.direct)?;

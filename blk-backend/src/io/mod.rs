@@ -97,7 +97,7 @@ pub trait Engine: Send {
 
 /// Do `op` right here, synchronously (the thread-pool engine's workers).
 pub fn run_sync(op: &Op) -> IoResult {
-    // SAFETY (all arms): the descriptors are the image's, open for the
+    // SAFETY: in every arm the descriptor is the image's, open for the
     // process lifetime; the iovecs point to guest memory kept mapped by the
     // request until this result is reported; counts fit, as requests are
     // limited to MAX_IOVECS buffers.

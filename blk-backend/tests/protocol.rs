@@ -1,0 +1,472 @@
+//! blk-backend over a real vhost-user connection, driven by the test
+//! frontend: normal I/O on both engines, bad requests, hostile chains,
+//! reconnects with I/O in flight, the sandbox, and bad command lines.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tests::blk::{self, req, BlkClient, BlkError};
+use tests::frontend::BackendProcess;
+use tests::hostile;
+use tests::queue::Shape;
+use tests::ring::Seg;
+
+const IMAGE: u64 = 64 << 20;
+
+fn image() -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(IMAGE).unwrap();
+    f
+}
+
+fn start(img: &Path, extra: &[&str]) -> BackendProcess {
+    let mut argv = vec![
+        env!("CARGO_BIN_EXE_blk-backend").to_string(),
+        "--fd={fd}".into(),
+        format!("--image={}", img.display()),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("blk-backend starts")
+}
+
+fn client(b: &mut BackendProcess, queues: usize, depth: usize) -> BlkClient {
+    BlkClient::connect(b, queues, depth, 1 << 20).unwrap_or_else(|e| panic!("{e}\n{}", b.output()))
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32 * 31 + u32::from(seed)) as u8)
+        .collect()
+}
+
+/// Everyday I/O, the same on every engine and with and without O_DIRECT.
+#[test]
+fn reads_writes_flushes_and_ids_on_every_engine() {
+    for extra in [
+        &["--io-engine=uring"][..],
+        &["--io-engine=threads"],
+        &["--io-engine=uring", "--direct"],
+        &["--io-engine=threads", "--direct"],
+    ] {
+        let img = image();
+        let mut args = vec!["--num-queues=2", "--serial=disk-0042"];
+        args.extend_from_slice(extra);
+        let mut b = start(img.path(), &args);
+        let mut c = client(&mut b, 2, 8);
+        let cfg = c.config().unwrap();
+        assert_eq!(cfg.capacity, IMAGE / blk::SECTOR, "{extra:?}");
+        assert_eq!(cfg.num_queues, 2);
+        assert_eq!(cfg.blk_size, 512);
+        assert!(cfg.seg_max >= 128 && cfg.size_max >= 4096);
+        assert!(cfg.max_discard_sectors > 0 && cfg.max_write_zeroes_sectors > 0);
+
+        let data = pattern(1, 64 << 10);
+        c.write(2048, &data).unwrap();
+        assert_eq!(c.read(2048, data.len() as u32).unwrap(), data, "{extra:?}");
+        c.flush().unwrap();
+        let on_disk = std::fs::read(img.path()).unwrap();
+        assert_eq!(&on_disk[2048 * 512..2048 * 512 + data.len()], &data[..]);
+        // Indirect chains, and a read that starts in one sector and a buffer
+        // that O_DIRECT cannot take (not aligned): both still right.
+        c.shape = Shape::INDIRECT;
+        assert_eq!(c.read(2049, 512).unwrap(), &data[512..1024]);
+        c.shape = Shape::DIRECT;
+        let mut id = c.get_id().unwrap();
+        id.truncate(9);
+        assert_eq!(id, b"disk-0042");
+        assert_eq!(std::fs::metadata(img.path()).unwrap().len(), IMAGE);
+        assert!(b.is_running(), "{}", b.output());
+    }
+}
+
+#[test]
+fn out_of_range_and_misshapen_requests_get_ioerr_and_leave_the_image_alone() {
+    let img = image();
+    std::fs::write(img.path(), pattern(9, IMAGE as usize)).unwrap();
+    let before = std::fs::read(img.path()).unwrap();
+    let mut b = start(img.path(), &[]);
+    let mut c = client(&mut b, 1, 8);
+    let last = IMAGE / blk::SECTOR;
+    let ioerr = |r: Result<(), BlkError>| matches!(r, Err(BlkError::Status(blk::S_IOERR)));
+    assert!(ioerr(c.write(last, &[1u8; 512])), "past the end");
+    assert!(ioerr(c.write(last - 1, &[1u8; 1024])), "across the end");
+    assert!(ioerr(c.write(u64::MAX / 2, &[1u8; 512])), "offset overflow");
+    assert!(ioerr(c.write(0, &[1u8; 100])), "not a whole sector");
+    assert!(
+        matches!(c.read(last, 512), Err(BlkError::Status(blk::S_IOERR))),
+        "read past the end"
+    );
+    assert!(matches!(
+        c.read(0, 700),
+        Err(BlkError::Status(blk::S_IOERR))
+    ));
+    assert!(ioerr(c.discard(last - 1, 8)), "discard across the end");
+    // Unknown request types, and known ones we do not offer.
+    for typ in [0x7777, 10, 14, 24] {
+        assert_eq!(
+            c.raw_status(typ, 0, &[]).unwrap(),
+            blk::S_UNSUPP,
+            "type {typ}"
+        );
+    }
+    // Unmap on a discard and unknown flags on write-zeroes are UNSUPP.
+    assert_eq!(
+        c.raw_status(req::DISCARD, 0, &blk::range_segment(0, 8, true))
+            .unwrap(),
+        blk::S_UNSUPP
+    );
+    let mut seg = blk::range_segment(0, 8, false);
+    seg[12] = 4;
+    assert_eq!(
+        c.raw_status(req::WRITE_ZEROES, 0, &seg).unwrap(),
+        blk::S_UNSUPP
+    );
+    c.flush().unwrap();
+    let after = std::fs::read(img.path()).unwrap();
+    assert_eq!(after.len(), before.len(), "the image changed size");
+    assert!(after == before, "a refused request touched the image");
+    assert!(c.dev.has_feature(blk::feature::DISCARD));
+}
+
+#[test]
+fn a_readonly_disk_refuses_every_write() {
+    let img = image();
+    std::fs::write(img.path(), pattern(3, IMAGE as usize)).unwrap();
+    let before = std::fs::read(img.path()).unwrap();
+    let mut b = start(img.path(), &["--readonly"]);
+    let mut c = client(&mut b, 1, 4);
+    assert!(c.dev.has_feature(blk::feature::RO));
+    assert!(!c.dev.has_feature(blk::feature::DISCARD));
+    for r in [
+        c.write(0, &[0u8; 512]),
+        c.discard(0, 8),
+        c.write_zeroes(0, 8, false),
+    ] {
+        assert!(matches!(r, Err(BlkError::Status(blk::S_IOERR))), "{r:?}");
+    }
+    assert_eq!(c.read(0, 512).unwrap(), &before[..512]);
+    c.flush().unwrap();
+    assert!(std::fs::read(img.path()).unwrap() == before);
+}
+
+#[test]
+fn discard_and_write_zeroes_punch_holes() {
+    let img = image();
+    let mut b = start(img.path(), &[]);
+    let mut c = client(&mut b, 1, 4);
+    let blocks = || std::fs::metadata(img.path()).unwrap().blocks();
+    let mb = pattern(5, 1 << 20);
+    for i in 0..4u64 {
+        c.write(i * 2048, &mb).unwrap();
+    }
+    c.flush().unwrap();
+    let full = blocks();
+    assert!(full >= 4 * 2048, "writes allocated {full} blocks");
+    c.discard(0, 2048).unwrap();
+    assert!(
+        blocks() <= full - 2048,
+        "discard left {} of {full}",
+        blocks()
+    );
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0u8; 4096]);
+    // Write-zeroes with unmap deallocates; without, it zeroes in place.
+    c.write_zeroes(2048, 2048, true).unwrap();
+    assert!(blocks() <= full - 4096);
+    c.write_zeroes(4096, 2048, false).unwrap();
+    assert_eq!(c.read(4096, 1 << 20).unwrap(), vec![0u8; 1 << 20]);
+    assert_eq!(
+        c.read(6144, 1 << 20).unwrap(),
+        mb,
+        "the next megabyte is intact"
+    );
+    assert_eq!(std::fs::metadata(img.path()).unwrap().len(), IMAGE);
+}
+
+#[test]
+fn hostile_chains_are_dropped_and_the_backend_keeps_serving() {
+    let img = image();
+    std::fs::write(img.path(), pattern(7, IMAGE as usize)).unwrap();
+    let before = std::fs::read(img.path()).unwrap();
+    let mut b = start(img.path(), &[]);
+    let mut c = client(&mut b, 1, 8);
+    let buf = c.dev.mem.alloc_in(1, 4096, 64).unwrap();
+    let status = c.dev.mem.alloc_in(1, 64, 64).unwrap();
+    let hdr = c.dev.mem.alloc_in(1, 64, 64).unwrap();
+    c.dev
+        .mem
+        .mem()
+        .write_slice(&blk::out_header(req::OUT, 0), hdr)
+        .unwrap();
+    use vm_memory::Bytes;
+    let ring = c.queues[0].ring();
+    // The header outside memory; data outside memory; no status byte.
+    hostile::readable_outside_memory(ring, 16, Seg::writable(status, 1)).unwrap();
+    let h = ring
+        .add(
+            &[
+                Seg::readable(hdr, 16),
+                Seg::readable(vm_memory::GuestAddress(tests::memory::UNMAPPED_GPA), 512),
+                Seg::writable(status, 1),
+            ],
+            false,
+        )
+        .unwrap();
+    ring.push_avail(h).unwrap();
+    ring.publish().unwrap();
+    ring.kick_now().unwrap();
+    hostile::no_writable_part(ring, Seg::readable(hdr, 16)).unwrap();
+    hostile::zero_length(ring, buf, 3).unwrap();
+    hostile::looped_chain(ring, buf).unwrap();
+    hostile::indirect_table_outside_memory(ring).unwrap();
+    hostile::indirect_table_bad_length(ring, buf).unwrap();
+    let mut dropped = 0;
+    while let Ok(u) = ring.wait_used(Duration::from_millis(300)) {
+        assert_eq!(u.len, 0, "an unusable chain came back with data");
+        dropped += 1;
+    }
+    assert!(dropped >= 4, "only {dropped} chains came back");
+    // A write whose data descriptor is shorter than a sector: IOERR.
+    assert!(matches!(
+        c.write(0, &[0u8; 10]),
+        Err(BlkError::Status(blk::S_IOERR))
+    ));
+    assert!(b.is_running(), "died:\n{}", b.output());
+    assert_eq!(c.read(0, 512).unwrap(), &before[..512]);
+    drop(c);
+    // A fresh connection is served as usual.
+    let mut c = client(&mut b, 1, 8);
+    c.write(8, &[9u8; 512]).unwrap();
+    assert_eq!(c.read(8, 512).unwrap(), vec![9u8; 512]);
+    let after = std::fs::read(img.path()).unwrap();
+    assert!(after[..4096] == before[..4096] && after[4608..] == before[4608..]);
+    // Logged once and then rate-limited, not once per chain forever.
+    let warnings = b.output().matches("dropping an unusable request").count();
+    assert!((1..=10).contains(&warnings), "{warnings} warnings");
+}
+
+#[test]
+fn many_requests_in_flight_on_every_queue() {
+    for engine in ["uring", "threads"] {
+        let img = image();
+        let mut b = start(
+            img.path(),
+            &["--num-queues=4", &format!("--io-engine={engine}")],
+        );
+        let mut c = client(&mut b, 4, 32);
+        for round in 0..3u8 {
+            for q in 0..4 {
+                for i in 0..32u64 {
+                    let sector = (q as u64 * 32 + i) * 8;
+                    let fill = round.wrapping_mul(64) ^ (q as u8 * 32 + i as u8);
+                    c.push(q, req::OUT, sector, &[fill; 4096], 0).unwrap();
+                }
+                c.queues[q].publish().unwrap();
+            }
+            for q in 0..4 {
+                for _ in 0..32 {
+                    let done = c.queues[q].wait().unwrap();
+                    assert_eq!(BlkClient::status(&done).unwrap(), blk::S_OK);
+                }
+            }
+            for i in 0..128u64 {
+                let fill = round.wrapping_mul(64) ^ (i as u8);
+                assert_eq!(c.read(i * 8, 4096).unwrap(), vec![fill; 4096], "{engine}");
+            }
+        }
+    }
+}
+
+#[test]
+fn serves_again_after_the_frontend_leaves_with_io_in_flight() {
+    let img = image();
+    let mut b = start(img.path(), &["--num-queues=2"]);
+    for round in 0..3u8 {
+        let mut c = client(&mut b, 2, 32);
+        // Everything from the last round that completed is on disk.
+        if round > 0 {
+            assert_eq!(c.read(0, 4096).unwrap(), vec![round - 1; 4096]);
+        }
+        c.write(0, &[round; 4096]).unwrap();
+        for i in 0..32u64 {
+            c.push(1, req::OUT, 1024 + i * 128, &[round; 1 << 16], 0)
+                .unwrap();
+        }
+        c.queues[1].publish().unwrap();
+        // Leave without waiting.
+        drop(c);
+    }
+    assert!(b.is_running(), "{}", b.output());
+    let mut c = client(&mut b, 2, 4);
+    assert_eq!(c.read(0, 4096).unwrap(), vec![2u8; 4096]);
+}
+
+#[test]
+fn four_kib_logical_blocks() {
+    let img = image();
+    let mut b = start(img.path(), &["--logical-block-size=4096"]);
+    let mut c = client(&mut b, 1, 4);
+    let cfg = c.config().unwrap();
+    assert_eq!(cfg.blk_size, 4096);
+    assert_eq!(
+        cfg.capacity,
+        IMAGE / 512,
+        "capacity stays in 512-byte sectors"
+    );
+    assert!(matches!(
+        c.read(1, 4096),
+        Err(BlkError::Status(blk::S_IOERR))
+    ));
+    assert!(matches!(
+        c.write(0, &[1u8; 512]),
+        Err(BlkError::Status(blk::S_IOERR))
+    ));
+    c.write(8, &[1u8; 4096]).unwrap();
+    assert_eq!(c.read(8, 4096).unwrap(), vec![1u8; 4096]);
+}
+
+#[test]
+fn a_resized_image_shows_in_the_config_space() {
+    let img = image();
+    let mut b = start(img.path(), &["--resize-poll-ms=20"]);
+    let mut c = client(&mut b, 1, 4);
+    img.as_file().set_len(2 * IMAGE).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.config().unwrap().capacity != 2 * IMAGE / 512 {
+        assert!(Instant::now() < deadline, "the new size never showed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The new space is usable; after a shrink, the old space is not.
+    c.write(2 * IMAGE / 512 - 8, &[4u8; 4096]).unwrap();
+    img.as_file().set_len(IMAGE).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.config().unwrap().capacity != IMAGE / 512 {
+        assert!(Instant::now() < deadline, "the shrink never showed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(
+        c.write(IMAGE / 512, &[4u8; 512]),
+        Err(BlkError::Status(blk::S_IOERR))
+    ));
+    assert_eq!(std::fs::metadata(img.path()).unwrap().len(), IMAGE);
+}
+
+/// The process serving the disk: with the namespace sandbox, the child
+/// the started process forked into the new pid namespace.
+fn serving_pid(b: &BackendProcess) -> u32 {
+    let pid = b.pid().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .next()
+        .map_or(pid, |c| c.parse().unwrap())
+}
+
+#[test]
+fn the_sandbox_leaves_only_the_image_and_sockets() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: the namespace sandbox needs root");
+        return;
+    }
+    let img = image();
+    // A descriptor the test leaks into the child must not survive.
+    let leak = std::fs::File::open("/etc/hostname").unwrap();
+    let _ = &leak;
+    let mut b = start(img.path(), &["--num-queues=2"]);
+    let mut c = client(&mut b, 2, 4);
+    c.write(0, &[1u8; 512]).unwrap();
+    let pid = serving_pid(&b);
+    assert_ne!(
+        pid,
+        b.pid().unwrap(),
+        "the backend forks into a pid namespace"
+    );
+    for ns in ["mnt", "net", "pid", "ipc"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(ours, theirs, "{ns} namespace is shared with the host");
+    }
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .collect();
+    assert!(root.is_empty(), "the root holds {root:?}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for key in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let l = status.lines().find(|l| l.starts_with(key)).unwrap();
+        assert_eq!(
+            u64::from_str_radix(l.split_whitespace().nth(1).unwrap(), 16).unwrap(),
+            0,
+            "{l}"
+        );
+    }
+    assert!(status
+        .lines()
+        .any(|l| l.starts_with("Seccomp:") && l.ends_with('2')));
+    let image = std::fs::canonicalize(img.path()).unwrap();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let e = e.unwrap();
+        let fd: i32 = e.file_name().to_str().unwrap().parse().unwrap();
+        let target = std::fs::read_link(e.path()).unwrap();
+        let t = target.to_string_lossy();
+        let ok = fd <= 2
+            || target == image
+            || t.starts_with("socket:")
+            || t.starts_with("anon_inode:")
+            // Guest memory, mapped from the frontend's memfds.
+            || t.starts_with("/memfd:");
+        assert!(ok, "fd {fd} -> {t}");
+    }
+    assert!(b.is_running());
+}
+
+#[test]
+fn bad_command_lines_and_images_are_clear_errors() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_blk-backend"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s").display().to_string();
+    let (code, err) = run(&["--socket-path", &sock, "--image", "/nonexistent/disk.img"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("cannot open the image") && err.contains("truncate -s"),
+        "{err}"
+    );
+    let (code, err) = run(&["--socket-path", &sock, "--image", "/tmp"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("neither a regular file nor a block device"),
+        "{err}"
+    );
+    let (code, err) = run(&[
+        "--socket-path",
+        &sock,
+        "--image",
+        "/tmp/x",
+        "--logical-block-size",
+        "1000",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("512 or 4096"), "{err}");
+    // One writer per image.
+    let img = image();
+    let mut first = start(img.path(), &[]);
+    let _c = client(&mut first, 1, 4);
+    let (code, err) = run(&[
+        "--socket-path",
+        &sock,
+        "--image",
+        &img.path().display().to_string(),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("in use by another process"), "{err}");
+}
