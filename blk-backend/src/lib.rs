@@ -166,23 +166,32 @@ fn hint(e: &std::io::Error, direct: bool) -> &'static str {
 }
 
 /// One writer per image: an exclusive lock, or a shared one when read-only,
-/// so two backends never write the same image.
+/// so two backends never write the same image. A backend that was just
+/// killed (a supervisor restarting it) may take a moment to let go, so a
+/// held lock is retried for a few seconds before giving up.
 fn lock(file: &File, readonly: bool, path: &Path) -> Result<(), RunError> {
     let how = if readonly {
         libc::LOCK_SH
     } else {
         libc::LOCK_EX
     };
-    // SAFETY: flock on our own descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        // SAFETY: flock on our own descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            // A filesystem without locks is no reason to refuse the disk.
+            warn!(error = %e, "cannot lock the image");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
             return Err(RunError::Locked(path.to_path_buf()));
         }
-        // A filesystem without locks is no reason to refuse the disk.
-        warn!(error = %e, "cannot lock the image");
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
 }
 
 fn make_engines(cfg: &Config) -> Result<Vec<Box<dyn io::Engine>>, RunError> {

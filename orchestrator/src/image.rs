@@ -248,19 +248,45 @@ pub struct GuestImage {
 impl GuestImage {
     /// Writes the base initramfs followed by a `/test.sh` archive to `dest`, for `-initrd`.
     pub fn write_initrd(&self, script: &str, dest: &Path) -> Result<()> {
-        write_initrd(&self.initramfs, script, dest)
+        write_initrd(&self.initramfs, script, &[], dest)
+    }
+
+    /// Like [`GuestImage::write_initrd`], with `extra` files (guest path,
+    /// mode, contents) next to the script. Their directories must exist in
+    /// the base image or be listed before them with an empty path.
+    pub fn write_initrd_with(&self, script: &str, extra: &[ExtraFile], dest: &Path) -> Result<()> {
+        write_initrd(&self.initramfs, script, extra, dest)
     }
 }
 
-/// A tiny newc archive holding `/test.sh` (mode 0755), to append to the base initramfs.
-pub fn script_archive(script: &str) -> Result<Vec<u8>> {
+/// A file added to a test's initramfs.
+#[derive(Clone, Debug)]
+pub struct ExtraFile {
+    /// Path inside the guest, without the leading `/`.
+    pub path: String,
+    pub mode: u32,
+    pub data: Vec<u8>,
+    /// A directory rather than a file (`data` is ignored).
+    pub dir: bool,
+}
+
+/// A tiny newc archive holding `/test.sh` (mode 0755) and `extra`, to append to the base
+/// initramfs.
+pub fn script_archive(script: &str, extra: &[ExtraFile]) -> Result<Vec<u8>> {
     let mut w = CpioWriter::new();
     w.file("test.sh", 0o755, script.as_bytes())?;
+    for f in extra {
+        if f.dir {
+            w.dir(&f.path, f.mode)?;
+        } else {
+            w.file(&f.path, f.mode, &f.data)?;
+        }
+    }
     Ok(w.finish())
 }
 
-/// Writes `base` followed by [`script_archive`] of `script` into `dest`.
-pub fn write_initrd(base: &Path, script: &str, dest: &Path) -> Result<()> {
+/// Writes `base` followed by [`script_archive`] of `script` and `extra` into `dest`.
+pub fn write_initrd(base: &Path, script: &str, extra: &[ExtraFile], dest: &Path) -> Result<()> {
     let out_err = |source| ImageError::Output {
         path: dest.to_owned(),
         source,
@@ -272,7 +298,7 @@ pub fn write_initrd(base: &Path, script: &str, dest: &Path) -> Result<()> {
     // Linux only finds the next archive at a 4-aligned offset; our base is block-padded, but a
     // base from elsewhere may not be.
     bytes.resize(bytes.len().next_multiple_of(4), 0);
-    bytes.extend(script_archive(script)?);
+    bytes.extend(script_archive(script, extra)?);
     fs::write(dest, bytes).map_err(out_err)
 }
 
@@ -652,7 +678,7 @@ mod tests {
 
     #[test]
     fn script_archive_holds_an_executable_test_sh() {
-        let archive = script_archive("echo hi\n").unwrap();
+        let archive = script_archive("echo hi\n", &[]).unwrap();
         let members = cpio::tests::parse(&archive).unwrap();
         assert_eq!(members[0].name, "test.sh");
         assert_eq!(members[0].mode & 0o7777, 0o755);
@@ -667,7 +693,7 @@ mod tests {
         w.file("init", 0o755, b"#!/bin/sh\n").unwrap();
         fs::write(&base, w.finish()).unwrap();
         let dest = tmp.path().join("initrd");
-        write_initrd(&base, "true\n", &dest).unwrap();
+        write_initrd(&base, "true\n", &[], &dest).unwrap();
         let names: Vec<_> = cpio::tests::parse(&fs::read(dest).unwrap())
             .unwrap()
             .into_iter()

@@ -19,6 +19,10 @@ use orchestrator::image::{self, ImageConfig, ImageError};
 use thiserror::Error;
 
 use crate::find_program;
+
+/// How a guest script runs a program added with [`Qemu::tool`]:
+/// `$TOOL_RUN/tools/NAME ARGS`, as a prefix.
+pub const TOOL_RUN: &str = "/tools/ld-linux-x86-64.so.2 --library-path /tools";
 use peers::escape_commas;
 
 /// How many console lines an error quotes.
@@ -140,6 +144,7 @@ pub struct Qemu {
     append: Vec<String>,
     devices: Vec<OsString>,
     next_id: usize,
+    extra: Vec<image::ExtraFile>,
 }
 
 impl Default for Qemu {
@@ -160,7 +165,58 @@ impl Qemu {
             append: Vec::new(),
             devices: Vec::new(),
             next_id: 0,
+            extra: Vec::new(),
         }
+    }
+
+    /// Put a host program and the shared libraries it loads (per `ldd`)
+    /// into the guest's `/tools`. Run it there as
+    /// `/tools/ld-linux-x86-64.so.2 --library-path /tools /tools/NAME`
+    /// ([`TOOL_RUN`] holds that prefix).
+    pub fn tool(mut self, program: &Path) -> Result<Self, GuestError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| GuestError::Scratch {
+                what: "a guest tool",
+                source,
+            })
+        };
+        if self.extra.is_empty() {
+            self.extra.push(image::ExtraFile {
+                path: "tools".into(),
+                mode: 0o755,
+                data: Vec::new(),
+                dir: true,
+            });
+        }
+        let mut files = vec![program.to_path_buf()];
+        let ldd = Command::new("ldd")
+            .arg(program)
+            .output()
+            .map_err(|source| GuestError::Scratch {
+                what: "ldd for a guest tool",
+                source,
+            })?;
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                files.push(PathBuf::from(p));
+            }
+        }
+        for f in files {
+            let Some(name) = f.file_name() else { continue };
+            let path = format!("tools/{}", name.to_string_lossy());
+            if self.extra.iter().any(|e| e.path == path) {
+                continue;
+            }
+            self.extra.push(image::ExtraFile {
+                path,
+                mode: 0o755,
+                data: read(&f)?,
+                dir: false,
+            });
+        }
+        Ok(self)
     }
 
     /// Guest memory size in MiB.
@@ -320,7 +376,7 @@ impl Qemu {
             source,
         })?;
         let initrd = dir.path().join("initrd");
-        img.write_initrd(script, &initrd)?;
+        img.write_initrd_with(script, &self.extra, &initrd)?;
 
         let mut cmd = self.command(&img.kernel, &initrd);
         cmd.stdin(Stdio::null())
