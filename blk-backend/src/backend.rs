@@ -17,6 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use backend_common::FaultCounter;
 use tracing::{debug, warn};
@@ -269,12 +270,19 @@ pub struct BlkBackend {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     event_idx: AtomicBool,
     queue_size: usize,
+    /// How long a queue thread keeps looking for work after the last.
+    poll: Duration,
     pub faults: Faults,
 }
 
 impl BlkBackend {
     /// A device with one queue per engine.
-    pub fn new(disk: Arc<Disk>, engines: Vec<Box<dyn Engine>>, queue_size: usize) -> Self {
+    pub fn new(
+        disk: Arc<Disk>,
+        engines: Vec<Box<dyn Engine>>,
+        queue_size: usize,
+        poll: Duration,
+    ) -> Self {
         BlkBackend {
             disk,
             queues: engines
@@ -292,6 +300,7 @@ impl BlkBackend {
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             queue_size,
+            poll,
             faults: Faults::default(),
         }
     }
@@ -356,16 +365,17 @@ impl BlkBackend {
         self.queues.len() + 1 + q
     }
 
-    /// Take every available request on queue `q`, start its I/O, and
-    /// complete what is already done.
-    fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+    /// One step of queue `q`: complete what the engine has finished, take
+    /// every available request and start its I/O. Returns whether anything
+    /// happened.
+    fn service(&self, q: usize, vring: &VringRwLock) -> io::Result<bool> {
         let Some(atomic) = self
             .mem
             .read()
             .map_err(|_| io::Error::other("memory lock poisoned"))?
             .clone()
         else {
-            return Ok(());
+            return Ok(false);
         };
         let mem = atomic.memory().into_inner();
         let mut state = self.queues[q]
@@ -373,9 +383,11 @@ impl BlkBackend {
             .map_err(|_| io::Error::other("queue lock poisoned"))?;
         let mut vstate = vring.get_mut();
         let geometry = self.disk.geometry();
-        let mut used_any = false;
+        let mut used_any = self.complete(q, &mut state, &mut vstate);
+        let mut took = 0usize;
         while let Some(chain) = vstate.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
+            took += 1;
             let descs = chain.map(|d| Desc {
                 addr: d.addr(),
                 len: d.len(),
@@ -500,13 +512,16 @@ impl BlkBackend {
                 used_any |= finish(status::IOERR, 0);
             }
         }
-        state.engine.submit()?;
-        used_any |= self.complete(q, &mut state, &mut vstate);
+        if took > 0 {
+            state.engine.submit()?;
+            // Reads from the page cache are often done by now.
+            used_any |= self.complete(q, &mut state, &mut vstate);
+        }
         drop(state);
         if used_any {
             self.notify(&mut vstate)?;
         }
-        Ok(())
+        Ok(used_any || took > 0)
     }
 
     /// Finish the requests whose I/O has completed. Returns whether any
@@ -616,20 +631,6 @@ impl BlkBackend {
     fn notify(&self, vstate: &mut VringState) -> io::Result<()> {
         if !self.event_idx.load(Ordering::Relaxed) || vstate.needs_notification().unwrap_or(true) {
             vstate.signal_used_queue()?;
-        }
-        Ok(())
-    }
-
-    /// Completions only (the engine's eventfd fired).
-    fn process_completions(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
-        let mut state = self.queues[q]
-            .lock()
-            .map_err(|_| io::Error::other("queue lock poisoned"))?;
-        let mut vstate = vring.get_mut();
-        let used = self.complete(q, &mut state, &mut vstate);
-        drop(state);
-        if used {
-            self.notify(&mut vstate)?;
         }
         Ok(())
     }
@@ -771,18 +772,32 @@ impl VhostUserBackend for BlkBackend {
             )));
         };
         if usize::from(device_event) == self.completion_event(q) {
-            return self.process_completions(q, vring);
-        }
-        if self.event_idx.load(Ordering::Relaxed) {
-            loop {
-                vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(q, vring)?;
-                if !vring.enable_notification().map_err(io::Error::other)? {
-                    break;
-                }
+            if let Ok(s) = self.queues[q].lock() {
+                s.engine.clear_notifier();
             }
-        } else {
-            self.process_queue(q, vring)?;
+        }
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        // Serve until the queue has been quiet for the poll window: a guest
+        // that sends its next request, or an I/O that completes, within it
+        // is handled without a kick, an interrupt or an epoll round trip.
+        let mut last_work = Instant::now();
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            if self.service(q, vring)? {
+                last_work = Instant::now();
+                continue;
+            }
+            if !self.poll.is_zero() && last_work.elapsed() < self.poll {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Going to sleep: with notifications back on, anything that
+            // arrived in between is seen by this last look.
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
         }
         Ok(())
     }

@@ -94,7 +94,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         sandbox = ?cfg.sandbox,
         "serving"
     );
-    let backend = Arc::new(BlkBackend::new(disk, engines, cfg.queue_size));
+    let backend = Arc::new(BlkBackend::new(disk, engines, cfg.queue_size, cfg.poll));
     backend_common::serve_with_hooks(
         "blk-backend",
         &listener,

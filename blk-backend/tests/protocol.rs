@@ -67,11 +67,17 @@ fn reads_writes_flushes_and_ids_on_every_engine() {
         c.flush().unwrap();
         let on_disk = std::fs::read(img.path()).unwrap();
         assert_eq!(&on_disk[2048 * 512..2048 * 512 + data.len()], &data[..]);
-        // Indirect chains, and a read that starts in one sector and a buffer
-        // that O_DIRECT cannot take (not aligned): both still right.
+        // Indirect chains; and data sharing a descriptor with the header,
+        // 16 bytes into it, which O_DIRECT cannot take as is.
         c.shape = Shape::INDIRECT;
         assert_eq!(c.read(2049, 512).unwrap(), &data[512..1024]);
+        c.shape = Shape {
+            indirect: false,
+            merge_readable: true,
+        };
+        c.write(4096, &data[..4096]).unwrap();
         c.shape = Shape::DIRECT;
+        assert_eq!(c.read(4096, 4096).unwrap(), &data[..4096], "{extra:?}");
         let mut id = c.get_id().unwrap();
         id.truncate(9);
         assert_eq!(id, b"disk-0042");

@@ -105,7 +105,8 @@ impl BlkClient {
             queues,
             queue_size: (depth * 4).next_power_of_two().clamp(64, 1024) as u16,
             device_features: feature::ALL,
-            region_size: (u64::from(max_io) * depth as u64 * queues as u64 + (16 << 20))
+            region_size: ((u64::from(max_io) + 3 * 4096) * depth as u64 * queues as u64
+                + (16 << 20))
                 .next_power_of_two(),
             ..Default::default()
         };
@@ -113,12 +114,15 @@ impl BlkClient {
         let rings = std::mem::take(&mut dev.queues);
         let mut qs = Vec::with_capacity(queues);
         for r in rings {
-            qs.push(ReqQueue::new(
+            // Data in its own page-aligned buffers, as a Linux guest sends
+            // page-cache pages: what O_DIRECT back ends can take as is.
+            qs.push(ReqQueue::with_alignment(
                 r,
                 &mut dev.mem,
                 depth,
                 max_io + 64,
                 max_io + 64,
+                4096,
             )?);
         }
         Ok(BlkClient {

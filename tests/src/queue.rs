@@ -74,10 +74,13 @@ pub struct ReqQueue {
     free: Vec<usize>,
     rd_cap: u32,
     wr_cap: u32,
-    /// head -> (slot, writable lengths)
-    in_flight: HashMap<u16, (usize, Vec<u32>)>,
+    /// head -> (slot, writable parts)
+    in_flight: HashMap<u16, (usize, Vec<(GuestAddress, u32)>)>,
     ring_mem: GuestMemoryMmap,
     pub timeout: Duration,
+    /// Where readable parts after the first, and writable parts, start:
+    /// a multiple of this (see [`ReqQueue::with_alignment`]).
+    part_align: u64,
 }
 
 impl ReqQueue {
@@ -105,7 +108,45 @@ impl ReqQueue {
             wr_cap,
             in_flight: HashMap::new(),
             timeout: Duration::from_secs(10),
+            part_align: 1,
         })
+    }
+
+    /// Like [`ReqQueue::new`], with each data part (every readable part
+    /// after the first, every writable part before the last) starting on
+    /// a multiple of `align`, as a Linux guest hands a block device its
+    /// page-cache pages. Slots grow to make room.
+    pub fn with_alignment(
+        ring: SplitRing,
+        gm: &mut GuestMem,
+        depth: usize,
+        rd_cap: u32,
+        wr_cap: u32,
+        align: u32,
+    ) -> Result<Self, RingError> {
+        let pad = 2 * align;
+        let second = gm.region_count().saturating_sub(1);
+        let mut slots = Vec::with_capacity(depth);
+        for _ in 0..depth {
+            let rd = gm.alloc_in(0, u64::from(rd_cap + pad), u64::from(align))?;
+            let wr = gm.alloc_in(second, u64::from(wr_cap + pad), u64::from(align))?;
+            slots.push(Slot { rd, wr });
+        }
+        Ok(ReqQueue {
+            ring,
+            ring_mem: gm.mem().clone(),
+            free: (0..depth).rev().collect(),
+            slots,
+            rd_cap,
+            wr_cap,
+            in_flight: HashMap::new(),
+            timeout: Duration::from_secs(10),
+            part_align: u64::from(align.max(1)),
+        })
+    }
+
+    fn align_up(&self, a: GuestAddress) -> GuestAddress {
+        GuestAddress(a.0.next_multiple_of(self.part_align))
     }
 
     pub fn ring(&mut self) -> &mut SplitRing {
@@ -141,7 +182,10 @@ impl ReqQueue {
         let mut segs = Vec::with_capacity(readable.len() + writable.len());
         let mut at = self.slots[slot].rd;
         let mem = &self.ring_mem;
-        for part in readable {
+        for (i, part) in readable.iter().enumerate() {
+            if i > 0 && !shape.merge_readable {
+                at = self.align_up(at);
+            }
             mem.write_slice(part, at).map_err(RingError::Access)?;
             if !part.is_empty() && !shape.merge_readable {
                 segs.push(Seg::readable(at, part.len() as u32));
@@ -152,8 +196,13 @@ impl ReqQueue {
             segs.push(Seg::readable(self.slots[slot].rd, total_rd as u32));
         }
         let mut at = self.slots[slot].wr;
-        for &len in writable {
+        let mut parts = Vec::with_capacity(writable.len());
+        for (i, &len) in writable.iter().enumerate() {
+            if i + 1 < writable.len() {
+                at = self.align_up(at);
+            }
             segs.push(Seg::writable(at, len));
+            parts.push((at, len));
             at = at.unchecked_add(u64::from(len));
         }
         let head = match self.ring.add(&segs, shape.indirect) {
@@ -164,7 +213,7 @@ impl ReqQueue {
             }
         };
         self.ring.push_avail(head)?;
-        self.in_flight.insert(head, (slot, writable.to_vec()));
+        self.in_flight.insert(head, (slot, parts));
         Ok(head)
     }
 
@@ -186,22 +235,35 @@ impl ReqQueue {
     }
 
     fn finish(&mut self, used: Used, copy: Copy) -> Result<Completion, RingError> {
-        let (slot, lens) = self
+        let (slot, parts) = self
             .in_flight
             .remove(&used.head)
             .ok_or(RingError::BogusUsed(u32::from(used.head)))?;
         self.free.push(slot);
-        let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
-        let wr = self.slots[slot].wr;
-        let (at, n) = match copy {
+        let total: u64 = parts.iter().map(|&(_, l)| u64::from(l)).sum();
+        let (mut skip, n) = match copy {
             Copy::All => (0, total),
             Copy::Prefix(n) => (0, total.min(n as u64)),
             Copy::Last => (total.saturating_sub(1), total.min(1)),
         };
         let mut data = vec![0u8; n as usize];
-        self.ring_mem
-            .read_slice(&mut data, wr.unchecked_add(at))
-            .map_err(RingError::Access)?;
+        let mut got = 0usize;
+        for (addr, len) in parts {
+            let len = u64::from(len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let take = ((len - skip) as usize).min(data.len() - got);
+            self.ring_mem
+                .read_slice(&mut data[got..got + take], addr.unchecked_add(skip))
+                .map_err(RingError::Access)?;
+            skip = 0;
+            got += take;
+            if got == data.len() {
+                break;
+            }
+        }
         Ok(Completion {
             token: used.head,
             len: used.len,

@@ -85,10 +85,14 @@ pub trait Engine: Send {
     fn push(&mut self, token: u64, op: Op) -> io::Result<()>;
     /// Start everything pushed so far.
     fn submit(&mut self) -> io::Result<()>;
-    /// Take the completions that are ready.
+    /// Take the completions that are ready (no system call for io_uring).
     fn reap(&mut self, out: &mut Vec<(u64, IoResult)>);
     /// Readable when completions may be ready.
     fn notifier(&self) -> RawFd;
+    /// Reset the notifier, before reaping what woke it.
+    fn clear_notifier(&self) {
+        drain_eventfd(self.notifier());
+    }
     /// Block until at least one completion is ready (for draining).
     fn wait(&mut self) -> io::Result<()>;
     /// Which engine this is, for logs.

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use super::{drain_eventfd, eventfd, run_sync, wait_readable, Engine, IoResult, Op};
+use super::{eventfd, run_sync, wait_readable, Engine, IoResult, Op};
 
 struct Shared {
     done: Mutex<Vec<(u64, IoResult)>>,
@@ -83,7 +83,6 @@ impl Engine for ThreadEngine {
     }
 
     fn reap(&mut self, out: &mut Vec<(u64, IoResult)>) {
-        drain_eventfd(self.shared.event.as_raw_fd());
         if let Ok(mut d) = self.shared.done.lock() {
             out.append(&mut d);
         }
@@ -95,6 +94,7 @@ impl Engine for ThreadEngine {
 
     fn wait(&mut self) -> io::Result<()> {
         self.submit()?;
+        self.clear_notifier();
         if self
             .shared
             .done

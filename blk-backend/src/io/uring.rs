@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{drain_eventfd, eventfd, wait_readable, Engine, IoResult, Op};
+use super::{eventfd, wait_readable, Engine, IoResult, Op};
 
 pub struct UringEngine {
     ring: IoUring,
@@ -102,7 +102,6 @@ impl Engine for UringEngine {
     }
 
     fn reap(&mut self, out: &mut Vec<(u64, IoResult)>) {
-        drain_eventfd(self.event.as_raw_fd());
         for cqe in self.ring.completion() {
             let slot = cqe.user_data() as usize;
             if let Some((token, _op)) = self.slots.get_mut(slot).and_then(Option::take) {
@@ -117,6 +116,7 @@ impl Engine for UringEngine {
     }
 
     fn wait(&mut self) -> io::Result<()> {
+        self.clear_notifier();
         if !self.ring.completion().is_empty() {
             return Ok(());
         }
