@@ -255,6 +255,59 @@ impl QueueState {
     }
 }
 
+/// Adaptive polling, per queue (after QEMU's AioContext polling): the
+/// window grows while the next piece of work keeps arriving soon after the
+/// thread went to sleep, and shrinks while spinning finds nothing. So a
+/// busy low-latency disk is polled, and a host short of CPU (a TCG guest,
+/// deep queues with long gaps) is not spun on.
+#[derive(Default)]
+struct Poll {
+    /// Current window, in ns.
+    window_ns: AtomicU64,
+    /// When the thread last went to sleep, in ns since `EPOCH`; 0: awake.
+    slept_at_ns: AtomicU64,
+}
+
+/// Smallest window once polling pays off.
+const POLL_MIN_NS: u64 = 2_000;
+
+fn now_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+impl Poll {
+    fn window(&self) -> Duration {
+        Duration::from_nanos(self.window_ns.load(Ordering::Relaxed))
+    }
+
+    /// Woken by an event: had the window been long enough to see it
+    /// coming, grow it.
+    fn woken(&self, max: Duration) {
+        let slept = self.slept_at_ns.swap(0, Ordering::Relaxed);
+        if slept == 0 || max.is_zero() {
+            return;
+        }
+        let gap = now_ns().saturating_sub(slept);
+        let max = max.as_nanos() as u64;
+        if gap < max {
+            let w = self.window_ns.load(Ordering::Relaxed);
+            let grown = (w.max(POLL_MIN_NS / 2) * 2).max(gap + gap / 4).min(max);
+            self.window_ns.store(grown, Ordering::Relaxed);
+        }
+    }
+
+    /// Going to sleep; `wasted`: a whole window was spun for nothing.
+    fn sleeping(&self, wasted: bool) {
+        if wasted {
+            let w = self.window_ns.load(Ordering::Relaxed) / 2;
+            self.window_ns
+                .store(if w < POLL_MIN_NS { 0 } else { w }, Ordering::Relaxed);
+        }
+        self.slept_at_ns.store(now_ns(), Ordering::Relaxed);
+    }
+}
+
 /// Counts of what went wrong.
 #[derive(Default)]
 pub struct Faults {
@@ -270,8 +323,9 @@ pub struct BlkBackend {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     event_idx: AtomicBool,
     queue_size: usize,
-    /// How long a queue thread keeps looking for work after the last.
+    /// The longest a queue thread keeps looking for work after the last.
     poll: Duration,
+    polls: Vec<Poll>,
     pub faults: Faults,
 }
 
@@ -285,6 +339,7 @@ impl BlkBackend {
     ) -> Self {
         BlkBackend {
             disk,
+            polls: engines.iter().map(|_| Poll::default()).collect(),
             queues: engines
                 .into_iter()
                 .map(|engine| {
@@ -777,9 +832,12 @@ impl VhostUserBackend for BlkBackend {
             }
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let poll = &self.polls[q];
+        poll.woken(self.poll);
         // Serve until the queue has been quiet for the poll window: a guest
         // that sends its next request, or an I/O that completes, within it
         // is handled without a kick, an interrupt or an epoll round trip.
+        let window = poll.window();
         let mut last_work = Instant::now();
         loop {
             if event_idx {
@@ -789,7 +847,7 @@ impl VhostUserBackend for BlkBackend {
                 last_work = Instant::now();
                 continue;
             }
-            if !self.poll.is_zero() && last_work.elapsed() < self.poll {
+            if !window.is_zero() && last_work.elapsed() < window {
                 std::hint::spin_loop();
                 continue;
             }
@@ -799,6 +857,7 @@ impl VhostUserBackend for BlkBackend {
                 break;
             }
         }
+        poll.sleeping(!window.is_zero());
         Ok(())
     }
 }

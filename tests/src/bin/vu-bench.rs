@@ -53,7 +53,8 @@ impl Workload {
 struct Args {
     /// The workload to run.
     workload: Workload,
-    /// A backend: a preset (virtiofsd, virtiofsd-fast, qsd, blk-backend) or
+    /// A backend: a preset (virtiofsd, virtiofsd-fast, qsd, qsd-buffered,
+    /// blk-backend, blk-backend-buffered) or
     /// NAME=COMMAND LINE with {fd} (or {socket}), {dir}, {image}, {cache},
     /// {queues} placeholders. Repeat to compare; ratios are against the first.
     #[arg(long = "backend", required = true)]
@@ -114,7 +115,13 @@ fn preset(name: &str) -> Option<String> {
              --export type=vhost-user-blk,id=e,node-name=f,addr.type=fd,addr.str={{fd}},writable=on,num-queues={{queues}}",
             bin("qemu-storage-daemon")?
         ),
+        "qsd-buffered" => format!(
+            "{} --blockdev driver=file,node-name=f,filename={{image}},aio=io_uring,cache.direct=off \
+             --export type=vhost-user-blk,id=e,node-name=f,addr.type=fd,addr.str={{fd}},writable=on,num-queues={{queues}}",
+            bin("qemu-storage-daemon")?
+        ),
         "blk-backend" => format!("{} --fd={{fd}} --image={{image}} --num-queues={{queues}} --direct", bin("blk-backend")?),
+        "blk-backend-buffered" => format!("{} --fd={{fd}} --image={{image}} --num-queues={{queues}}", bin("blk-backend")?),
         _ => return None,
     })
 }
@@ -129,10 +136,19 @@ fn parse_backend(spec: &str, subst: &[(&str, String)]) -> Result<Backend> {
         Some((n, c)) if !n.contains(' ') && !n.contains('/') => (n.to_string(), c.to_string()),
         _ => match preset(spec) {
             Some(c) => (spec.to_string(), c),
-            None if matches!(spec, "virtiofsd" | "virtiofsd-fast" | "qsd" | "blk-backend") => {
+            None if matches!(
+                spec,
+                "virtiofsd"
+                    | "virtiofsd-fast"
+                    | "qsd"
+                    | "qsd-buffered"
+                    | "blk-backend"
+                    | "blk-backend-buffered"
+            ) =>
+            {
                 bail!("preset `{spec}`: its program is not installed or built (see README's set-up)")
             }
-            None => bail!("`{spec}` is neither a preset (virtiofsd, virtiofsd-fast, qsd, blk-backend) nor NAME=COMMAND"),
+            None => bail!("`{spec}` is neither a preset (virtiofsd, virtiofsd-fast, qsd, qsd-buffered, blk-backend, blk-backend-buffered) nor NAME=COMMAND"),
         },
     };
     let argv = cmd
