@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod backend;
+pub mod fuzz;
 pub mod io;
 pub mod request;
 pub mod seccomp;
