@@ -23,6 +23,7 @@ packages=(
     busybox-static       # the guest's userland
     libseccomp-dev libcap-ng-dev pkg-config # virtiofsd's build dependencies
     iproute2             # network namespaces and taps for net tests
+    e2fsprogs util-linux # e2fsck/debugfs check guest-made filesystems; blkdiscard, fallocate
     xz-utils zstd        # compressed kernel modules, where the kernel has them
 )
 echo "setup: apt-get update"

@@ -1,6 +1,6 @@
 //! `testbed`: boots a real guest under QEMU with a virtio-fs share (our virtiofsd-fast when it is
-//! built beside this binary, else virtiofsd), a scratch vhost-user-blk disk (qemu-storage-daemon)
-//! and user-mode networking, runs a command in it and exits with the command's exit code. A
+//! built beside this binary, else virtiofsd), a scratch vhost-user-blk disk (our blk-backend when
+//! it is built beside this binary, else qemu-storage-daemon) and user-mode networking, runs a command in it and exits with the command's exit code. A
 //! stand-in for the orchestrator's "run it" until it lands.
 
 use std::path::PathBuf;
@@ -49,7 +49,15 @@ fn main() -> anyhow::Result<ExitCode> {
             program("virtiofsd", "cargo install virtiofsd")?,
         )
     };
-    let qsd = program("qemu-storage-daemon", "apt-get install qemu-system-common")?;
+    let ours_blk = std::env::current_exe()?.with_file_name("blk-backend");
+    let (blk_name, blk_program) = if ours_blk.is_file() {
+        ("blk-backend", ours_blk)
+    } else {
+        (
+            "qemu-storage-daemon",
+            program("qemu-storage-daemon", "apt-get install qemu-system-common")?,
+        )
+    };
     let share = args
         .share
         .canonicalize()
@@ -72,10 +80,19 @@ fn main() -> anyhow::Result<ExitCode> {
         peers::virtiofsd(&virtiofsd, &share)?
     };
     eprintln!(
-        "testbed: qemu-storage-daemon exporting a {} MiB scratch disk",
+        "testbed: {blk_name} serving a {} MiB scratch disk",
         args.disk_mib
     );
-    let blk_daemon = peers::storage_daemon(&qsd, &disk)?;
+    let blk_daemon = if blk_name == "blk-backend" {
+        let argv = [
+            blk_program.to_string_lossy().into_owned(),
+            "--fd={fd}".into(),
+            format!("--image={}", disk.display()),
+        ];
+        tests::frontend::BackendProcess::spawn(&argv, Duration::from_secs(20))?
+    } else {
+        peers::storage_daemon(&blk_program, &disk)?
+    };
 
     let cmd = if args.cmd.is_empty() {
         "ls -la /mnt/host; cat /proc/partitions; ip addr".to_owned()
@@ -92,7 +109,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let run = match qemu.run(&script, Duration::from_secs(args.timeout)) {
         Ok(run) => run,
         Err(e) => bail!(
-            "{:#}\n--- {fs_name} ---\n{}\n--- qemu-storage-daemon ---\n{}",
+            "{:#}\n--- {fs_name} ---\n{}\n--- {blk_name} ---\n{}",
             anyhow::Error::from(e),
             fs_daemon.output(),
             blk_daemon.output()
