@@ -441,19 +441,7 @@ fn start_queue(
     Ok(())
 }
 
-/// Find a peer binary on PATH or in cargo's install dir.
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
+pub use orchestrator::find_program;
 
 fn clear_cloexec(fd: &impl AsRawFd) -> std::io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD on a descriptor we own; no memory is passed.

@@ -35,18 +35,7 @@ pub fn storage_daemon(binary: &Path, image: &Path) -> Result<BackendProcess, Fro
     BackendProcess::spawn(&argv, Duration::from_secs(20))
 }
 
-/// QEMU's option syntax splits on ','; a literal comma in a value is written ",,".
-pub fn escape_commas(path: &Path) -> OsString {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut out = Vec::new();
-    for &b in path.as_os_str().as_bytes() {
-        out.push(b);
-        if b == b',' {
-            out.push(b',');
-        }
-    }
-    OsString::from_vec(out)
-}
+pub use orchestrator::qemu::escape_commas;
 
 #[cfg(test)]
 mod tests {
