@@ -3,6 +3,7 @@
 //! inherited from a supervisor), the serve loop, sandboxing, and logging
 //! set-up.
 
+pub mod notify;
 pub mod sandbox;
 pub mod seccomp;
 mod serve;

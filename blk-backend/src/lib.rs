@@ -61,9 +61,11 @@ pub enum RunError {
 /// `connections`, after that many frontends).
 pub fn run(cfg: &Config) -> Result<(), RunError> {
     let listener = cfg.socket.listen()?;
+    let notifier = backend_common::notify::Notifier::from_env();
     let disk = Arc::new(open_disk(cfg)?);
     let mut keep = disk.fds();
     keep.push(listener.as_raw_fd());
+    keep.extend(notifier.as_ref().map(|n| n.fd()));
     if cfg.sandbox == SandboxMode::Namespace {
         sandbox::enter_namespaces()?;
     }
@@ -76,6 +78,9 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     let engines = make_engines(cfg)?;
     let engine_name = engines.first().map(|e| e.name()).unwrap_or("none");
     sandbox::drop_capabilities(&[])?;
+    if let Some(n) = &notifier {
+        n.ready();
+    }
     let action = match cfg.seccomp {
         SeccompAction::Kill => backend_common::seccomp::Action::Kill,
         SeccompAction::Log => backend_common::seccomp::Action::Log,

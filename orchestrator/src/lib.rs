@@ -3,6 +3,7 @@
 //! - [`image`]: the default guest image (host kernel, modules, busybox).
 //! - [`qemu`]: QEMU as the compatibility VMM.
 
+pub mod config;
 pub mod image;
 pub mod qemu;
 

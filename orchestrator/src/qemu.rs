@@ -156,6 +156,7 @@ pub struct Qemu {
     devices: Vec<OsString>,
     next_id: usize,
     extra: Vec<image::ExtraFile>,
+    stream: bool,
 }
 
 impl Default for Qemu {
@@ -177,7 +178,33 @@ impl Qemu {
             devices: Vec::new(),
             next_id: 0,
             extra: Vec::new(),
+            stream: false,
         }
+    }
+
+    /// Print the script's output on stdout as the guest prints it (for
+    /// `orchestrator run -- CMD`), besides collecting it.
+    pub fn stream(mut self, on: bool) -> Self {
+        self.stream = on;
+        self
+    }
+
+    /// Boot the guest with an interactive shell on the terminal (no script)
+    /// and wait until it powers off. Returns QEMU's exit status.
+    pub fn interactive(&self) -> Result<ExitStatus, GuestError> {
+        let img = image::build(&self.image)?;
+        let mut cmd = self.command(&img.kernel, &img.initramfs);
+        cmd.stdin(Stdio::inherit())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().map_err(|source| GuestError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })?;
+        child.wait().map_err(|source| GuestError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })
     }
 
     /// Put a host program and the shared libraries it loads (per `ldd`)
@@ -437,11 +464,19 @@ impl Qemu {
 
         let mut serial = Vec::new();
         let deadline = start + timeout;
+        let mut in_script = false;
         let exit_code = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
                 Ok(line) => {
                     let code = parse_exit_marker(&line);
+                    if self.stream {
+                        if line.trim() == image::START_MARKER {
+                            in_script = true;
+                        } else if in_script && code.is_none() {
+                            println!("{line}");
+                        }
+                    }
                     serial.push(line);
                     if let Some(code) = code {
                         break code;

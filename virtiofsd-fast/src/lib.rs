@@ -39,6 +39,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     // Everything from outside the share is opened first: the socket, then
     // (after the namespaces exist) the /proc handles of the filesystem.
     let listener = cfg.socket.listen()?;
+    let notifier = backend_common::notify::Notifier::from_env();
     raise_nofile(cfg.rlimit_nofile.unwrap_or(DEFAULT_NOFILE));
     // The filesystem opens /proc/self/fd and /proc/self/mountinfo when it is
     // made, so it is made where it will run: inside the jail, or before the
@@ -60,6 +61,9 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     .map_err(RunError::Share)?;
     fs.import().map_err(RunError::Share)?;
     sandbox::drop_capabilities(KEEP_CAPS)?;
+    if let Some(n) = &notifier {
+        n.ready();
+    }
     // Last, once nothing is left to set up: from here on only the
     // syscalls serving the guest needs are allowed.
     let action = match cfg.seccomp {

@@ -1,0 +1,397 @@
+//! The VM config file (TOML): one `[vm]` table, then `[[fs]]`, `[[blk]]`
+//! and `[[net]]` devices. Unknown keys are errors, and every error names
+//! the file, the line and the key.
+//!
+//! ```toml
+//! [vm]
+//! name = "dev"
+//! cpus = 2
+//! memory = "2G"
+//! vmm = "auto"          # auto | core | qemu
+//!
+//! [[fs]]
+//! shared_dir = "~/project"
+//! tag = "project"
+//! cache = "coherent"
+//!
+//! [[blk]]
+//! image = "/var/lib/vm/disk.img"
+//! readonly = false
+//! queues = 2
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    /// vmm-core where the CPU has hardware virtualization, else QEMU.
+    #[default]
+    Auto,
+    Core,
+    Qemu,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub vm: Vm,
+    #[serde(default)]
+    pub fs: Vec<Fs>,
+    #[serde(default)]
+    pub blk: Vec<Blk>,
+    #[serde(default)]
+    pub net: Vec<Spanned<Net>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    /// Names the state directory; "default" when absent.
+    pub name: Option<String>,
+    /// Kernel (bzImage or ELF vmlinux); the default image's when absent.
+    pub kernel: Option<Spanned<PathBuf>>,
+    pub initramfs: Option<Spanned<PathBuf>>,
+    /// Appended to the kernel command line.
+    pub cmdline: Option<String>,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// "512M", "2G" or a number of MiB.
+    #[serde(default)]
+    pub memory: Option<Spanned<Memory>>,
+    #[serde(default)]
+    pub vmm: VmmChoice,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+/// A memory size: a number of MiB or a string with an M or G suffix.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Memory {
+    Mib(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fs {
+    pub shared_dir: Spanned<PathBuf>,
+    pub tag: Spanned<String>,
+    /// virtiofsd-fast's --cache.
+    pub cache: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blk {
+    pub image: Spanned<PathBuf>,
+    #[serde(default)]
+    pub readonly: bool,
+    pub queues: Option<u16>,
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Net {
+    pub tap: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub mac: Option<String>,
+}
+
+/// A config error, located.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// A checked config, with sizes resolved and paths made absolute.
+#[derive(Debug)]
+pub struct VmConfig {
+    pub name: String,
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub vmm: VmmChoice,
+    pub fs: Vec<FsDevice>,
+    pub blk: Vec<BlkDevice>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FsDevice {
+    pub shared_dir: PathBuf,
+    pub tag: String,
+    pub cache: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BlkDevice {
+    pub image: PathBuf,
+    pub readonly: bool,
+    pub queues: Option<u16>,
+    pub serial: Option<String>,
+}
+
+struct Locator<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+/// Read and check `path`.
+pub fn load(path: &Path) -> Result<VmConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read it: {e}"),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&file, &text, base)
+}
+
+/// Parse and check config `text` (named `file` in errors); relative paths
+/// are taken from `base`.
+pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigError> {
+    let loc = Locator { file, text };
+    let raw: Config = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        loc.at(span, e.message().to_string())
+    })?;
+    let resolve = |p: &Spanned<PathBuf>, key: &str, want_dir: bool| {
+        let path = expand(p.get_ref(), base);
+        let ok = if want_dir {
+            path.is_dir()
+        } else {
+            path.is_file() || path.metadata().map(|m| !m.is_dir()).unwrap_or(false)
+        };
+        if ok {
+            Ok(path)
+        } else {
+            let what = if want_dir { "a directory" } else { "a file" };
+            Err(loc.at(
+                p.span(),
+                format!("{key}: {} is not {what} that exists", path.display()),
+            ))
+        }
+    };
+    let kernel = raw
+        .vm
+        .kernel
+        .as_ref()
+        .map(|k| resolve(k, "vm.kernel", false))
+        .transpose()?;
+    let initramfs = raw
+        .vm
+        .initramfs
+        .as_ref()
+        .map(|k| resolve(k, "vm.initramfs", false))
+        .transpose()?;
+    let memory_mib = match &raw.vm.memory {
+        None => 1024,
+        Some(m) => memory_mib(m.get_ref()).ok_or_else(|| {
+            loc.at(
+                m.span(),
+                "vm.memory: write a number of MiB, or a size such as \"512M\" or \"2G\"",
+            )
+        })?,
+    };
+    if raw.vm.cpus == 0 || raw.vm.cpus > 255 {
+        return Err(loc.at(0..0, "vm.cpus: from 1 to 255"));
+    }
+    let mut fs = Vec::new();
+    for (i, f) in raw.fs.iter().enumerate() {
+        let shared_dir = resolve(&f.shared_dir, &format!("fs[{i}].shared_dir"), true)?;
+        if f.tag.get_ref().is_empty() || f.tag.get_ref().len() > 36 {
+            return Err(loc.at(f.tag.span(), format!("fs[{i}].tag: 1 to 36 bytes")));
+        }
+        if raw.fs[..i]
+            .iter()
+            .any(|o| o.tag.get_ref() == f.tag.get_ref())
+        {
+            return Err(loc.at(
+                f.tag.span(),
+                format!(
+                    "fs[{i}].tag: \"{}\" is already used by another [[fs]]",
+                    f.tag.get_ref()
+                ),
+            ));
+        }
+        fs.push(FsDevice {
+            shared_dir,
+            tag: f.tag.get_ref().clone(),
+            cache: f.cache.clone(),
+        });
+    }
+    let mut blk = Vec::new();
+    for (i, b) in raw.blk.iter().enumerate() {
+        let image = resolve(&b.image, &format!("blk[{i}].image"), false)?;
+        if blk.iter().any(|o: &BlkDevice| o.image == image) {
+            return Err(loc.at(
+                b.image.span(),
+                format!(
+                    "blk[{i}].image: {} is already another [[blk]]",
+                    image.display()
+                ),
+            ));
+        }
+        if let Some(s) = &b.serial {
+            if s.len() > 20 {
+                return Err(loc.at(0..0, format!("blk[{i}].serial: at most 20 bytes")));
+            }
+        }
+        blk.push(BlkDevice {
+            image,
+            readonly: b.readonly,
+            queues: b.queues,
+            serial: b.serial.clone(),
+        });
+    }
+    if let Some(n) = raw.net.first() {
+        return Err(loc.at(
+            n.span(),
+            "[[net]]: net-backend is not built yet (issue 5); leave [[net]] out and the guest \
+             gets QEMU's user-mode network",
+        ));
+    }
+    Ok(VmConfig {
+        name: raw.vm.name.clone().unwrap_or_else(|| "default".into()),
+        kernel,
+        initramfs,
+        cmdline: raw.vm.cmdline.clone(),
+        cpus: raw.vm.cpus,
+        memory_mib,
+        vmm: raw.vm.vmm,
+        fs,
+        blk,
+    })
+}
+
+fn memory_mib(m: &Memory) -> Option<u64> {
+    match m {
+        Memory::Mib(n) if *n >= 64 => Some(*n),
+        Memory::Mib(_) => None,
+        Memory::Text(t) => {
+            let t = t.trim();
+            let (num, mul) = match t.chars().last()? {
+                'G' | 'g' => (&t[..t.len() - 1], 1024),
+                'M' | 'm' => (&t[..t.len() - 1], 1),
+                _ => (t, 1),
+            };
+            let n: u64 = num.trim().parse().ok()?;
+            Some(n * mul).filter(|&m| m >= 64)
+        }
+    }
+}
+
+/// `~/x` from $HOME, relative paths from the config's directory.
+fn expand(p: &Path, base: &Path) -> PathBuf {
+    if let Ok(rest) = p.strip_prefix("~") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<VmConfig, ConfigError> {
+        parse("vm.toml", text, Path::new("/"))
+    }
+
+    #[test]
+    fn a_full_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, b"").unwrap();
+        let text = format!(
+            "[vm]\nname = \"dev\"\ncpus = 2\nmemory = \"2G\"\nvmm = \"qemu\"\n\n\
+             [[fs]]\nshared_dir = \"{d}\"\ntag = \"project\"\ncache = \"always\"\n\n\
+             [[blk]]\nimage = \"{i}\"\nreadonly = true\nqueues = 2\n",
+            d = dir.path().display(),
+            i = img.display()
+        );
+        let c = check(&text).unwrap();
+        assert_eq!(c.name, "dev");
+        assert_eq!(c.memory_mib, 2048);
+        assert_eq!(c.vmm, VmmChoice::Qemu);
+        assert_eq!(c.fs[0].tag, "project");
+        assert!(c.blk[0].readonly);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_key() {
+        let e = check("[vm]\ncpus = 2\nfrobnicate = 1\n").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 1), "{e}");
+        assert!(e.message.contains("unknown field `frobnicate`"), "{e}");
+        assert!(e.to_string().starts_with("vm.toml:3:1: "));
+
+        let e = check("[vm]\nkernel = \"/nonexistent/vmlinuz\"\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("vm.kernel") && e.message.contains("/nonexistent/vmlinuz"));
+
+        let e = check("[vm]\n[[fs]]\nshared_dir = \"/nonexistent\"\ntag = \"a\"\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.message.contains("fs[0].shared_dir"), "{e}");
+
+        let e = check("[vm]\n[[fs]]\nshared_dir = \"/\"\ntag = \"a\"\n[[fs]]\nshared_dir = \"/tmp\"\ntag = \"a\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, 7);
+        assert!(e.message.contains("already used"), "{e}");
+
+        let e = check("[vm]\nmemory = \"lots\"\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("vm.memory"));
+
+        let e = check("[vm]\nvmm = \"bochs\"\n").unwrap_err();
+        assert_eq!(e.line, 2);
+
+        let e = check("[[fs]]\nshared_dir = \"/\"\ntag = \"a\"\n").unwrap_err();
+        assert!(e.message.contains("missing field `vm`"), "{e}");
+        let e = check("[vm]\n[[fs]]\ntag = \"a\"\n").unwrap_err();
+        assert!(e.message.contains("missing field `shared_dir`"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(memory_mib(&Memory::Mib(512)), Some(512));
+        assert_eq!(memory_mib(&Memory::Text("1G".into())), Some(1024));
+        assert_eq!(memory_mib(&Memory::Text("768M".into())), Some(768));
+        assert_eq!(memory_mib(&Memory::Text("1".into())), None);
+        assert_eq!(memory_mib(&Memory::Mib(1)), None);
+    }
+}
