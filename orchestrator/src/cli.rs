@@ -15,9 +15,66 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// The guest image used by the test bed.
+    /// Boot a VM and run a command in it (or get a console). Without -f:
+    /// the current directory shared at /mnt/host, a scratch disk and a
+    /// network interface, on the default guest image.
+    Run(RunArgs),
+    /// Print each device's process, state and restarts.
+    Status(NameArgs),
+    /// Print a device's log (its stdout and stderr).
+    Logs(LogsArgs),
+    /// Print the command line the orchestrator runs a device with, to run
+    /// it by hand.
+    ShowCmd(ShowCmdArgs),
+    /// Stop a running VM: its orchestrator shuts the backends and the VMM
+    /// down.
+    Down(NameArgs),
+    /// The default guest image.
     #[command(subcommand)]
     Image(ImageCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The VM config (TOML). Without it, the default VM.
+    #[arg(short = 'f', long = "file", value_name = "VM.TOML")]
+    pub file: Option<PathBuf>,
+    /// Also print every backend's log lines, prefixed with the device.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Give up on the guest after this many seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub timeout: u64,
+    /// The command to run in the guest (from /mnt/host); none: a console.
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// The VM's name ([vm] name in its config; "default" without one).
+    #[arg(long, default_value = "default")]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// fs0, blk0, ... (see `status`).
+    pub device: String,
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Keep printing what the device writes.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowCmdArgs {
+    /// fs0, blk0, ...
+    pub device: String,
+    /// The VM config (TOML). Without it, the default VM.
+    #[arg(short = 'f', long = "file", value_name = "VM.TOML")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -262,6 +262,16 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
                 ),
             ));
         }
+        if image_in_use(&image) {
+            return Err(loc.at(
+                b.image.span(),
+                format!(
+                    "blk[{i}].image: {} is in use by another VM (a backend holds its lock); \
+                     stop that VM first",
+                    image.display()
+                ),
+            ));
+        }
         if let Some(s) = &b.serial {
             if s.len() > 20 {
                 return Err(loc.at(0..0, format!("blk[{i}].serial: at most 20 bytes")));
@@ -292,6 +302,17 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
         fs,
         blk,
     })
+}
+
+/// Whether a backend (ours holds a flock on its image) is using `path`.
+fn image_in_use(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on our own descriptor; a shared lock is refused only
+    // while someone holds the exclusive one, and is dropped with `f`.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
 }
 
 fn memory_mib(m: &Memory) -> Option<u64> {

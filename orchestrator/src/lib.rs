@@ -6,6 +6,9 @@
 pub mod config;
 pub mod image;
 pub mod qemu;
+pub mod state;
+pub mod supervisor;
+pub mod vm;
 
 use std::path::PathBuf;
 

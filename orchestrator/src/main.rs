@@ -1,18 +1,202 @@
-//! `orchestrator`: for now, builds the guest image of the test bed.
+//! `orchestrator`: boots VMs whose devices are supervised backend processes.
 
 mod cli;
 
+use std::io::{Read, Seek, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
 use clap::Parser;
 use cli::{Cli, Command, ImageCommand};
-use orchestrator::image;
+use orchestrator::state::{self, StateDir, VmStatus};
+use orchestrator::{config, image, vm};
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("orchestrator: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
         Command::Image(ImageCommand::Build(args)) => {
             let img = image::build(&args.into())?;
             println!("kernel={}", img.kernel.display());
             println!("initrd={}", img.initramfs.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(a) => run_vm(a),
+        Command::Status(a) => status(&a.name),
+        Command::Logs(a) => logs(&a),
+        Command::ShowCmd(a) => {
+            let dir = state::dir_of("default");
+            let cfg = match &a.file {
+                Some(f) => config::load(f)?,
+                None => {
+                    std::fs::create_dir_all(&dir)?;
+                    vm::default_config(&dir)?
+                }
+            };
+            let spec = vm::device_specs(&cfg)?
+                .into_iter()
+                .find(|s| s.name == a.device)
+                .with_context(|| format!("no device {} in this VM (fs0.., blk0..)", a.device))?;
+            println!("{}", spec.command_line().join(" "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Down(a) => {
+            let st = VmStatus::read(&a.name)
+                .with_context(|| format!("VM `{}` is not running", a.name))?;
+            // SAFETY: kill with a pid read from our own status file.
+            if unsafe { libc::kill(st.orchestrator_pid as libc::pid_t, libc::SIGTERM) } != 0 {
+                bail!(
+                    "VM `{}`: its orchestrator (pid {}) is gone",
+                    a.name,
+                    st.orchestrator_pid
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
-    Ok(())
+}
+
+fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg_file = a.file.as_ref().map(|f| config::load(f)).transpose()?;
+    let name = cfg_file
+        .as_ref()
+        .map_or("default".to_string(), |c| c.name.clone());
+    let state = StateDir::acquire(&name)?;
+    let cfg = match cfg_file {
+        Some(c) => c,
+        None => vm::default_config(&state.root)?,
+    };
+    // SIGINT and SIGTERM go to one thread that brings everything down;
+    // blocked here, before any thread starts, so every thread inherits it.
+    let signals = block_signals();
+    let running = vm::start(&cfg, state, a.verbose)?;
+    {
+        let sup = std::sync::Arc::clone(&running.supervisor);
+        std::thread::spawn(move || {
+            let sig = wait_signal(&signals);
+            eprintln!("orchestrator: signal {sig}: shutting down");
+            if let Ok(mut s) = sup.lock() {
+                s.shutdown(Duration::from_secs(5));
+            }
+            std::process::exit(128 + sig);
+        });
+    }
+    let q = running.qemu.clone();
+    let code = if a.cmd.is_empty() {
+        let status = q.interactive()?;
+        status.code().unwrap_or(1)
+    } else {
+        let timeout = if a.timeout == 0 {
+            Duration::from_secs(10 * 365 * 86400)
+        } else {
+            Duration::from_secs(a.timeout)
+        };
+        let script = format!("cd /mnt/host 2>/dev/null\n{}\n", a.cmd.join(" "));
+        let run = q.stream(true).run(&script, timeout)?;
+        run.exit_code
+    };
+    running.down();
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which
+    // initializes it; sigprocmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` was built by block_signals; sigwait writes `sig`.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn status(name: &str) -> anyhow::Result<ExitCode> {
+    let Some(st) = VmStatus::read(name) else {
+        println!("VM `{name}`: not running");
+        return Ok(ExitCode::SUCCESS);
+    };
+    // SAFETY: signal 0 only checks that the pid exists.
+    let alive = unsafe { libc::kill(st.orchestrator_pid as libc::pid_t, 0) } == 0;
+    println!(
+        "VM `{}`: orchestrator pid {}{}, vmm {}",
+        st.name,
+        st.orchestrator_pid,
+        if alive {
+            ""
+        } else {
+            " (gone: this status is stale)"
+        },
+        st.vmm
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    println!(
+        "{:<8} {:>8} {:<11} {:>8} {:>8}  SOCKET",
+        "DEVICE", "PID", "STATE", "RESTARTS", "UPTIME"
+    );
+    for d in &st.devices {
+        let up = if d.pid.is_some() {
+            let s = now.saturating_sub(d.started_at);
+            format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<8} {:>8} {:<11} {:>8} {:>8}  {}",
+            d.device,
+            d.pid.map_or("-".into(), |p| p.to_string()),
+            d.state,
+            d.restarts,
+            up,
+            d.socket.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn logs(a: &cli::LogsArgs) -> anyhow::Result<ExitCode> {
+    let path = state::dir_of(&a.name)
+        .join("logs")
+        .join(format!("{}.log", a.device));
+    let mut f = std::fs::File::open(&path).with_context(|| {
+        format!(
+            "no log for {} of VM `{}` ({})",
+            a.device,
+            a.name,
+            path.display()
+        )
+    })?;
+    let mut out = std::io::stdout();
+    loop {
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        out.write_all(&buf)?;
+        out.flush()?;
+        if !a.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let pos = f.stream_position()?;
+        f.seek(std::io::SeekFrom::Start(pos))?;
+    }
 }

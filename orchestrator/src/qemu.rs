@@ -298,6 +298,17 @@ impl Qemu {
         self
     }
 
+    /// A vhost-user-blk disk served at `socket`, which QEMU reconnects to
+    /// (once a second) when its backend restarts.
+    pub fn blk_reconnecting(mut self, socket: &Path) -> Self {
+        let chardev = self.chardev(socket);
+        if let Some(spec) = self.devices.last_mut() {
+            spec.push(",reconnect=1");
+        }
+        self.device("-device", format!("vhost-user-blk-pci,chardev={chardev}"));
+        self
+    }
+
     /// A vhost-user-net NIC served at `socket`.
     pub fn net(mut self, socket: &Path) -> Self {
         let chardev = self.chardev(socket);
@@ -473,8 +484,16 @@ impl Qemu {
                     if self.stream {
                         if line.trim() == image::START_MARKER {
                             in_script = true;
-                        } else if in_script && code.is_none() {
-                            println!("{line}");
+                        } else if in_script {
+                            // The last line may end without a newline,
+                            // right before the marker.
+                            let text = match line.find(image::EXIT_MARKER) {
+                                Some(at) => &line[..at],
+                                None => &line,
+                            };
+                            if code.is_none() || !text.is_empty() {
+                                println!("{text}");
+                            }
                         }
                     }
                     serial.push(line);
@@ -569,7 +588,21 @@ impl GuestRun {
             .lines()
             .skip_while(|l| l.trim() != image::START_MARKER)
             .skip(1)
-            .take_while(|l| !l.contains(image::EXIT_MARKER))
+            .scan(false, |done, l| {
+                if *done {
+                    return None;
+                }
+                // The marker ends the script's output; text before it on
+                // its line is the script's last line without a newline.
+                Some(match l.find(image::EXIT_MARKER) {
+                    Some(at) => {
+                        *done = true;
+                        (at > 0).then(|| &l[..at])
+                    }
+                    None => Some(l),
+                })
+            })
+            .flatten()
             .collect()
     }
 
@@ -599,6 +632,11 @@ mod tests {
             elapsed: Duration::ZERO,
         };
         assert_eq!(run.script_lines(), ["a", "b"]);
+        let run = GuestRun {
+            serial: "TESTBED-START\na\nlastTESTBED-EXIT=0\nx".into(),
+            ..run
+        };
+        assert_eq!(run.script_lines(), ["a", "last"]);
     }
 
     #[test]

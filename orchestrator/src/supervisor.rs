@@ -1,0 +1,395 @@
+//! Starting, watching and restarting the backend processes.
+//!
+//! The supervisor binds each device's listening socket itself and hands it
+//! to the backend as `--fd`, so a restarted backend listens on the same
+//! path and the VMM's reconnect finds it. A backend is ready when it sends
+//! `READY=1` to its notify socket (never a fixed sleep). One that dies is
+//! restarted with bounded exponential backoff while the VM keeps running.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::state::{DeviceStatus, StateDir, VmStatus};
+
+/// The descriptor number a backend finds its listening socket at.
+pub const LISTEN_FD: RawFd = 3;
+/// First restart delay; doubles per quick death up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A backend that ran this long before dying starts again from the
+/// shortest delay.
+const STABLE: Duration = Duration::from_secs(30);
+/// How long a backend may take to report readiness.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What to run for one device.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// "fs0", "blk0", ...
+    pub name: String,
+    pub program: PathBuf,
+    /// Arguments, without the `--fd`.
+    pub args: Vec<String>,
+}
+
+impl DeviceSpec {
+    /// The full command line, as the supervisor runs it.
+    pub fn command_line(&self) -> Vec<String> {
+        let mut v = vec![self.program.display().to_string()];
+        v.extend(self.args.iter().cloned());
+        v.push(format!("--fd={LISTEN_FD}"));
+        v
+    }
+}
+
+/// Errors of the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("{device}: {what}: {source}")]
+    Io {
+        device: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{device} did not become ready: {why}\n--- last lines of its log ({log}) ---\n{tail}")]
+    NotReady {
+        device: String,
+        why: String,
+        log: String,
+        tail: String,
+    },
+}
+
+struct Device {
+    spec: DeviceSpec,
+    socket: PathBuf,
+    listener: UnixListener,
+    notify: UnixDatagram,
+    notify_path: PathBuf,
+    log_path: PathBuf,
+    log: Arc<Mutex<File>>,
+    child: Option<Child>,
+    restarts: u32,
+    started: Instant,
+    started_at: u64,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+    /// Taken out of supervision (stopped on purpose).
+    held: bool,
+}
+
+/// The running backends of one VM.
+pub struct Supervisor {
+    state: StateDir,
+    devices: Vec<Device>,
+    status: VmStatus,
+    /// Echo children's output on our stderr (prefixed with the device).
+    echo: bool,
+}
+
+impl Supervisor {
+    pub fn new(state: StateDir, vmm: &str, echo: bool) -> Self {
+        let status = VmStatus {
+            name: state.name.clone(),
+            orchestrator_pid: std::process::id(),
+            vmm: vmm.into(),
+            vmm_pid: None,
+            devices: Vec::new(),
+        };
+        Supervisor {
+            state,
+            devices: Vec::new(),
+            status,
+            echo,
+        }
+    }
+
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    /// Bind the device's socket, start it and wait until it is ready.
+    /// Returns the socket path for the VMM.
+    pub fn add(&mut self, spec: DeviceSpec) -> Result<PathBuf, SuperviseError> {
+        let io = |what| {
+            let device = spec.name.clone();
+            move |source| SuperviseError::Io {
+                device,
+                what,
+                source,
+            }
+        };
+        let socket = self.state.socket(&spec.name);
+        // A socket left by an orchestrator that was killed: ours now (the
+        // state lock says nobody else is using it).
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(io("binding its socket"))?;
+        let notify_path = self.state.notify(&spec.name);
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).map_err(io("binding its notify socket"))?;
+        let log_path = self.state.log(&spec.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("opening its log"))?;
+        let mut d = Device {
+            spec,
+            socket: socket.clone(),
+            listener,
+            notify,
+            notify_path,
+            log_path,
+            log: Arc::new(Mutex::new(log)),
+            child: None,
+            restarts: 0,
+            started: Instant::now(),
+            started_at: 0,
+            backoff: BACKOFF_MIN,
+            restart_at: None,
+            held: false,
+        };
+        spawn(&mut d, self.echo)?;
+        wait_ready(&mut d)?;
+        self.devices.push(d);
+        self.write_status();
+        Ok(socket)
+    }
+
+    /// Note the VMM's pid for `status`.
+    pub fn set_vmm_pid(&mut self, pid: Option<u32>) {
+        self.status.vmm_pid = pid;
+        self.write_status();
+    }
+
+    /// Reap dead backends and restart those whose delay is over. Call it
+    /// every few hundred milliseconds.
+    pub fn poll(&mut self) {
+        let mut changed = false;
+        for d in &mut self.devices {
+            if let Some(child) = &mut d.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    d.child = None;
+                    if d.started.elapsed() >= STABLE {
+                        d.backoff = BACKOFF_MIN;
+                    }
+                    let delay = d.backoff;
+                    d.backoff = (d.backoff * 2).min(BACKOFF_MAX);
+                    d.restart_at = Some(Instant::now() + delay);
+                    // The supervisor's own events always reach the terminal.
+                    log_line(
+                        &d.log,
+                        true,
+                        &d.spec.name,
+                        &format!(
+                            "orchestrator: {} exited ({status}); restarting in {delay:?}",
+                            d.spec.name
+                        ),
+                    );
+                    changed = true;
+                }
+            }
+            if d.child.is_none() && !d.held && d.restart_at.is_some_and(|t| Instant::now() >= t) {
+                d.restart_at = None;
+                d.restarts += 1;
+                if let Err(e) = spawn(d, self.echo) {
+                    log_line(&d.log, true, &d.spec.name, &format!("orchestrator: {e}"));
+                    d.restart_at = Some(Instant::now() + d.backoff);
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            self.write_status();
+        }
+    }
+
+    /// SIGTERM every backend, then SIGKILL what is left after `grace`;
+    /// remove the sockets.
+    pub fn shutdown(&mut self, grace: Duration) {
+        for d in &mut self.devices {
+            d.held = true;
+            if let Some(c) = &d.child {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for d in &mut self.devices {
+            if let Some(mut c) = d.child.take() {
+                loop {
+                    match c.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) if Instant::now() >= deadline => {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                            break;
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&d.socket);
+            let _ = std::fs::remove_file(&d.notify_path);
+        }
+        let _ = std::fs::remove_file(self.state.status_file());
+    }
+
+    fn write_status(&mut self) {
+        self.status.devices = self
+            .devices
+            .iter()
+            .map(|d| DeviceStatus {
+                device: d.spec.name.clone(),
+                pid: d.child.as_ref().map(Child::id),
+                state: if d.child.is_some() {
+                    "running".into()
+                } else if d.held {
+                    "stopped".into()
+                } else {
+                    "restarting".into()
+                },
+                restarts: d.restarts,
+                started_at: d.started_at,
+                socket: d.socket.clone(),
+                command: d.spec.command_line(),
+            })
+            .collect();
+        if let Err(e) = self.status.write(&self.state.status_file()) {
+            eprintln!("orchestrator: cannot write the status file: {e}");
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.shutdown(Duration::from_secs(5));
+    }
+}
+
+/// Start the device's process with its listening socket at [`LISTEN_FD`].
+fn spawn(d: &mut Device, echo: bool) -> Result<(), SuperviseError> {
+    let listen = d.listener.as_raw_fd();
+    let mut cmd = Command::new(&d.spec.program);
+    cmd.args(&d.spec.args)
+        .arg(format!("--fd={LISTEN_FD}"))
+        .env("NOTIFY_SOCKET", &d.notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2,
+    // fcntl, prctl) on descriptors this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if listen == LISTEN_FD {
+                let flags = libc::fcntl(listen, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(listen, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(listen, LISTEN_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Its own process group: a Ctrl-C at the terminal is for the
+            // orchestrator (which brings everything down in order), not
+            // for each backend at once.
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A backend never outlives its orchestrator.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| SuperviseError::Io {
+        device: d.spec.name.clone(),
+        what: "starting it",
+        source,
+    })?;
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let log = Arc::clone(&d.log);
+        let name = d.spec.name.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                log_line(&log, echo, &name, &line);
+            }
+        });
+    }
+    d.child = Some(child);
+    d.started = Instant::now();
+    d.started_at = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|t| t.as_secs())
+        .unwrap_or(0);
+    Ok(())
+}
+
+fn log_line(log: &Mutex<File>, echo: bool, name: &str, line: &str) {
+    if let Ok(mut f) = log.lock() {
+        let _ = writeln!(f, "{line}");
+    }
+    if echo {
+        eprintln!("[{name}] {line}");
+    }
+}
+
+/// Wait for READY=1 on the device's notify socket.
+fn wait_ready(d: &mut Device) -> Result<(), SuperviseError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let not_ready = |d: &Device, why: String| SuperviseError::NotReady {
+        device: d.spec.name.clone(),
+        why,
+        log: d.log_path.display().to_string(),
+        tail: tail(&d.log_path, 20),
+    };
+    let _ = d.notify.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 256];
+    loop {
+        if let Ok(n) = d.notify.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
+                return Ok(());
+            }
+        }
+        if let Some(c) = &mut d.child {
+            if let Ok(Some(status)) = c.try_wait() {
+                // Give the log threads a moment to write its last words.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(not_ready(d, format!("it exited ({status})")));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(not_ready(d, format!("no READY=1 within {READY_TIMEOUT:?}")));
+        }
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,241 @@
+//! One VM: its config turned into supervised backends and a VMM.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::{BlkDevice, FsDevice, VmConfig, VmmChoice};
+use crate::qemu::{self, Qemu};
+use crate::state::StateDir;
+use crate::supervisor::{DeviceSpec, Supervisor};
+
+/// Errors that stop `run`/`up` before or while the VM runs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Choice(String),
+    #[error("{name} not found: build the workspace (`cargo build --release`) or put it on PATH")]
+    Missing { name: &'static str },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Supervise(#[from] crate::supervisor::SuperviseError),
+    #[error(transparent)]
+    Guest(#[from] qemu::GuestError),
+    #[error("creating the scratch disk {path}: {source}")]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which VMM runs the guest, and why.
+pub fn choose_vmm(choice: VmmChoice) -> Result<(&'static str, String), VmError> {
+    let hw = crate::qemu::Accel::detect() == crate::qemu::Accel::Kvm;
+    match choice {
+        VmmChoice::Qemu => Ok(("qemu", "vmm = \"qemu\" in the config".into())),
+        VmmChoice::Core => Err(VmError::Choice(
+            "vmm = \"core\": vmm-core cannot boot guests yet (issue 6); use vmm = \"qemu\" or \"auto\""
+                .into(),
+        )),
+        VmmChoice::Auto => Ok((
+            "qemu",
+            if hw {
+                "auto: vmm-core cannot boot guests yet (issue 6), so QEMU with KVM".into()
+            } else {
+                "auto: this CPU has no hardware virtualization (no vmx/svm), so QEMU with TCG".into()
+            },
+        )),
+    }
+}
+
+/// A program of this workspace: beside the running binary, else on PATH.
+pub fn program(name: &'static str) -> Result<PathBuf, VmError> {
+    if let Ok(me) = std::env::current_exe() {
+        let beside = me.with_file_name(name);
+        if beside.is_file() {
+            return Ok(beside);
+        }
+    }
+    crate::find_program(name).ok_or(VmError::Missing { name })
+}
+
+/// The backend command lines for a config (device names fs0.., blk0..).
+pub fn device_specs(cfg: &VmConfig) -> Result<Vec<DeviceSpec>, VmError> {
+    let mut v = Vec::new();
+    for (i, f) in cfg.fs.iter().enumerate() {
+        v.push(fs_spec(i, f)?);
+    }
+    for (i, b) in cfg.blk.iter().enumerate() {
+        v.push(blk_spec(i, b)?);
+    }
+    Ok(v)
+}
+
+fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
+    let mut args = vec![
+        format!("--shared-dir={}", f.shared_dir.display()),
+        format!("--tag={}", f.tag),
+    ];
+    if let Some(c) = &f.cache {
+        args.push(format!("--cache={c}"));
+    }
+    Ok(DeviceSpec {
+        name: format!("fs{i}"),
+        program: program("virtiofsd-fast")?,
+        args,
+    })
+}
+
+fn blk_spec(i: usize, b: &BlkDevice) -> Result<DeviceSpec, VmError> {
+    let mut args = vec![format!("--image={}", b.image.display())];
+    if b.readonly {
+        args.push("--readonly".into());
+    }
+    if let Some(q) = b.queues {
+        args.push(format!("--num-queues={q}"));
+    }
+    if let Some(s) = &b.serial {
+        args.push(format!("--serial={s}"));
+    }
+    Ok(DeviceSpec {
+        name: format!("blk{i}"),
+        program: program("blk-backend")?,
+        args,
+    })
+}
+
+/// The config `orchestrator run` uses without a file: the current
+/// directory shared as `host` (mounted at /mnt/host), a sparse 1 GiB
+/// scratch disk in the state directory, QEMU's user-mode network.
+pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let disk = state_dir.join("scratch.img");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&disk)
+        .map_err(|source| VmError::Scratch {
+            path: disk.clone(),
+            source,
+        })?;
+    if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+        f.set_len(1 << 30).map_err(|source| VmError::Scratch {
+            path: disk.clone(),
+            source,
+        })?;
+    }
+    Ok(VmConfig {
+        name: "default".into(),
+        kernel: None,
+        initramfs: None,
+        cmdline: None,
+        cpus: 1,
+        memory_mib: 1024,
+        vmm: VmmChoice::Auto,
+        fs: vec![FsDevice {
+            shared_dir: cwd,
+            tag: "host".into(),
+            cache: None,
+        }],
+        blk: vec![BlkDevice {
+            image: disk,
+            readonly: false,
+            queues: None,
+            serial: Some("scratch".into()),
+        }],
+    })
+}
+
+/// A running VM's backends, supervised on a thread of their own.
+pub struct Running {
+    pub supervisor: Arc<Mutex<Supervisor>>,
+    stop: Arc<AtomicBool>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+    pub qemu: Qemu,
+}
+
+/// Start every backend of `cfg` and prepare the VMM around their sockets.
+pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, VmError> {
+    let (vmm, why) = choose_vmm(cfg.vmm)?;
+    eprintln!("orchestrator: vmm: {vmm} ({why})");
+    if let Some(i) = &cfg.initramfs {
+        return Err(VmError::Choice(format!(
+            "vm.initramfs = {}: QEMU boots the default initramfs for now; leave it out",
+            i.display()
+        )));
+    }
+    let mut sup = Supervisor::new(state, vmm, verbose);
+    let mut q = Qemu::new().cpus(cfg.cpus).memory_mib(cfg.memory_mib);
+    if let Some(k) = &cfg.kernel {
+        let mut image = qemu::default_image_config();
+        image.kernel = Some(k.clone());
+        q = q.image(image);
+    }
+    for (spec, f) in device_specs(cfg)?
+        .into_iter()
+        .zip(cfg.fs.iter().map(Some).chain(std::iter::repeat(None)))
+    {
+        let name = spec.name.clone();
+        eprintln!(
+            "orchestrator: starting {name}: {}",
+            spec.command_line().join(" ")
+        );
+        let socket = sup.add(spec)?;
+        q = match f {
+            Some(f) => {
+                let mount = if f.tag == "host" {
+                    "/mnt/host".to_string()
+                } else {
+                    format!("/mnt/{}", f.tag)
+                };
+                q.fs(&socket, &f.tag)
+                    .kernel_arg(format!("testbed.fs={}:{mount}", f.tag))
+            }
+            // QEMU reconnects a vhost-user-blk disk to a restarted backend.
+            None => q.blk_reconnecting(&socket),
+        };
+    }
+    if let Some(c) = &cfg.cmdline {
+        for a in c.split_whitespace() {
+            q = q.kernel_arg(a);
+        }
+    }
+    q = q.user_net();
+    let supervisor = Arc::new(Mutex::new(sup));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let supervisor = Arc::clone(&supervisor);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut s) = supervisor.lock() {
+                    s.poll();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    Ok(Running {
+        supervisor,
+        stop,
+        watcher: Some(watcher),
+        qemu: q,
+    })
+}
+
+impl Running {
+    /// Stop supervising and bring the backends down.
+    pub fn down(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        if let Ok(mut s) = self.supervisor.lock() {
+            s.shutdown(Duration::from_secs(5));
+        }
+    }
+}
