@@ -24,6 +24,7 @@ packages=(
     libseccomp-dev libcap-ng-dev pkg-config # virtiofsd's build dependencies
     iproute2             # network namespaces and taps for net tests
     e2fsprogs util-linux # e2fsck/debugfs check guest-made filesystems; blkdiscard, fallocate
+    systemd              # systemd-analyze verifies the generated units
     xz-utils zstd        # compressed kernel modules, where the kernel has them
 )
 echo "setup: apt-get update"

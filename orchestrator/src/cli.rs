@@ -29,9 +29,25 @@ pub enum Command {
     /// Stop a running VM: its orchestrator shuts the backends and the VMM
     /// down.
     Down(NameArgs),
+    /// Write systemd units for a VM: a socket and a service per backend, a
+    /// service for the VMM, and a target grouping them.
+    Units(UnitsArgs),
     /// The default guest image.
     #[command(subcommand)]
     Image(ImageCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UnitsArgs {
+    /// Where to write the units (e.g. /etc/systemd/system).
+    #[arg(long, value_name = "DIR")]
+    pub systemd: PathBuf,
+    /// The VM config (TOML). Without it, the default VM.
+    #[arg(short = 'f', long = "file", value_name = "VM.TOML")]
+    pub file: Option<PathBuf>,
+    /// Where the sockets go at run time.
+    #[arg(long, value_name = "DIR", default_value = "/run/vmm")]
+    pub run_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ pub mod image;
 pub mod qemu;
 pub mod state;
 pub mod supervisor;
+pub mod units;
 pub mod vm;
 
 use std::path::PathBuf;

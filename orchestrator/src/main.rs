@@ -49,6 +49,35 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             println!("{}", spec.command_line().join(" "));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Units(a) => {
+            let dir = state::dir_of("default");
+            let cfg = match &a.file {
+                Some(f) => config::load(f)?,
+                None => {
+                    std::fs::create_dir_all(&dir)?;
+                    vm::default_config(&dir)?
+                }
+            };
+            let specs = vm::device_specs(&cfg)?;
+            let run_dir = a.run_dir.join(&cfg.name);
+            let sockets: Vec<_> = specs
+                .iter()
+                .map(|s| run_dir.join(format!("{}.sock", s.name)))
+                .collect();
+            let q = vm::qemu_for(&cfg, &sockets);
+            let img = image::build(q.image_config())?;
+            let cmd = q.command(&img.kernel, &img.initramfs);
+            let mut vmm = vec![cmd.get_program().to_string_lossy().into_owned()];
+            vmm.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+            std::fs::create_dir_all(&a.systemd)?;
+            for u in orchestrator::units::systemd(&cfg, &specs, &run_dir, &vmm) {
+                let path = a.systemd.join(&u.name);
+                std::fs::write(&path, u.text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Down(a) => {
             let st = VmStatus::read(&a.name)
                 .with_context(|| format!("VM `{}` is not running", a.name))?;

@@ -275,6 +275,11 @@ impl Qemu {
         self
     }
 
+    /// The guest image configuration this invocation boots.
+    pub fn image_config(&self) -> &ImageConfig {
+        &self.image
+    }
+
     /// Uses another guest image configuration.
     pub fn image(mut self, cfg: ImageConfig) -> Self {
         self.image = cfg;

@@ -150,6 +150,38 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
     })
 }
 
+/// The QEMU invocation for `cfg`, with device i on `sockets[i]` (in the
+/// order of [`device_specs`]).
+pub fn qemu_for(cfg: &VmConfig, sockets: &[PathBuf]) -> Qemu {
+    let mut q = Qemu::new().cpus(cfg.cpus).memory_mib(cfg.memory_mib);
+    if let Some(k) = &cfg.kernel {
+        let mut image = qemu::default_image_config();
+        image.kernel = Some(k.clone());
+        q = q.image(image);
+    }
+    let (fs_sockets, blk_sockets) = sockets.split_at(cfg.fs.len().min(sockets.len()));
+    for (f, socket) in cfg.fs.iter().zip(fs_sockets) {
+        let mount = if f.tag == "host" {
+            "/mnt/host".to_string()
+        } else {
+            format!("/mnt/{}", f.tag)
+        };
+        q = q
+            .fs(socket, &f.tag)
+            .kernel_arg(format!("testbed.fs={}:{mount}", f.tag));
+    }
+    for socket in blk_sockets {
+        // QEMU reconnects a vhost-user-blk disk to a restarted backend.
+        q = q.blk_reconnecting(socket);
+    }
+    if let Some(c) = &cfg.cmdline {
+        for a in c.split_whitespace() {
+            q = q.kernel_arg(a);
+        }
+    }
+    q.user_net()
+}
+
 /// A running VM's backends, supervised on a thread of their own.
 pub struct Running {
     pub supervisor: Arc<Mutex<Supervisor>>,
@@ -169,42 +201,16 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
         )));
     }
     let mut sup = Supervisor::new(state, vmm, verbose);
-    let mut q = Qemu::new().cpus(cfg.cpus).memory_mib(cfg.memory_mib);
-    if let Some(k) = &cfg.kernel {
-        let mut image = qemu::default_image_config();
-        image.kernel = Some(k.clone());
-        q = q.image(image);
-    }
-    for (spec, f) in device_specs(cfg)?
-        .into_iter()
-        .zip(cfg.fs.iter().map(Some).chain(std::iter::repeat(None)))
-    {
-        let name = spec.name.clone();
+    let mut sockets = Vec::new();
+    for spec in device_specs(cfg)? {
         eprintln!(
-            "orchestrator: starting {name}: {}",
+            "orchestrator: starting {}: {}",
+            spec.name,
             spec.command_line().join(" ")
         );
-        let socket = sup.add(spec)?;
-        q = match f {
-            Some(f) => {
-                let mount = if f.tag == "host" {
-                    "/mnt/host".to_string()
-                } else {
-                    format!("/mnt/{}", f.tag)
-                };
-                q.fs(&socket, &f.tag)
-                    .kernel_arg(format!("testbed.fs={}:{mount}", f.tag))
-            }
-            // QEMU reconnects a vhost-user-blk disk to a restarted backend.
-            None => q.blk_reconnecting(&socket),
-        };
+        sockets.push(sup.add(spec)?);
     }
-    if let Some(c) = &cfg.cmdline {
-        for a in c.split_whitespace() {
-            q = q.kernel_arg(a);
-        }
-    }
-    q = q.user_net();
+    let q = qemu_for(cfg, &sockets);
     let supervisor = Arc::new(Mutex::new(sup));
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {

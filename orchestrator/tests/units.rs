@@ -1,0 +1,134 @@
+//! `orchestrator units --systemd`: the generated units pass
+//! `systemd-analyze verify` and say what the design needs.
+
+use std::path::Path;
+use std::process::Command;
+
+const ORCH: &str = env!("CARGO_BIN_EXE_orchestrator");
+
+fn require(r: Result<(), String>) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(why) if std::env::var_os("CI").is_some() => panic!("{why} (CI is set)"),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
+#[test]
+fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
+    let dir = Path::new(ORCH).parent().unwrap();
+    let built = ["virtiofsd-fast", "blk-backend"]
+        .iter()
+        .all(|b| dir.join(b).is_file());
+    if !require(if built {
+        Ok(())
+    } else {
+        Err("the backends are not built beside the orchestrator (cargo build --workspace)".into())
+    }) || !require(orchestrator::qemu::qemu_available())
+    {
+        return;
+    }
+    let Some(analyze) = orchestrator::find_program("systemd-analyze") else {
+        require(Err(
+            "systemd-analyze not found (apt-get install systemd)".into()
+        ));
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let share = work.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let img = work.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let cfg = work.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"svc\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"project\"\n\
+             [[blk]]\nimage = \"{}\"\nreadonly = true\n",
+            share.display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    let out_dir = work.path().join("units");
+    let out = Command::new(ORCH)
+        .args(["units", "--systemd"])
+        .arg(&out_dir)
+        .arg("-f")
+        .arg(&cfg)
+        .env("XDG_RUNTIME_DIR", work.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "vmm-svc-blk0.service",
+            "vmm-svc-blk0.socket",
+            "vmm-svc-fs0.service",
+            "vmm-svc-fs0.socket",
+            "vmm-svc-vmm.service",
+            "vmm-svc.target"
+        ]
+    );
+    let paths: Vec<_> = names.iter().map(|n| out_dir.join(n)).collect();
+    let v = Command::new(analyze)
+        .arg("verify")
+        .args(&paths)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(
+        v.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify:\n{said}"
+    );
+
+    let read = |n: &str| std::fs::read_to_string(out_dir.join(n)).unwrap();
+    let blk = read("vmm-svc-blk0.service");
+    for want in [
+        "Type=notify",
+        "NotifyAccess=all",
+        "--fd=3",
+        "Restart=always",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX",
+        "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SETPCAP",
+        &format!("ReadOnlyPaths={}", img.display()),
+    ] {
+        assert!(blk.contains(want), "blk0 service lacks {want}:\n{blk}");
+    }
+    assert!(read("vmm-svc-fs0.service").contains(&format!("ReadWritePaths={}", share.display())));
+    assert!(read("vmm-svc-fs0.socket").contains("ListenStream=/run/vmm/svc/fs0.sock"));
+    let vmm = read("vmm-svc-vmm.service");
+    assert!(
+        vmm.contains("Wants=vmm-svc-fs0.service vmm-svc-blk0.service"),
+        "{vmm}"
+    );
+    assert!(
+        !vmm.contains("BindsTo") && !vmm.contains("Requires="),
+        "{vmm}"
+    );
+    assert!(
+        vmm.contains("path=/run/vmm/svc/blk0.sock,reconnect=1"),
+        "{vmm}"
+    );
+}
