@@ -29,6 +29,12 @@ pub enum Command {
     /// Stop a running VM: its orchestrator shuts the backends and the VMM
     /// down.
     Down(NameArgs),
+    /// Restart one backend of a running VM.
+    Restart(DeviceArgs),
+    /// Take one backend out of supervision and run it here, in the
+    /// foreground, on the same socket, with debug logging; the VM
+    /// reconnects to it. When it exits, it goes back under supervision.
+    Attach(AttachArgs),
     /// Write systemd units for a VM: a socket and a service per backend, a
     /// service for the VMM, and a target grouping them.
     Units(UnitsArgs),
@@ -71,6 +77,25 @@ pub struct NameArgs {
     /// The VM's name ([vm] name in its config; "default" without one).
     #[arg(long, default_value = "default")]
     pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// fs0, blk0, ... (see `status`).
+    pub device: String,
+    #[arg(long, default_value = "default")]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// fs0, blk0, ... (see `status`).
+    pub device: String,
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Run it under gdbserver on this address (e.g. :1234).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = ":1234")]
+    pub gdb: Option<String>,
 }
 
 #[derive(Debug, Args)]

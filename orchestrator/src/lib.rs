@@ -4,6 +4,7 @@
 //! - [`qemu`]: QEMU as the compatibility VMM.
 
 pub mod config;
+pub mod control;
 pub mod image;
 pub mod qemu;
 pub mod state;

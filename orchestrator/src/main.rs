@@ -78,6 +78,14 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Restart(a) => {
+            let path = state::dir_of(&a.name).join("control.sock");
+            orchestrator::control::request(&path, "restart", &a.device)
+                .map_err(anyhow::Error::msg)?;
+            println!("{}: restarting", a.device);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Attach(a) => attach(&a),
         Command::Down(a) => {
             let st = VmStatus::read(&a.name)
                 .with_context(|| format!("VM `{}` is not running", a.name))?;
@@ -135,6 +143,67 @@ fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
     };
     running.down();
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn attach(a: &cli::AttachArgs) -> anyhow::Result<ExitCode> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let path = state::dir_of(&a.name).join("control.sock");
+    let (cmd, fd) =
+        orchestrator::control::request(&path, "hold", &a.device).map_err(anyhow::Error::msg)?;
+    let fd = fd.context("the orchestrator sent no socket")?;
+    let mut argv: Vec<String> = serde_json::from_str(&cmd).context("the device's command line")?;
+    argv.retain(|w| !w.starts_with("--fd=") && !w.starts_with("--log-level="));
+    argv.push("--log-level=debug".into());
+    argv.push(format!("--fd={}", orchestrator::supervisor::LISTEN_FD));
+    if let Some(addr) = &a.gdb {
+        let gdb = orchestrator::find_program("gdbserver")
+            .context("gdbserver not found: apt-get install gdbserver")?;
+        argv.insert(0, addr.clone());
+        argv.insert(0, gdb.display().to_string());
+    }
+    eprintln!(
+        "orchestrator: {} attached here: {}",
+        a.device,
+        argv.join(" ")
+    );
+    // Ctrl-C is for the backend; this process only waits and hands back.
+    // SAFETY: setting a signal disposition; no handler runs.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let raw = fd.as_raw_fd();
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: async-signal-safe calls only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            let target = orchestrator::supervisor::LISTEN_FD;
+            if raw == target {
+                let flags = libc::fcntl(raw, libc::F_GETFD);
+                libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(raw, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.status();
+    drop(fd);
+    let back = orchestrator::control::request(&path, "release", &a.device);
+    let status = status.with_context(|| format!("running {}", argv[0]))?;
+    match back {
+        Ok(_) => eprintln!(
+            "orchestrator: {} exited ({status}); back under supervision",
+            a.device
+        ),
+        Err(e) => eprintln!(
+            "orchestrator: {} exited ({status}); could not hand it back: {e}",
+            a.device
+        ),
+    }
+    Ok(ExitCode::from(
+        u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+    ))
 }
 
 fn block_signals() -> libc::sigset_t {

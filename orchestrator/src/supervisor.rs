@@ -93,6 +93,7 @@ pub struct Supervisor {
     status: VmStatus,
     /// Echo children's output on our stderr (prefixed with the device).
     echo: bool,
+    stopping: bool,
 }
 
 impl Supervisor {
@@ -109,6 +110,7 @@ impl Supervisor {
             devices: Vec::new(),
             status,
             echo,
+            stopping: false,
         }
     }
 
@@ -212,9 +214,70 @@ impl Supervisor {
         }
     }
 
+    /// Take `device` out of supervision for debugging: stop its process and
+    /// return a duplicate of its listening socket and its command line.
+    /// [`Supervisor::release`] hands it back.
+    pub fn hold(&mut self, device: &str) -> Result<(std::os::fd::OwnedFd, Vec<String>), String> {
+        let d = self.find(device)?;
+        if d.held {
+            return Err(format!("{device} is already attached elsewhere"));
+        }
+        d.held = true;
+        d.restart_at = None;
+        if let Some(c) = d.child.take() {
+            stop_child(c, Duration::from_secs(5));
+        }
+        let fd = d
+            .listener
+            .try_clone()
+            .map_err(|e| format!("duplicating {device}'s socket: {e}"))?;
+        let cmd = d.spec.command_line();
+        log_line(
+            &d.log,
+            true,
+            device,
+            "orchestrator: attached elsewhere; not supervised",
+        );
+        self.write_status();
+        Ok((fd.into(), cmd))
+    }
+
+    /// Supervise `device` again (after [`Supervisor::hold`]): start it now.
+    pub fn release(&mut self, device: &str) -> Result<(), String> {
+        let d = self.find(device)?;
+        d.held = false;
+        d.backoff = BACKOFF_MIN;
+        d.restart_at = Some(Instant::now());
+        log_line(&d.log, true, device, "orchestrator: back under supervision");
+        Ok(())
+    }
+
+    /// Restart `device` now.
+    pub fn restart(&mut self, device: &str) -> Result<(), String> {
+        let d = self.find(device)?;
+        if d.held {
+            return Err(format!("{device} is attached elsewhere"));
+        }
+        if let Some(c) = d.child.take() {
+            stop_child(c, Duration::from_secs(5));
+        }
+        d.backoff = BACKOFF_MIN;
+        d.restart_at = Some(Instant::now());
+        Ok(())
+    }
+
+    fn find(&mut self, device: &str) -> Result<&mut Device, String> {
+        let names: Vec<String> = self.devices.iter().map(|d| d.spec.name.clone()).collect();
+        self.devices
+            .iter_mut()
+            .find(|d| d.spec.name == device)
+            .ok_or_else(|| format!("no device {device} (this VM has {})", names.join(", ")))
+    }
+
     /// SIGTERM every backend, then SIGKILL what is left after `grace`;
     /// remove the sockets.
     pub fn shutdown(&mut self, grace: Duration) {
+        self.stopping = true;
         for d in &mut self.devices {
             d.held = true;
             if let Some(c) = &d.child {
@@ -252,6 +315,8 @@ impl Supervisor {
                 pid: d.child.as_ref().map(Child::id),
                 state: if d.child.is_some() {
                     "running".into()
+                } else if d.held && d.restart_at.is_none() && !self.stopping {
+                    "attached".into()
                 } else if d.held {
                     "stopped".into()
                 } else {
@@ -272,6 +337,24 @@ impl Supervisor {
 impl Drop for Supervisor {
     fn drop(&mut self) {
         self.shutdown(Duration::from_secs(5));
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; reap.
+fn stop_child(mut c: Child, grace: Duration) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    loop {
+        match c.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = c.kill();
+                let _ = c.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
 

@@ -211,7 +211,14 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
         sockets.push(sup.add(spec)?);
     }
     let q = qemu_for(cfg, &sockets);
+    let control = sup.state().root.join("control.sock");
     let supervisor = Arc::new(Mutex::new(sup));
+    crate::control::serve(&control, Arc::clone(&supervisor)).map_err(|source| {
+        VmError::Scratch {
+            path: control.clone(),
+            source,
+        }
+    })?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let supervisor = Arc::clone(&supervisor);

@@ -241,3 +241,165 @@ fn a_killed_disk_backend_is_restarted_and_the_guest_keeps_its_disk() {
     assert!(code.success(), "{text}\n{err}");
     assert!(err.contains("blk0 exited"), "{err}");
 }
+
+/// Lines of a child's stream, collected on a thread, readable while it runs.
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Lines {
+    fn of(stream: impl std::io::Read + Send + 'static) -> Self {
+        let v = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let w = std::sync::Arc::clone(&v);
+        std::thread::spawn(move || {
+            for l in BufReader::new(stream).lines() {
+                let Ok(l) = l else { break };
+                w.lock().unwrap().push(l);
+            }
+        });
+        Lines(v)
+    }
+    fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+    fn wait_for(&self, what: &str, secs: u64, also: &dyn Fn() -> String) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.text().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{what}` within {secs} s:\n{}\n--- other ---\n{}",
+                self.text(),
+                also()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
+    if !backends_built() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"attach\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
+             [[blk]]\nimage = \"{}\"\n",
+            dir.path().display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    let script = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
+          dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
+        r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
+        wait_for() { while [ ! -e /mnt/host/$1 ]; do sleep 0.2; done; }; \
+        w a 0; echo PHASE1; wait_for go1; \
+        w b 16; r a 0; echo PHASE2; wait_for go2; \
+        w c 32; r b 16; r c 32; echo DONE";
+    let mut vm = orch(runtime.path(), dir.path())
+        .args(["run", "-f"])
+        .arg(&cfg)
+        .args(["--timeout", "300", "--", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Lines::of(vm.stdout.take().unwrap());
+    let err = Lines::of(vm.stderr.take().unwrap());
+    let vm_err = || err.text();
+    out.wait_for("PHASE1", 120, &vm_err);
+
+    // Attach blk0 here; QEMU reconnects to the attached process.
+    let mut att = orch(runtime.path(), dir.path())
+        .args(["attach", "blk0", "--name", "attach"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let att_pid = att.id();
+    let att_out = Lines::of(att.stderr.take().unwrap());
+    let _att_stdout = Lines::of(att.stdout.take().unwrap());
+    att_out.wait_for("frontend connected", 30, &vm_err);
+    assert!(
+        att_out.text().contains("--log-level=debug"),
+        "{}",
+        att_out.text()
+    );
+    let st = VmStatus::read_in(runtime.path(), "attach").unwrap();
+    let blk = st.devices.iter().find(|d| d.device == "blk0").unwrap();
+    assert_eq!((blk.state.as_str(), blk.pid), ("attached", None));
+    std::fs::write(dir.path().join("go1"), b"").unwrap();
+    out.wait_for("PHASE2", 60, &vm_err);
+    assert!(out.text().contains("a=ok"), "{}", out.text());
+
+    // Stop the attached backend: attach hands blk0 back to supervision.
+    let children =
+        std::fs::read_to_string(format!("/proc/{att_pid}/task/{att_pid}/children")).unwrap();
+    let backend: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    // SAFETY: signalling the backend the attach command started.
+    unsafe { libc::kill(backend, libc::SIGTERM) };
+    let code = att.wait().unwrap();
+    assert!(
+        att_out.text().contains("back under supervision"),
+        "{}",
+        att_out.text()
+    );
+    let _ = code;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let restarts = loop {
+        let st = VmStatus::read_in(runtime.path(), "attach").unwrap();
+        let blk = st
+            .devices
+            .iter()
+            .find(|d| d.device == "blk0")
+            .unwrap()
+            .clone();
+        if blk.state == "running" && blk.pid.is_some() {
+            break blk.restarts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blk0 not supervised again: {blk:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // And `restart` replaces it once more.
+    let r = orch(runtime.path(), dir.path())
+        .args(["restart", "blk0", "--name", "attach"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = VmStatus::read_in(runtime.path(), "attach").unwrap();
+        let blk = st
+            .devices
+            .iter()
+            .find(|d| d.device == "blk0")
+            .unwrap()
+            .clone();
+        if blk.restarts == restarts + 1 && blk.pid.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restart did not happen: {blk:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(dir.path().join("go2"), b"").unwrap();
+    out.wait_for("DONE", 60, &vm_err);
+    let text = out.text();
+    assert!(
+        text.contains("b=ok") && text.contains("c=ok"),
+        "{text}\n{}",
+        err.text()
+    );
+    assert!(vm.wait().unwrap().success(), "{}", err.text());
+}
