@@ -45,9 +45,12 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct UnitsArgs {
-    /// Where to write the units (e.g. /etc/systemd/system).
+    /// Write systemd units here (e.g. /etc/systemd/system).
+    #[arg(long, value_name = "DIR", required_unless_present = "launchd")]
+    pub systemd: Option<PathBuf>,
+    /// Write launchd property lists here (e.g. ~/Library/LaunchAgents).
     #[arg(long, value_name = "DIR")]
-    pub systemd: PathBuf,
+    pub launchd: Option<PathBuf>,
     /// The VM config (TOML). Without it, the default VM.
     #[arg(short = 'f', long = "file", value_name = "VM.TOML")]
     pub file: Option<PathBuf>,

@@ -69,12 +69,27 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let cmd = q.command(&img.kernel, &img.initramfs);
             let mut vmm = vec![cmd.get_program().to_string_lossy().into_owned()];
             vmm.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
-            std::fs::create_dir_all(&a.systemd)?;
-            for u in orchestrator::units::systemd(&cfg, &specs, &run_dir, &vmm) {
-                let path = a.systemd.join(&u.name);
-                std::fs::write(&path, u.text)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("{}", path.display());
+            let mut sets = Vec::new();
+            if let Some(d) = &a.systemd {
+                sets.push((
+                    d,
+                    orchestrator::units::systemd(&cfg, &specs, &run_dir, &vmm),
+                ));
+            }
+            if let Some(d) = &a.launchd {
+                sets.push((
+                    d,
+                    orchestrator::units::launchd(&cfg, &specs, &run_dir, &vmm),
+                ));
+            }
+            for (dir, units) in sets {
+                std::fs::create_dir_all(dir)?;
+                for u in units {
+                    let path = dir.join(&u.name);
+                    std::fs::write(&path, u.text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("{}", path.display());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -304,6 +304,7 @@ impl Supervisor {
             let _ = std::fs::remove_file(&d.notify_path);
         }
         let _ = std::fs::remove_file(self.state.status_file());
+        let _ = std::fs::remove_file(self.state.root.join("control.sock"));
     }
 
     fn write_status(&mut self) {

@@ -158,3 +158,118 @@ mod tests {
         assert_eq!(quote(""), "\"\"");
     }
 }
+
+/// Escape text for a plist `<string>`.
+fn xml(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// launchd property lists for VM `cfg`: one job per backend (each binds
+/// its own socket under `run_dir`, as launchd has no `--fd` hand-over) and
+/// one for the VMM. `KeepAlive` restarts a backend that dies.
+pub fn launchd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[String]) -> Vec<Unit> {
+    let vm = &cfg.name;
+    let plist = |label: &str, args: &[String], log: &Path| {
+        let mut s = String::from(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+             <!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \
+             \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n\
+             <plist version=\"1.0\">\n<dict>\n",
+        );
+        let _ = write!(s, "  <key>Label</key>\n  <string>{}</string>\n", xml(label));
+        s.push_str("  <key>ProgramArguments</key>\n  <array>\n");
+        for a in args {
+            let _ = writeln!(s, "    <string>{}</string>", xml(a));
+        }
+        s.push_str("  </array>\n  <key>RunAtLoad</key>\n  <true/>\n");
+        s.push_str("  <key>KeepAlive</key>\n  <true/>\n");
+        let _ = write!(
+            s,
+            "  <key>StandardOutPath</key>\n  <string>{0}</string>\n\
+             \x20 <key>StandardErrorPath</key>\n  <string>{0}</string>\n",
+            xml(&log.display().to_string())
+        );
+        s.push_str("</dict>\n</plist>\n");
+        s
+    };
+    let mut units = Vec::new();
+    for spec in specs {
+        let label = format!("dev.vmm.{vm}.{}", spec.name);
+        let mut args = vec![spec.program.display().to_string()];
+        args.extend(spec.args.iter().cloned());
+        args.push(format!(
+            "--socket-path={}",
+            run_dir.join(format!("{}.sock", spec.name)).display()
+        ));
+        // The Linux sandbox does not exist there.
+        args.push("--sandbox=none".into());
+        let log = run_dir.join(format!("{}.log", spec.name));
+        units.push(Unit {
+            name: format!("{label}.plist"),
+            text: plist(&label, &args, &log),
+        });
+    }
+    let label = format!("dev.vmm.{vm}.vmm");
+    units.push(Unit {
+        name: format!("{label}.plist"),
+        text: plist(&label, vmm, &run_dir.join("vmm.log")),
+    });
+    units
+}
+
+#[cfg(test)]
+mod launchd_tests {
+    use super::*;
+
+    #[test]
+    fn plists_are_well_formed_with_the_required_keys() {
+        let cfg = VmConfig {
+            name: "mac".into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: None,
+            cpus: 1,
+            memory_mib: 512,
+            vmm: crate::config::VmmChoice::Qemu,
+            fs: Vec::new(),
+            blk: Vec::new(),
+        };
+        let specs = [DeviceSpec {
+            name: "blk0".into(),
+            program: PathBuf::from("/opt/vmm/blk-backend"),
+            args: vec!["--image=/tmp/a&b <disk>.img".into()],
+        }];
+        let units = launchd(&cfg, &specs, Path::new("/tmp/vmm/mac"), &["qemu".into()]);
+        assert_eq!(units.len(), 2);
+        for u in &units {
+            let t = &u.text;
+            assert!(t.starts_with("<?xml version=\"1.0\""));
+            for key in ["Label", "ProgramArguments", "KeepAlive", "RunAtLoad"] {
+                assert!(t.contains(&format!("<key>{key}</key>")), "{key} in {t}");
+            }
+            // Every element opened is closed, in order.
+            let mut stack = Vec::new();
+            let mut rest = t.as_str();
+            while let Some(i) = rest.find('<') {
+                let j = rest[i..].find('>').expect("tag closes") + i;
+                let tag = &rest[i + 1..j];
+                rest = &rest[j + 1..];
+                if tag.starts_with('?') || tag.starts_with('!') || tag.ends_with('/') {
+                    continue;
+                }
+                if let Some(name) = tag.strip_prefix('/') {
+                    assert_eq!(stack.pop(), Some(name.to_string()), "in {t}");
+                } else {
+                    stack.push(tag.split_whitespace().next().unwrap().to_string());
+                }
+            }
+            assert!(stack.is_empty(), "unclosed {stack:?}");
+        }
+        let blk = &units[0].text;
+        assert!(blk.contains("<string>--image=/tmp/a&amp;b &lt;disk&gt;.img</string>"));
+        assert!(blk.contains("--socket-path=/tmp/vmm/mac/blk0.sock"));
+    }
+}
