@@ -568,7 +568,12 @@ impl BlkBackend {
             }
         }
         if took > 0 {
-            state.engine.submit()?;
+            if let Err(e) = state.engine.submit() {
+                // Left queued in the engine: the next submission retries.
+                if let Some(count) = self.faults.io_errors.hit() {
+                    warn!(queue = q, error = %e, count, "submitting I/O");
+                }
+            }
             // Reads from the page cache are often done by now.
             used_any |= self.complete(q, &mut state, &mut vstate);
         }
@@ -831,6 +836,12 @@ impl VhostUserBackend for BlkBackend {
                 s.engine.clear_notifier();
             }
         }
+        // An error returned from here ends the worker thread for good: a
+        // queue that is not set up (yet, or any more) waits, and its I/O
+        // completions stay in the engine until it is.
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let poll = &self.polls[q];
         poll.woken(self.poll);
@@ -841,7 +852,7 @@ impl VhostUserBackend for BlkBackend {
         let mut last_work = Instant::now();
         loop {
             if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
+                let _ = vring.disable_notification();
             }
             if self.service(q, vring)? {
                 last_work = Instant::now();
@@ -853,7 +864,7 @@ impl VhostUserBackend for BlkBackend {
             }
             // Going to sleep: with notifications back on, anything that
             // arrived in between is seen by this last look.
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !event_idx || !vring.enable_notification().unwrap_or(false) {
                 break;
             }
         }

@@ -1,0 +1,181 @@
+//! Command line and the checked configuration it becomes.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use backend_common::SocketSource;
+
+/// Sandboxing of the backend process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SandboxMode {
+    /// New mount, pid, net and ipc namespaces; the root is an empty
+    /// read-only tmpfs, so nothing but the link and the socket is reachable.
+    Namespace,
+    /// Nothing: the process sees the host as its user does.
+    None,
+}
+
+/// What seccomp does with a syscall outside the allowlist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SeccompAction {
+    Kill,
+    Log,
+    None,
+}
+
+/// net-backend: a vhost-user virtio-net backend, one process per NIC.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// vhost-user socket to listen on.
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// An already listening vhost-user socket, inherited from a supervisor.
+    #[arg(long, value_name = "FD")]
+    pub fd: Option<RawFd>,
+    /// Open (or create) the tap device NAME (needs CAP_NET_ADMIN).
+    #[arg(long, value_name = "NAME", group = "link")]
+    pub tap: Option<String>,
+    /// An already opened tap, from a supervisor (no privilege needed).
+    #[arg(long, value_name = "FD", group = "link")]
+    pub tap_fd: Option<RawFd>,
+    /// Exchange frames (each a 12-byte virtio_net_hdr and an Ethernet
+    /// frame) with the process listening on this SOCK_SEQPACKET socket.
+    #[arg(long, value_name = "PATH", group = "link")]
+    pub socket: Option<PathBuf>,
+    /// The guest's MAC address.
+    #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
+    pub mac: [u8; 6],
+    /// MTU offered to the guest.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..=65535))]
+    pub mtu: u16,
+    /// Queue pairs (more than one is not supported yet).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1))]
+    pub num_queue_pairs: u16,
+    /// Largest queue size offered to the frontend.
+    #[arg(long, default_value_t = 1024)]
+    pub queue_size: u16,
+    /// Sandbox for the backend.
+    #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
+    pub sandbox: SandboxMode,
+    /// Seccomp action for a syscall outside the allowlist.
+    #[arg(long, value_enum, default_value_t = SeccompAction::Kill)]
+    pub seccomp: SeccompAction,
+    /// Exit after this many frontends have come and gone.
+    #[arg(long, value_name = "N")]
+    pub connections: Option<u64>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("`{s}` is not a MAC address like 52:54:00:12:34:56");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "`{s}` is a multicast address; a NIC needs a unicast one"
+        ));
+    }
+    Ok(mac)
+}
+
+/// Where frames go.
+#[derive(Clone, Debug)]
+pub enum LinkChoice {
+    Tap(String),
+    TapFd(RawFd),
+    Socket(PathBuf),
+}
+
+/// Errors in a command line that clap accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Socket(#[from] backend_common::SetupError),
+    #[error("say where frames go: --tap NAME, --tap-fd FD or --socket PATH")]
+    NoLink,
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket: SocketSource,
+    pub link: LinkChoice,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+    pub queue_size: usize,
+    pub sandbox: SandboxMode,
+    pub seccomp: SeccompAction,
+    pub connections: Option<u64>,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, ConfigError> {
+        let socket = SocketSource::from_flags(a.socket_path, a.fd)?;
+        let link = match (a.tap, a.tap_fd, a.socket) {
+            (Some(t), _, _) => LinkChoice::Tap(t),
+            (_, Some(fd), _) => LinkChoice::TapFd(fd),
+            (_, _, Some(p)) => LinkChoice::Socket(p),
+            _ => return Err(ConfigError::NoLink),
+        };
+        Ok(Config {
+            socket,
+            link,
+            mac: a.mac,
+            mtu: a.mtu,
+            queue_size: usize::from(a.queue_size),
+            sandbox: a.sandbox,
+            seccomp: a.seccomp,
+            connections: a.connections,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:cd:ef").unwrap(),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0xef]
+        );
+        assert!(parse_mac("52:54:00:ab:cd").is_err());
+        assert!(parse_mac("01:00:5e:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(parse_mac("zz:54:00:ab:cd:ef").is_err());
+    }
+
+    #[test]
+    fn a_link_is_required() {
+        let a = Args::try_parse_from(["net-backend", "--socket-path", "/tmp/s"]).unwrap();
+        assert!(Config::try_from(a)
+            .unwrap_err()
+            .to_string()
+            .contains("--tap NAME"));
+        assert!(Args::try_parse_from([
+            "net-backend",
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t",
+            "--socket",
+            "/p"
+        ])
+        .is_err());
+    }
+}

@@ -1,0 +1,111 @@
+//! net-backend: a vhost-user virtio-net backend, one process per NIC.
+//!
+//! - [`args`]: the command line, turned into a [`Config`].
+//! - [`link`]: where frames go (a tap, or a SOCK_SEQPACKET peer).
+//! - [`backend`]: the queue pair to the link and back.
+
+pub mod args;
+pub mod backend;
+pub mod link;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use args::{LinkChoice, SandboxMode, SeccompAction};
+use backend::{Hooks, NetBackend};
+use backend_common::sandbox;
+use libc::c_long;
+
+pub use args::{Args, Config};
+
+/// Errors that stop the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("opening the link {what}: {source}{hint}")]
+    Link {
+        what: String,
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Setup(#[from] backend_common::SetupError),
+    #[error(transparent)]
+    Serve(#[from] backend_common::ServeError),
+    #[error("setting up the sandbox")]
+    Sandbox(#[from] backend_common::sandbox::SandboxError),
+    #[error("installing the seccomp filter")]
+    Seccomp(#[from] backend_common::seccomp::SeccompError),
+}
+
+/// Serve the NIC until told to stop (or after `connections` frontends).
+pub fn run(cfg: &Config) -> Result<(), RunError> {
+    let listener = cfg.socket.listen()?;
+    let notifier = backend_common::notify::Notifier::from_env();
+    let link: Arc<dyn link::Link> = match &cfg.link {
+        LinkChoice::Tap(name) => Arc::new(link::Tap::open(name).map_err(|source| RunError::Link {
+            what: format!("tap {name}"),
+            hint: if source.raw_os_error() == Some(libc::EPERM) {
+                " (creating a tap needs CAP_NET_ADMIN; or let a supervisor open it and pass --tap-fd)"
+            } else {
+                ""
+            },
+            source,
+        })?),
+        LinkChoice::TapFd(fd) => Arc::new(link::Tap::from_fd(*fd).map_err(|source| RunError::Link {
+            what: format!("--tap-fd {fd}"),
+            hint: "",
+            source,
+        })?),
+        LinkChoice::Socket(p) => Arc::new(link::Seqpacket::connect(p).map_err(|source| {
+            RunError::Link {
+                what: format!("socket {}", p.display()),
+                hint: " (the peer must be listening on a SOCK_SEQPACKET socket there)",
+                source,
+            }
+        })?),
+    };
+    let mut keep = vec![listener.as_raw_fd(), link.fd()];
+    keep.extend(notifier.as_ref().map(|n| n.fd()));
+    if cfg.sandbox == SandboxMode::Namespace {
+        sandbox::enter_namespaces()?;
+    }
+    sandbox::close_other_fds(&keep)?;
+    if cfg.sandbox == SandboxMode::Namespace {
+        sandbox::pivot_into_empty_jail()?;
+    }
+    sandbox::drop_capabilities(&[])?;
+    if let Some(n) = &notifier {
+        n.ready();
+    }
+    let action = match cfg.seccomp {
+        SeccompAction::Kill => backend_common::seccomp::Action::Kill,
+        SeccompAction::Log => backend_common::seccomp::Action::Log,
+        SeccompAction::None => backend_common::seccomp::Action::None,
+    };
+    backend_common::seccomp::install(&allowlist(), action)?;
+    tracing::info!(link = link.name(), mac = ?cfg.mac, mtu = cfg.mtu, "serving");
+    let backend = Arc::new(NetBackend::new(link, cfg.mac, cfg.mtu, cfg.queue_size));
+    backend_common::serve_with_hooks(
+        "net-backend",
+        &listener,
+        Arc::clone(&backend),
+        cfg.connections,
+        &Hooks(backend),
+    )?;
+    Ok(())
+}
+
+/// The syscalls net-backend needs once it is serving.
+pub fn allowlist() -> Vec<c_long> {
+    let mut v = backend_common::seccomp::COMMON.to_vec();
+    v.extend_from_slice(&[
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+    ]);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
