@@ -1,0 +1,204 @@
+//! A real Linux guest under QEMU (-netdev vhost-user) on a NIC served by
+//! net-backend over a tap. The tap is moved into a network namespace the
+//! test creates, and the host side of every exchange lives there: the guest
+//! pings it and moves 64 MiB each way over TCP (HTTP through busybox wget),
+//! checked by MD5 on both sides.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use tests::frontend::BackendProcess;
+use tests::guest::{self, Qemu};
+
+const SIZE: usize = 64 << 20;
+
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Option<Netns> {
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Netns(name.to_string()))
+    }
+    fn exec(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns exec {} {args:?}", self.0);
+    }
+    /// Run `f` on a thread inside the namespace.
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn data() -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678;
+    (0..SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn md5(bytes: &[u8]) -> String {
+    let mut c = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A two-request HTTP server: POST stores the body, GET sends `data`.
+fn serve_http(listener: TcpListener, data: Vec<u8>) -> Vec<u8> {
+    let mut posted = Vec::new();
+    for _ in 0..2 {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut request = String::new();
+        r.read_line(&mut request).unwrap();
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut w = s;
+        if request.starts_with("POST") {
+            posted = vec![0u8; length];
+            r.read_exact(&mut posted).unwrap();
+            w.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+        } else {
+            write!(
+                w,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                data.len()
+            )
+            .unwrap();
+            w.write_all(&data).unwrap();
+        }
+    }
+    posted
+}
+
+// QEMU 7.2's virtio-net enables the rings (SET_VRING_ENABLE) before it
+// acknowledges any feature, which the vhost crate refuses, ending the
+// connection; offered without protocol features, QEMU itself crashes. Until
+// a message shim reorders that first enable, this test cannot pass here.
+#[test]
+#[ignore = "QEMU 7.2 sends SET_VRING_ENABLE before SET_FEATURES (see the net-backend notes in README)"]
+fn a_guest_on_a_tap_pings_and_moves_64_mib_each_way() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tests::require::<()>(Err("a tap and a network namespace need root".into()));
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let Some(ns) = Netns::new(&format!("vmmt{id}")) else {
+        tests::require::<()>(Err(
+            "`ip netns add` failed (apt-get install iproute2)".into()
+        ));
+        return;
+    };
+    let tap = format!("vmt{id}");
+    let argv = [
+        env!("CARGO_BIN_EXE_net-backend").to_string(),
+        "--fd={fd}".into(),
+        format!("--tap={tap}"),
+    ];
+    let b = BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts");
+    let st = Command::new("ip")
+        .args(["link", "set", &tap, "netns", &ns.0])
+        .status()
+        .unwrap();
+    assert!(st.success(), "moving the tap into the namespace");
+    ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", &tap]);
+    ns.exec(&["ip", "link", "set", &tap, "up"]);
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+
+    let sent = data();
+    let want_down = md5(&sent);
+    let server = {
+        let sent = sent.clone();
+        ns.spawn(move || {
+            let l = TcpListener::bind("10.77.0.1:8080").unwrap();
+            serve_http(l, sent)
+        })
+    };
+    let script = "ping -c 3 -W 5 10.77.0.1 && echo PING=ok; \
+        dd if=/dev/urandom of=/tmp/up bs=1M count=64 2>/dev/null; \
+        echo \"UP=$(md5sum /tmp/up | cut -d' ' -f1)\"; \
+        wget -q --post-file=/tmp/up -O /dev/null http://10.77.0.1:8080/up && echo POST=ok; \
+        wget -q -O /tmp/down http://10.77.0.1:8080/down && echo GET=ok; \
+        echo \"DOWN=$(md5sum /tmp/down | cut -d' ' -f1)\"";
+    let run = match Qemu::new()
+        .memory_mib(1024)
+        .net(b.socket())
+        .kernel_arg("testbed.ip=10.77.0.2/24")
+        .run(script, Duration::from_secs(600))
+    {
+        Ok(r) => r,
+        Err(e) => panic!("{e}\n--- net-backend ---\n{}", b.output()),
+    };
+    let out = run.script_output();
+    let line = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in:\n{out}\n--- net-backend ---\n{}", b.output()))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(line("PING="), "ok");
+    assert_eq!(line("POST="), "ok");
+    assert_eq!(line("GET="), "ok");
+    let posted = server.join().unwrap();
+    assert_eq!(posted.len(), SIZE);
+    assert_eq!(md5(&posted), line("UP="), "guest to host");
+    assert_eq!(line("DOWN="), want_down, "host to guest");
+}
