@@ -53,6 +53,16 @@ pub fn install(allowed: &[c_long], action: Action) -> Result<(), SeccompError> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 8)
     };
+    // The default panic hook may resolve a backtrace (getcwd, open, ...),
+    // which the filter kills: the process would die of SIGSYS with the
+    // panic's message unprinted. Print the message and place only.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        eprintln!(
+            "panic in thread {}: {info}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
     seccompiler::apply_filter_all_threads(&prog).map_err(SeccompError::Install)?;
     tracing::info!(
         syscalls = allowed.len(),
