@@ -7,6 +7,7 @@ pub mod notify;
 pub mod sandbox;
 pub mod seccomp;
 mod serve;
+pub mod shim;
 
 pub use serve::{serve, serve_with_hooks, ConnectionHooks, NoHooks, ServeError};
 

@@ -41,6 +41,11 @@ pub trait ConnectionHooks<T: VhostUserBackend> {
     /// After the frontend has gone and the workers were told to exit:
     /// e.g. wait out I/O still in flight into that frontend's memory.
     fn end(&self) {}
+    /// Put [`crate::shim`] between the frontend and the library (for
+    /// frontends that send messages out of the order it accepts).
+    fn shim(&self) -> bool {
+        false
+    }
 }
 
 /// No hooks.
@@ -84,10 +89,15 @@ where
         hooks
             .start(&daemon.get_epoll_handlers())
             .map_err(ServeError::Hook)?;
-        let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
-        daemon
-            .start(&mut l)
-            .map_err(|e| ServeError::Accept(e.to_string()))?;
+        let relay = if hooks.shim() {
+            Some(start_through_shim(&mut daemon, listener, served)?)
+        } else {
+            let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
+            daemon
+                .start(&mut l)
+                .map_err(|e| ServeError::Accept(e.to_string()))?;
+            None
+        };
         served += 1;
         info!(connection = served, "frontend connected");
         match daemon.wait() {
@@ -99,6 +109,40 @@ where
             h.send_exit_event();
         }
         hooks.end();
+        if let Some(r) = relay {
+            let _ = r.join();
+        }
     }
     Ok(())
+}
+
+/// Accept the frontend on `listener`, and start `daemon` on a private
+/// socket whose other end a relay thread joins to the frontend through
+/// the shim.
+fn start_through_shim<T>(
+    daemon: &mut VhostUserDaemon<T>,
+    listener: &UnixListener,
+    n: u64,
+) -> Result<std::thread::JoinHandle<()>, ServeError>
+where
+    T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    T::Vring: Clone + Send + Sync,
+{
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixStream};
+    let (front, _) = listener
+        .accept()
+        .map_err(|e| ServeError::Accept(e.to_string()))?;
+    let name = format!("vmm-shim-{}-{n}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(ServeError::Listener)?;
+    let private = UnixListener::bind_addr(&addr).map_err(ServeError::Listener)?;
+    let connector = std::thread::spawn(move || UnixStream::connect_addr(&addr));
+    daemon
+        .start(&mut Listener::from(private))
+        .map_err(|e| ServeError::Accept(e.to_string()))?;
+    let back = connector
+        .join()
+        .map_err(|_| ServeError::Accept("the shim's connector panicked".into()))?
+        .map_err(|e| ServeError::Accept(e.to_string()))?;
+    Ok(std::thread::spawn(move || crate::shim::relay(front, back)))
 }

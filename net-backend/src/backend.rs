@@ -479,4 +479,9 @@ impl backend_common::ConnectionHooks<Arc<NetBackend>> for Hooks {
     fn start(&self, handlers: &[Arc<VringEpollHandler<Arc<NetBackend>>>]) -> io::Result<()> {
         self.0.register_link(handlers)
     }
+
+    /// QEMU's virtio-net enables rings before acknowledging features.
+    fn shim(&self) -> bool {
+        true
+    }
 }

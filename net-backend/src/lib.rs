@@ -40,8 +40,9 @@ pub enum RunError {
 
 /// Serve the NIC until told to stop (or after `connections` frontends).
 pub fn run(cfg: &Config) -> Result<(), RunError> {
-    let listener = cfg.socket.listen()?;
     let notifier = backend_common::notify::Notifier::from_env();
+    // The link first: once the socket listens, a frontend (or a test) may
+    // assume the tap exists.
     let link: Arc<dyn link::Link> = match &cfg.link {
         LinkChoice::Tap(name) => Arc::new(link::Tap::open(name).map_err(|source| RunError::Link {
             what: format!("tap {name}"),
@@ -65,6 +66,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
             }
         })?),
     };
+    let listener = cfg.socket.listen()?;
     let mut keep = vec![listener.as_raw_fd(), link.fd()];
     keep.extend(notifier.as_ref().map(|n| n.fd()));
     if cfg.sandbox == SandboxMode::Namespace {
@@ -104,6 +106,14 @@ pub fn allowlist() -> Vec<c_long> {
         libc::SYS_writev,
         libc::SYS_recvmsg,
         libc::SYS_sendmsg,
+        // The message shim's private socket, one per frontend.
+        libc::SYS_socket,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_connect,
+        libc::SYS_shutdown,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
     ]);
     v.sort_unstable();
     v.dedup();

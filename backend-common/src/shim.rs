@@ -1,0 +1,230 @@
+//! A vhost-user message shim between the frontend and the library's
+//! request handler, for frontends that send a message earlier than the
+//! library accepts it.
+//!
+//! QEMU's virtio-net enables its rings (SET_VRING_ENABLE) when the device is
+//! reset, before it has acknowledged any feature; the vhost crate refuses
+//! SET_VRING_ENABLE until VHOST_USER_F_PROTOCOL_FEATURES is acknowledged
+//! and drops the connection. The shim holds such early enables (answering
+//! them itself if a reply is asked for) and passes them on right after the
+//! frontend's SET_FEATURES. Everything else, descriptors included, passes
+//! through unchanged, in order, both ways.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const HDR: usize = 12;
+/// The largest vhost-user message body (a memory table of 509 regions is
+/// smaller than this).
+const MAX_BODY: usize = 0x1_0000;
+
+struct Message {
+    hdr: [u8; HDR],
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn request(&self) -> u32 {
+        u32::from_le_bytes([self.hdr[0], self.hdr[1], self.hdr[2], self.hdr[3]])
+    }
+    fn flags(&self) -> u32 {
+        u32::from_le_bytes([self.hdr[4], self.hdr[5], self.hdr[6], self.hdr[7]])
+    }
+    fn set_flags(&mut self, f: u32) {
+        self.hdr[4..8].copy_from_slice(&f.to_le_bytes());
+    }
+}
+
+/// Read one message; `None` at the end of the stream.
+fn read_message(s: &UnixStream) -> io::Result<Option<Message>> {
+    let mut hdr = [0u8; HDR];
+    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
+    let (n, fds) = {
+        let mut iov = [IoSliceMut::new(&mut hdr)];
+        let msg = recvmsg::<()>(
+            s.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(v) = c {
+                // SAFETY: descriptors just received are ours alone.
+                fds.extend(v.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+            }
+        }
+        (msg.bytes, fds)
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut r = s;
+    if n < HDR {
+        r.read_exact(&mut hdr[n..])?;
+    }
+    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+    if size > MAX_BODY {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "vhost-user message too large",
+        ));
+    }
+    let mut body = vec![0u8; size];
+    r.read_exact(&mut body)?;
+    Ok(Some(Message { hdr, body, fds }))
+}
+
+fn write_message(s: &UnixStream, m: &Message) -> io::Result<()> {
+    let fds: Vec<RawFd> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [IoSlice::new(&m.hdr), IoSlice::new(&m.body)];
+    let total = HDR + m.body.len();
+    let sent = sendmsg::<()>(
+        s.as_raw_fd(),
+        &iov,
+        if fds.is_empty() { &[] } else { &cmsg },
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    if sent < total {
+        // The rest, without descriptors (they went with the first byte).
+        let mut all = m.hdr.to_vec();
+        all.extend_from_slice(&m.body);
+        let mut w = s;
+        w.write_all(&all[sent..])?;
+    }
+    Ok(())
+}
+
+/// Relay between `front` (the frontend) and `back` (the library's end)
+/// until either closes; returns when both directions are done.
+pub fn relay(front: UnixStream, back: UnixStream) {
+    let (f2, b2) = match (front.try_clone(), back.try_clone()) {
+        (Ok(f), Ok(b)) => (f, b),
+        _ => return,
+    };
+    // Backend to frontend: replies, passed as they are.
+    let up = std::thread::spawn(move || {
+        while let Ok(Some(m)) = read_message(&b2) {
+            if write_message(&f2, &m).is_err() {
+                break;
+            }
+        }
+        let _ = f2.shutdown(std::net::Shutdown::Both);
+    });
+    let mut features_seen = false;
+    let mut held: Vec<Message> = Vec::new();
+    while let Ok(Some(mut m)) = read_message(&front) {
+        let req = m.request();
+        if req == SET_VRING_ENABLE && !features_seen {
+            if m.flags() & FLAG_NEED_REPLY != 0 {
+                // Answer "done" now; the real one goes later, unanswered.
+                let mut reply = Message {
+                    hdr: m.hdr,
+                    body: 0u64.to_le_bytes().to_vec(),
+                    fds: Vec::new(),
+                };
+                reply.set_flags(FLAG_VERSION | FLAG_REPLY);
+                reply.hdr[8..12].copy_from_slice(&8u32.to_le_bytes());
+                if write_message(&front, &reply).is_err() {
+                    break;
+                }
+                m.set_flags(m.flags() & !FLAG_NEED_REPLY);
+            }
+            held.push(m);
+            continue;
+        }
+        if write_message(&back, &m).is_err() {
+            break;
+        }
+        if req == SET_FEATURES && !features_seen {
+            features_seen = true;
+            let mut ok = true;
+            for h in held.drain(..) {
+                ok &= write_message(&back, &h).is_ok();
+            }
+            if !ok {
+                break;
+            }
+        }
+    }
+    let _ = back.shutdown(std::net::Shutdown::Both);
+    let _ = front.shutdown(std::net::Shutdown::Both);
+    let _ = up.join();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = req.to_le_bytes().to_vec();
+        v.extend_from_slice(&flags.to_le_bytes());
+        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn an_early_enable_waits_for_set_features() {
+        let (mut front_peer, front) = UnixStream::pair().unwrap();
+        let (back, mut back_peer) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || relay(front, back));
+        let enable = msg(
+            SET_VRING_ENABLE,
+            FLAG_VERSION | FLAG_NEED_REPLY,
+            &[0, 0, 0, 0, 1, 0, 0, 0],
+        );
+        front_peer.write_all(&enable).unwrap();
+        // Answered by the shim at once.
+        let mut reply = [0u8; HDR + 8];
+        front_peer.read_exact(&mut reply).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            FLAG_VERSION | FLAG_REPLY
+        );
+        front_peer.write_all(&msg(1, FLAG_VERSION, &[])).unwrap(); // GET_FEATURES
+        front_peer
+            .write_all(&msg(SET_FEATURES, FLAG_VERSION, &[0; 8]))
+            .unwrap();
+        // The backend sees GET_FEATURES, SET_FEATURES, then the enable
+        // without a reply asked for.
+        let mut got = vec![0u8; HDR + HDR + 8 + HDR + 8];
+        back_peer.read_exact(&mut got).unwrap();
+        assert_eq!(u32::from_le_bytes(got[0..4].try_into().unwrap()), 1);
+        assert_eq!(
+            u32::from_le_bytes(got[12..16].try_into().unwrap()),
+            SET_FEATURES
+        );
+        let e = &got[32..];
+        assert_eq!(
+            u32::from_le_bytes(e[0..4].try_into().unwrap()),
+            SET_VRING_ENABLE
+        );
+        assert_eq!(
+            u32::from_le_bytes(e[4..8].try_into().unwrap()),
+            FLAG_VERSION
+        );
+        // Replies flow back.
+        back_peer
+            .write_all(&msg(1, FLAG_VERSION | FLAG_REPLY, &[7; 8]))
+            .unwrap();
+        let mut r = [0u8; HDR + 8];
+        front_peer.read_exact(&mut r).unwrap();
+        assert_eq!(&r[HDR..], &[7; 8]);
+        drop(front_peer);
+        t.join().unwrap();
+    }
+}
