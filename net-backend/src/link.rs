@@ -105,6 +105,11 @@ impl Tap {
         Ok(tap)
     }
 
+    /// The descriptor, for a supervisor that hands it to a backend.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Take an opened tap from a supervisor.
     pub fn from_fd(fd: RawFd) -> io::Result<Self> {
         let mut req = IfReq {

@@ -128,6 +128,22 @@ pub struct VmConfig {
     pub vmm: VmmChoice,
     pub fs: Vec<FsDevice>,
     pub blk: Vec<BlkDevice>,
+    pub net: Vec<NetDevice>,
+}
+
+/// Where a NIC's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetLink {
+    /// A tap the orchestrator opens (creating it if needed) and hands over.
+    Tap(String),
+    /// A SOCK_SEQPACKET peer listening at this path.
+    Socket(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    pub link: NetLink,
+    pub mac: String,
 }
 
 #[derive(Debug, Clone)]
@@ -284,12 +300,43 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
             serial: b.serial.clone(),
         });
     }
-    if let Some(n) = raw.net.first() {
-        return Err(loc.at(
-            n.span(),
-            "[[net]]: net-backend is not built yet (issue 5); leave [[net]] out and the guest \
-             gets QEMU's user-mode network",
-        ));
+    let mut net = Vec::new();
+    for (i, n) in raw.net.iter().enumerate() {
+        let v = n.get_ref();
+        let link = match (&v.tap, &v.socket) {
+            (Some(_), Some(_)) => {
+                return Err(loc.at(
+                    n.span(),
+                    format!("net[{i}]: either tap or socket, not both"),
+                ))
+            }
+            (Some(t), None) if t.is_empty() || t.len() > 15 => {
+                return Err(loc.at(n.span(), format!("net[{i}].tap: 1 to 15 bytes")))
+            }
+            (Some(t), None) => NetLink::Tap(t.clone()),
+            (None, Some(p)) => NetLink::Socket(expand(p, base)),
+            (None, None) => NetLink::Tap(
+                format!("vmm{}n{i}", raw.vm.name.as_deref().unwrap_or(""))
+                    .chars()
+                    .take(15)
+                    .collect(),
+            ),
+        };
+        let mac = match &v.mac {
+            Some(m) => {
+                if m.split(':').count() != 6
+                    || m.split(':').any(|b| u8::from_str_radix(b, 16).is_err())
+                {
+                    return Err(loc.at(
+                        n.span(),
+                        format!("net[{i}].mac: `{m}` is not like 52:54:00:12:34:56"),
+                    ));
+                }
+                m.clone()
+            }
+            None => format!("52:54:00:12:34:{:02x}", 0x56 + i),
+        };
+        net.push(NetDevice { link, mac });
     }
     Ok(VmConfig {
         name: raw.vm.name.clone().unwrap_or_else(|| "default".into()),
@@ -301,6 +348,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
         vmm: raw.vm.vmm,
         fs,
         blk,
+        net,
     })
 }
 
@@ -405,6 +453,19 @@ mod tests {
         assert!(e.message.contains("missing field `vm`"), "{e}");
         let e = check("[vm]\n[[fs]]\ntag = \"a\"\n").unwrap_err();
         assert!(e.message.contains("missing field `shared_dir`"), "{e}");
+    }
+
+    #[test]
+    fn nics() {
+        let c = check("[vm]\nname = \"n\"\n[[net]]\ntap = \"tap7\"\nmac = \"52:54:00:00:00:07\"\n[[net]]\nsocket = \"/run/peer.sock\"\n")
+            .unwrap();
+        assert_eq!(c.net[0].link, NetLink::Tap("tap7".into()));
+        assert_eq!(c.net[0].mac, "52:54:00:00:00:07");
+        assert_eq!(c.net[1].link, NetLink::Socket("/run/peer.sock".into()));
+        let e = check("[vm]\n[[net]]\ntap = \"a\"\nsocket = \"/b\"\n").unwrap_err();
+        assert!(e.message.contains("either tap or socket"), "{e}");
+        let e = check("[vm]\n[[net]]\nmac = \"nope\"\n").unwrap_err();
+        assert!(e.message.contains("net[0].mac"), "{e}");
     }
 
     #[test]

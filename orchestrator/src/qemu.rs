@@ -315,21 +315,27 @@ impl Qemu {
     }
 
     /// A vhost-user-net NIC served at `socket`.
-    pub fn net(mut self, socket: &Path) -> Self {
+    pub fn net(self, socket: &Path) -> Self {
+        self.net_with_mac(socket, "52:54:00:12:34:56")
+    }
+
+    /// A vhost-user-net NIC served at `socket`, with MAC address `mac`.
+    pub fn net_with_mac(mut self, socket: &Path, mac: &str) -> Self {
         let chardev = self.chardev(socket);
         let id = self.id("n");
         self.device("-netdev", format!("vhost-user,id={id},chardev={chardev}"));
-        if self.accel == Accel::Tcg {
-            // QEMU 7.2 under TCG crashes in vhost_net_start while setting
-            // up MSI-X vector notifiers (a NULL dereference in
-            // msix_set_vector_notifiers); legacy interrupts avoid that path.
-            self.device(
-                "-device",
-                format!("virtio-net-pci,netdev={id},romfile=,vectors=0"),
-            );
+        // QEMU 7.2 under TCG crashes in vhost_net_start while setting up
+        // MSI-X vector notifiers (a NULL dereference in
+        // msix_set_vector_notifiers); legacy interrupts avoid that path.
+        let vectors = if self.accel == Accel::Tcg {
+            ",vectors=0"
         } else {
-            self.nic(&id);
-        }
+            ""
+        };
+        self.device(
+            "-device",
+            format!("virtio-net-pci,netdev={id},mac={mac},romfile={vectors}"),
+        );
         self
     }
 

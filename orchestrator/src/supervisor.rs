@@ -37,6 +37,10 @@ pub struct DeviceSpec {
     pub program: PathBuf,
     /// Arguments, without the `--fd`.
     pub args: Vec<String>,
+    /// Descriptors handed over too: (ours, the number the child sees).
+    pub pass_fds: Vec<(std::sync::Arc<std::os::fd::OwnedFd>, RawFd)>,
+    /// A tap the supervisor opens and hands over as fd 4 (`--tap-fd=4`).
+    pub open_tap: Option<String>,
 }
 
 impl DeviceSpec {
@@ -362,6 +366,12 @@ fn stop_child(mut c: Child, grace: Duration) {
 /// Start the device's process with its listening socket at [`LISTEN_FD`].
 fn spawn(d: &mut Device, echo: bool) -> Result<(), SuperviseError> {
     let listen = d.listener.as_raw_fd();
+    let extra: Vec<(RawFd, RawFd)> = d
+        .spec
+        .pass_fds
+        .iter()
+        .map(|(fd, at)| (fd.as_raw_fd(), *at))
+        .collect();
     let mut cmd = Command::new(&d.spec.program);
     cmd.args(&d.spec.args)
         .arg(format!("--fd={LISTEN_FD}"))
@@ -380,6 +390,14 @@ fn spawn(d: &mut Device, echo: bool) -> Result<(), SuperviseError> {
                 }
             } else if libc::dup2(listen, LISTEN_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for &(fd, at) in &extra {
+                if fd == at {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, at) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // Its own process group: a Ctrl-C at the terminal is for the
             // orchestrator (which brings everything down in order), not

@@ -45,7 +45,10 @@ fn exec(words: &[String]) -> String {
 
 /// Capabilities each backend needs at start (its sandbox drops them).
 fn capabilities(device: &str) -> &'static str {
-    if device.starts_with("fs") {
+    if device.starts_with("net") {
+        // Opening (or creating) its tap, before the sandbox drops it.
+        "CAP_SYS_ADMIN CAP_SETPCAP CAP_NET_ADMIN"
+    } else if device.starts_with("fs") {
         // Namespaces and pivot_root, then what a passthrough filesystem
         // keeps: acting for any guest user.
         "CAP_SYS_ADMIN CAP_SETPCAP CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER \
@@ -99,7 +102,13 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
              RestrictAddressFamilies=AF_UNIX\nCapabilityBoundingSet={}\n",
             exec(&{
                 let mut w = vec![spec.program.display().to_string()];
-                w.extend(spec.args.iter().cloned());
+                w.extend(spec.args.iter().map(|a| {
+                    match (&spec.open_tap, a.starts_with("--tap-fd=")) {
+                        // systemd cannot hand over a tap: the backend opens it.
+                        (Some(t), true) => format!("--tap={t}"),
+                        _ => a.clone(),
+                    }
+                }));
                 w.push("--fd=3".into());
                 w
             }),
@@ -236,11 +245,14 @@ mod launchd_tests {
             vmm: crate::config::VmmChoice::Qemu,
             fs: Vec::new(),
             blk: Vec::new(),
+            net: Vec::new(),
         };
         let specs = [DeviceSpec {
             name: "blk0".into(),
             program: PathBuf::from("/opt/vmm/blk-backend"),
             args: vec!["--image=/tmp/a&b <disk>.img".into()],
+            pass_fds: Vec::new(),
+            open_tap: None,
         }];
         let units = launchd(&cfg, &specs, Path::new("/tmp/vmm/mac"), &["qemu".into()]);
         assert_eq!(units.len(), 2);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{BlkDevice, FsDevice, VmConfig, VmmChoice};
+use crate::config::{BlkDevice, FsDevice, NetDevice, NetLink, VmConfig, VmmChoice};
 use crate::qemu::{self, Qemu};
 use crate::state::StateDir;
 use crate::supervisor::{DeviceSpec, Supervisor};
@@ -23,6 +23,12 @@ pub enum VmError {
     Supervise(#[from] crate::supervisor::SuperviseError),
     #[error(transparent)]
     Guest(#[from] qemu::GuestError),
+    #[error("opening tap {name}: {source} (creating a tap needs root or CAP_NET_ADMIN)")]
+    Tap {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("creating the scratch disk {path}: {source}")]
     Scratch {
         path: PathBuf,
@@ -71,7 +77,32 @@ pub fn device_specs(cfg: &VmConfig) -> Result<Vec<DeviceSpec>, VmError> {
     for (i, b) in cfg.blk.iter().enumerate() {
         v.push(blk_spec(i, b)?);
     }
+    for (i, n) in cfg.net.iter().enumerate() {
+        v.push(net_spec(i, n)?);
+    }
     Ok(v)
+}
+
+/// Where a net backend finds its tap.
+const TAP_FD: std::os::fd::RawFd = 4;
+
+fn net_spec(i: usize, n: &NetDevice) -> Result<DeviceSpec, VmError> {
+    let mut args = vec![format!("--mac={}", n.mac)];
+    let mut open_tap = None;
+    match &n.link {
+        NetLink::Tap(name) => {
+            open_tap = Some(name.clone());
+            args.push(format!("--tap-fd={TAP_FD}"));
+        }
+        NetLink::Socket(p) => args.push(format!("--socket={}", p.display())),
+    }
+    Ok(DeviceSpec {
+        name: format!("net{i}"),
+        program: program("net-backend")?,
+        args,
+        pass_fds: Vec::new(),
+        open_tap,
+    })
 }
 
 fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
@@ -86,6 +117,8 @@ fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
         name: format!("fs{i}"),
         program: program("virtiofsd-fast")?,
         args,
+        pass_fds: Vec::new(),
+        open_tap: None,
     })
 }
 
@@ -104,6 +137,8 @@ fn blk_spec(i: usize, b: &BlkDevice) -> Result<DeviceSpec, VmError> {
         name: format!("blk{i}"),
         program: program("blk-backend")?,
         args,
+        pass_fds: Vec::new(),
+        open_tap: None,
     })
 }
 
@@ -147,6 +182,7 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
             queues: None,
             serial: Some("scratch".into()),
         }],
+        net: Vec::new(),
     })
 }
 
@@ -159,7 +195,8 @@ pub fn qemu_for(cfg: &VmConfig, sockets: &[PathBuf]) -> Qemu {
         image.kernel = Some(k.clone());
         q = q.image(image);
     }
-    let (fs_sockets, blk_sockets) = sockets.split_at(cfg.fs.len().min(sockets.len()));
+    let (fs_sockets, rest) = sockets.split_at(cfg.fs.len().min(sockets.len()));
+    let (blk_sockets, net_sockets) = rest.split_at(cfg.blk.len().min(rest.len()));
     for (f, socket) in cfg.fs.iter().zip(fs_sockets) {
         let mount = if f.tag == "host" {
             "/mnt/host".to_string()
@@ -174,12 +211,19 @@ pub fn qemu_for(cfg: &VmConfig, sockets: &[PathBuf]) -> Qemu {
         // QEMU reconnects a vhost-user-blk disk to a restarted backend.
         q = q.blk_reconnecting(socket);
     }
+    for (n, socket) in cfg.net.iter().zip(net_sockets) {
+        q = q.net_with_mac(socket, &n.mac);
+    }
     if let Some(c) = &cfg.cmdline {
         for a in c.split_whitespace() {
             q = q.kernel_arg(a);
         }
     }
-    q.user_net()
+    // Without a NIC of its own, the guest gets QEMU's user-mode network.
+    if cfg.net.is_empty() {
+        q = q.user_net();
+    }
+    q
 }
 
 /// A running VM's backends, supervised on a thread of their own.
@@ -202,7 +246,15 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
     }
     let mut sup = Supervisor::new(state, vmm, verbose);
     let mut sockets = Vec::new();
-    for spec in device_specs(cfg)? {
+    for mut spec in device_specs(cfg)? {
+        if let Some(name) = spec.open_tap.clone() {
+            // Opened here, so the backend needs no CAP_NET_ADMIN, and kept
+            // here, so the tap outlives a backend restart.
+            let fd = net_backend::link::Tap::open(&name)
+                .map_err(|source| VmError::Tap { name, source })?
+                .into_fd();
+            spec.pass_fds.push((Arc::new(fd), TAP_FD));
+        }
         eprintln!(
             "orchestrator: starting {}: {}",
             spec.name,

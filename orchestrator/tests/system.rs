@@ -403,3 +403,102 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
     );
     assert!(vm.wait().unwrap().success(), "{}", err.text());
 }
+
+#[test]
+fn a_nic_on_a_tap_the_orchestrator_opens() {
+    if !backends_built() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        orchestrator_tests_require(Err("creating a tap needs root".into()));
+        return;
+    }
+    let dir_net = Path::new(ORCH).parent().unwrap().join("net-backend");
+    if !orchestrator_tests_require(if dir_net.is_file() {
+        Ok(())
+    } else {
+        Err("net-backend is not built (cargo build --workspace)".into())
+    }) {
+        return;
+    }
+    // The orchestrator runs inside a namespace of the test's, so the tap
+    // it creates, and all traffic, stay there.
+    let ns = format!("vmmo{}", std::process::id() % 100_000);
+    assert!(Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = Del(ns.clone());
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tap = format!("t{ns}");
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"nic\"\ncmdline = \"testbed.ip=10.78.0.2/24\"\n\
+             [[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
+             [[net]]\ntap = \"{tap}\"\nmac = \"52:54:00:00:78:02\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let script = "while [ ! -e /mnt/host/go ]; do sleep 0.2; done; \
+        cat /sys/class/net/eth0/address; ping -c 3 -W 5 10.78.0.1 && echo PING=ok";
+    let mut vm = Command::new("ip")
+        .args(["netns", "exec", &ns, ORCH, "run", "-f"])
+        .arg(&cfg)
+        .args(["--timeout", "300", "--", script])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Lines::of(vm.stdout.take().unwrap());
+    let err = Lines::of(vm.stderr.take().unwrap());
+    // The tap exists once net0 is up: give the host side its address.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = VmStatus::read_in(runtime.path(), "nic");
+        if st.is_some_and(|s| {
+            s.devices
+                .iter()
+                .any(|d| d.device == "net0" && d.pid.is_some())
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "net0 never started:\n{}",
+            err.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for args in [
+        vec!["ip", "addr", "add", "10.78.0.1/24", "dev", tap.as_str()],
+        vec!["ip", "link", "set", tap.as_str(), "up"],
+    ] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args:?}");
+    }
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let code = vm.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let text = out.text();
+    assert!(text.contains("52:54:00:00:78:02"), "{text}\n{}", err.text());
+    assert!(text.contains("PING=ok"), "{text}\n{}", err.text());
+    assert!(code.success(), "{text}\n{}", err.text());
+}
