@@ -46,6 +46,10 @@ pub trait ConnectionHooks<T: VhostUserBackend> {
     fn shim(&self) -> bool {
         false
     }
+    /// With the shim: where to leave a copy of the backend channel.
+    fn backend_channel(&self) -> Option<crate::shim::ChannelSlot> {
+        None
+    }
 }
 
 /// No hooks.
@@ -90,7 +94,12 @@ where
             .start(&daemon.get_epoll_handlers())
             .map_err(ServeError::Hook)?;
         let relay = if hooks.shim() {
-            Some(start_through_shim(&mut daemon, listener, served)?)
+            Some(start_through_shim(
+                &mut daemon,
+                listener,
+                served,
+                hooks.backend_channel(),
+            )?)
         } else {
             let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
             daemon
@@ -123,6 +132,7 @@ fn start_through_shim<T>(
     daemon: &mut VhostUserDaemon<T>,
     listener: &UnixListener,
     n: u64,
+    channel: Option<crate::shim::ChannelSlot>,
 ) -> Result<std::thread::JoinHandle<()>, ServeError>
 where
     T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
@@ -144,5 +154,7 @@ where
         .join()
         .map_err(|_| ServeError::Accept("the shim's connector panicked".into()))?
         .map_err(|e| ServeError::Accept(e.to_string()))?;
-    Ok(std::thread::spawn(move || crate::shim::relay(front, back)))
+    Ok(std::thread::spawn(move || {
+        crate::shim::relay(front, back, channel)
+    }))
 }

@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 const SET_FEATURES: u32 = 2;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -108,9 +109,14 @@ fn write_message(s: &UnixStream, m: &Message) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the shim leaves a copy of the backend channel (the socket the
+/// frontend passes in SET_BACKEND_REQ_FD), so the backend can send its own
+/// requests (a config-change notice) on it.
+pub type ChannelSlot = std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>;
+
 /// Relay between `front` (the frontend) and `back` (the library's end)
 /// until either closes; returns when both directions are done.
-pub fn relay(front: UnixStream, back: UnixStream) {
+pub fn relay(front: UnixStream, back: UnixStream, channel: Option<ChannelSlot>) {
     let (f2, b2) = match (front.try_clone(), back.try_clone()) {
         (Ok(f), Ok(b)) => (f, b),
         _ => return,
@@ -146,6 +152,13 @@ pub fn relay(front: UnixStream, back: UnixStream) {
             held.push(m);
             continue;
         }
+        if req == SET_BACKEND_REQ_FD {
+            if let (Some(slot), Some(fd)) = (&channel, m.fds.first()) {
+                if let (Ok(copy), Ok(mut s)) = (fd.try_clone(), slot.lock()) {
+                    *s = Some(copy);
+                }
+            }
+        }
         if write_message(&back, &m).is_err() {
             break;
         }
@@ -163,6 +176,27 @@ pub fn relay(front: UnixStream, back: UnixStream) {
     let _ = back.shutdown(std::net::Shutdown::Both);
     let _ = front.shutdown(std::net::Shutdown::Both);
     let _ = up.join();
+    if let Some(slot) = channel {
+        if let Ok(mut s) = slot.lock() {
+            *s = None;
+        }
+    }
+}
+
+/// Send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on a backend channel: the
+/// frontend re-reads the config space and tells the guest.
+pub fn send_config_change(channel: &OwnedFd) -> io::Result<()> {
+    const CONFIG_CHANGE_MSG: u32 = 2;
+    let mut hdr = [0u8; HDR];
+    hdr[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
+    hdr[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
+    // SAFETY: writes our 12 bytes to a socket we hold.
+    let n = unsafe { libc::write(channel.as_raw_fd(), hdr.as_ptr().cast(), HDR) };
+    if n == HDR as isize {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -181,7 +215,7 @@ mod tests {
     fn an_early_enable_waits_for_set_features() {
         let (mut front_peer, front) = UnixStream::pair().unwrap();
         let (back, mut back_peer) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || relay(front, back));
+        let t = std::thread::spawn(move || relay(front, back, None));
         let enable = msg(
             SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_NEED_REPLY,

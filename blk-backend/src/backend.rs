@@ -326,6 +326,8 @@ pub struct BlkBackend {
     /// The longest a queue thread keeps looking for work after the last.
     poll: Duration,
     polls: Vec<Poll>,
+    /// The frontend's backend channel, left by the message shim.
+    channel: backend_common::shim::ChannelSlot,
     pub faults: Faults,
 }
 
@@ -340,6 +342,7 @@ impl BlkBackend {
         BlkBackend {
             disk,
             polls: engines.iter().map(|_| Poll::default()).collect(),
+            channel: Default::default(),
             queues: engines
                 .into_iter()
                 .map(|engine| {
@@ -381,6 +384,22 @@ impl BlkBackend {
         c[52..56].copy_from_slice(&(request::MAX_RANGE_SEGMENTS as u32).to_le_bytes());
         c[56] = 1;
         c
+    }
+
+    /// Tell the frontend the config space changed (the image was resized),
+    /// if it gave us a backend channel. Returns whether a notice went out.
+    pub fn config_changed(&self) -> bool {
+        let Ok(slot) = self.channel.lock() else {
+            return false;
+        };
+        match slot.as_ref().map(backend_common::shim::send_config_change) {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                warn!(error = %e, "cannot send the config-change notice");
+                false
+            }
+            None => false,
+        }
     }
 
     /// Register each queue's completion eventfd with its worker thread.
@@ -778,9 +797,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ: the frontend gives us a channel for config-change
+        // notices (a resized image reaches the guest at once).
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -884,5 +906,14 @@ impl backend_common::ConnectionHooks<Arc<BlkBackend>> for Hooks {
 
     fn end(&self) {
         self.0.drain_all();
+    }
+
+    /// The shim catches the backend channel for config-change notices.
+    fn shim(&self) -> bool {
+        true
+    }
+
+    fn backend_channel(&self) -> Option<backend_common::shim::ChannelSlot> {
+        Some(Arc::clone(&self.0.channel))
     }
 }

@@ -87,9 +87,6 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         SeccompAction::None => backend_common::seccomp::Action::None,
     };
     backend_common::seccomp::install(&seccomp::allowlist(), action)?;
-    if cfg.resize_poll_ms > 0 {
-        watch_size(Arc::clone(&disk), Duration::from_millis(cfg.resize_poll_ms));
-    }
     info!(
         image = %cfg.image.display(),
         bytes = disk.capacity(),
@@ -101,6 +98,12 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         "serving"
     );
     let backend = Arc::new(BlkBackend::new(disk, engines, cfg.queue_size, cfg.poll));
+    if cfg.resize_poll_ms > 0 {
+        watch_size(
+            Arc::clone(&backend),
+            Duration::from_millis(cfg.resize_poll_ms),
+        );
+    }
     backend_common::serve_with_hooks(
         "blk-backend",
         &listener,
@@ -235,14 +238,20 @@ fn make_engines(cfg: &Config) -> Result<Vec<Box<dyn io::Engine>>, RunError> {
 }
 
 /// Re-read the image's size now and then, so GET_CONFIG reports a grown or
-/// shrunk image and requests are checked against its real end.
-fn watch_size(disk: Arc<Disk>, every: Duration) {
+/// shrunk image, requests are checked against its real end, and the
+/// frontend hears of the change.
+fn watch_size(backend: Arc<BlkBackend>, every: Duration) {
     let spawned = std::thread::Builder::new()
         .name("resize".into())
         .spawn(move || loop {
             std::thread::sleep(every);
+            let disk = &backend.disk;
             match disk.refresh_capacity() {
-                Ok(true) => info!(bytes = disk.capacity(), "the image changed size"),
+                Ok(true) => info!(
+                    bytes = disk.capacity(),
+                    notified = backend.config_changed(),
+                    "the image changed size"
+                ),
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "cannot read the image's size"),
             }

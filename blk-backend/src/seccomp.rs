@@ -24,6 +24,14 @@ const IMAGE_IO: &[c_long] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
+    // The vhost-user message shim's private socket, one per frontend.
+    libc::SYS_socket,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_connect,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
     // Engines waiting for completions while a frontend's I/O drains.
     libc::SYS_poll,
     libc::SYS_ppoll,

@@ -307,3 +307,60 @@ cat /tmp/log.0 /tmp/log.1 /tmp/log.2 /tmp/log.3
         }
     }
 }
+
+#[test]
+fn a_resized_image_reaches_the_running_guest() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let b = backend(&img, &["--resize-poll-ms=100"]);
+    // Once the guest has marked the disk, grow the image under it.
+    let grower = {
+        let img = img.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(240);
+            while std::time::Instant::now() < deadline {
+                let head = std::fs::read(&img)
+                    .map(|d| d[..10].to_vec())
+                    .unwrap_or_default();
+                if head == b"GUESTREADY" {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&img)
+                        .unwrap()
+                        .set_len(2 * DISK)
+                        .unwrap();
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        })
+    };
+    let run = boot(
+        Qemu::new(),
+        &b,
+        r#"
+before=$(cat /sys/block/vda/size)
+echo "BEFORE=$before"
+printf GUESTREADY | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null
+i=0
+while [ $i -lt 300 ] && [ "$(cat /sys/block/vda/size)" = "$before" ]; do sleep 0.1; i=$((i+1)); done
+echo "AFTER=$(cat /sys/block/vda/size)"
+"#,
+    );
+    let out = run.script_output();
+    assert!(
+        grower.join().unwrap(),
+        "the guest never marked the disk:\n{out}"
+    );
+    assert_eq!(line_after(&out, "BEFORE="), (DISK / 512).to_string());
+    assert_eq!(
+        line_after(&out, "AFTER="),
+        (2 * DISK / 512).to_string(),
+        "{out}\n--- blk-backend ---\n{}",
+        b.output()
+    );
+}
