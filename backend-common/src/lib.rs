@@ -202,6 +202,16 @@ mod tests {
     }
 }
 
+/// The bytes of a config space a GET_CONFIG asks for: `size` bytes from
+/// `offset`, zeros past the end, as a real device reads.
+pub fn config_slice(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(config.len());
+    let end = start.saturating_add(size as usize).min(config.len());
+    let mut out = config[start..end].to_vec();
+    out.resize(size as usize, 0);
+    out
+}
+
 /// A count of one kind of guest fault, so logs stay readable when a hostile
 /// or broken guest sends a flood of bad requests.
 #[derive(Debug, Default)]

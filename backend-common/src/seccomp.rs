@@ -21,8 +21,9 @@ pub enum SeccompError {
     Install(#[source] seccompiler::Error),
 }
 
-/// What the kernel does with a syscall outside the allowlist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the kernel does with a syscall outside the allowlist (every
+/// backend's `--seccomp` flag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Action {
     /// Kill the whole process (SECCOMP_RET_KILL_PROCESS): a half-dead
     /// backend is worse than a restarted one.

@@ -29,12 +29,7 @@ pub enum SandboxMode {
 }
 
 /// What seccomp does with a syscall outside the allowlist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SeccompAction {
-    Kill,
-    Log,
-    None,
-}
+pub use backend_common::seccomp::Action as SeccompAction;
 
 /// blk-backend: a vhost-user virtio-blk backend over a raw image or a
 /// block device, one process per disk.

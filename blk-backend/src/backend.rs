@@ -810,12 +810,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.config_space();
-        let start = (offset as usize).min(c.len());
-        let end = start.saturating_add(size as usize).min(c.len());
-        let mut out = c[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        backend_common::config_slice(&self.config_space(), offset, size)
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use args::{IoEngine, SandboxMode, SeccompAction};
+use args::{IoEngine, SandboxMode};
 use backend::{BlkBackend, Disk, Hooks};
 use backend_common::sandbox;
 use tracing::{info, warn};
@@ -81,12 +81,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     if let Some(n) = &notifier {
         n.ready();
     }
-    let action = match cfg.seccomp {
-        SeccompAction::Kill => backend_common::seccomp::Action::Kill,
-        SeccompAction::Log => backend_common::seccomp::Action::Log,
-        SeccompAction::None => backend_common::seccomp::Action::None,
-    };
-    backend_common::seccomp::install(&seccomp::allowlist(), action)?;
+    backend_common::seccomp::install(&seccomp::allowlist(), cfg.seccomp)?;
     info!(
         image = %cfg.image.display(),
         bytes = disk.capacity(),

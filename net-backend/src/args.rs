@@ -18,12 +18,7 @@ pub enum SandboxMode {
 }
 
 /// What seccomp does with a syscall outside the allowlist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SeccompAction {
-    Kill,
-    Log,
-    None,
-}
+pub use backend_common::seccomp::Action as SeccompAction;
 
 /// net-backend: a vhost-user virtio-net backend, one process per NIC.
 #[derive(Debug, Parser)]

@@ -11,7 +11,7 @@ pub mod link;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use args::{LinkChoice, SandboxMode, SeccompAction};
+use args::{LinkChoice, SandboxMode};
 use backend::{Hooks, NetBackend};
 use backend_common::sandbox;
 use libc::c_long;
@@ -80,12 +80,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     if let Some(n) = &notifier {
         n.ready();
     }
-    let action = match cfg.seccomp {
-        SeccompAction::Kill => backend_common::seccomp::Action::Kill,
-        SeccompAction::Log => backend_common::seccomp::Action::Log,
-        SeccompAction::None => backend_common::seccomp::Action::None,
-    };
-    backend_common::seccomp::install(&allowlist(), action)?;
+    backend_common::seccomp::install(&allowlist(), cfg.seccomp)?;
     tracing::info!(link = link.name(), mac = ?cfg.mac, mtu = cfg.mtu, "serving");
     let backend = Arc::new(NetBackend::new(link, cfg.mac, cfg.mtu, cfg.queue_size));
     backend_common::serve_with_hooks(

@@ -34,14 +34,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Status(a) => status(&a.name),
         Command::Logs(a) => logs(&a),
         Command::ShowCmd(a) => {
-            let dir = state::dir_of("default");
-            let cfg = match &a.file {
-                Some(f) => config::load(f)?,
-                None => {
-                    std::fs::create_dir_all(&dir)?;
-                    vm::default_config(&dir)?
-                }
-            };
+            let cfg = load_or_default(a.file.as_deref())?;
             let spec = vm::device_specs(&cfg)?
                 .into_iter()
                 .find(|s| s.name == a.device)
@@ -50,14 +43,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Units(a) => {
-            let dir = state::dir_of("default");
-            let cfg = match &a.file {
-                Some(f) => config::load(f)?,
-                None => {
-                    std::fs::create_dir_all(&dir)?;
-                    vm::default_config(&dir)?
-                }
-            };
+            let cfg = load_or_default(a.file.as_deref())?;
             let specs = vm::device_specs(&cfg)?;
             let run_dir = a.run_dir.join(&cfg.name);
             let sockets: Vec<_> = specs
@@ -115,6 +101,19 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The VM of `file`, or the default one (whose scratch disk lives in the
+/// default VM's state directory).
+fn load_or_default(file: Option<&std::path::Path>) -> anyhow::Result<config::VmConfig> {
+    Ok(match file {
+        Some(f) => config::load(f)?,
+        None => {
+            let dir = state::dir_of("default");
+            std::fs::create_dir_all(&dir)?;
+            vm::default_config(&dir)?
+        }
+    })
 }
 
 fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {

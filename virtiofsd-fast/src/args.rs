@@ -40,12 +40,7 @@ pub enum SandboxMode {
 }
 
 /// What seccomp does with a syscall outside the allowlist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SeccompAction {
-    Kill,
-    Log,
-    None,
-}
+pub use backend_common::seccomp::Action as SeccompAction;
 
 /// Use of file handles to name inodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -13,7 +13,7 @@ pub mod share;
 
 use std::sync::Arc;
 
-use args::{SandboxMode, SeccompAction};
+use args::SandboxMode;
 use backend_common::sandbox::{self, cap};
 
 pub use args::{Args, Config};
@@ -66,12 +66,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     }
     // Last, once nothing is left to set up: from here on only the
     // syscalls serving the guest needs are allowed.
-    let action = match cfg.seccomp {
-        SeccompAction::Kill => backend_common::seccomp::Action::Kill,
-        SeccompAction::Log => backend_common::seccomp::Action::Log,
-        SeccompAction::None => backend_common::seccomp::Action::None,
-    };
-    backend_common::seccomp::install(&seccomp::allowlist(), action)?;
+    backend_common::seccomp::install(&seccomp::allowlist(), cfg.seccomp)?;
     let backend = Arc::new(backend::FsBackend::new(
         fs,
         cfg.tag.clone(),
