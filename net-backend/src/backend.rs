@@ -152,18 +152,14 @@ impl NetBackend {
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
             used = true;
-            let iov = match buffers(&mem, chain, false) {
+            let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+            let iov = match tx_frame(&mem, descs) {
                 Ok(v) => v,
                 Err(why) => {
                     self.bad_chain(&mut state, head, why);
                     continue;
                 }
             };
-            let len: usize = iov.iter().map(|v| v.iov_len).sum();
-            if !(VNET_HDR_LEN + 14..=MAX_FRAME).contains(&len) {
-                self.bad_chain(&mut state, head, "frame too short or too long");
-                continue;
-            }
             match self.link.send(&iov) {
                 Ok(_) => {
                     self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -315,16 +311,29 @@ fn buffers(
     chain: DescriptorChain<Mem>,
     writable: bool,
 ) -> Result<Vec<libc::iovec>, &'static str> {
+    buffers_of(
+        mem,
+        chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
+        writable,
+    )
+}
+
+/// [`buffers`] over any descriptor list: (address, length, device-writable).
+pub fn buffers_of(
+    mem: &GuestMemoryMmap,
+    descs: impl IntoIterator<Item = (vm_memory::GuestAddress, u32, bool)>,
+    writable: bool,
+) -> Result<Vec<libc::iovec>, &'static str> {
     let mut v = Vec::new();
-    for d in chain {
-        if d.is_write_only() != writable {
+    for (addr, len, write_only) in descs {
+        if write_only != writable {
             return Err(if writable {
                 "a readable buffer on the receive queue"
             } else {
                 "a writable buffer on the transmit queue"
             });
         }
-        for slice in mem.get_slices(d.addr(), d.len() as usize) {
+        for slice in mem.get_slices(addr, len as usize) {
             let slice = slice.map_err(|_| "a buffer outside guest memory")?;
             v.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
@@ -339,6 +348,20 @@ fn buffers(
         return Err("no buffers");
     }
     Ok(v)
+}
+
+/// The transmit path's checks on a chain: its buffers, and a length that
+/// holds a header and an Ethernet header and is no larger than a frame.
+pub fn tx_frame(
+    mem: &GuestMemoryMmap,
+    descs: impl IntoIterator<Item = (vm_memory::GuestAddress, u32, bool)>,
+) -> Result<Vec<libc::iovec>, &'static str> {
+    let iov = buffers_of(mem, descs, false)?;
+    let len: usize = iov.iter().map(|v| v.iov_len).sum();
+    if !(VNET_HDR_LEN + 14..=MAX_FRAME).contains(&len) {
+        return Err("frame too short or too long");
+    }
+    Ok(iov)
 }
 
 impl VhostUserBackend for NetBackend {

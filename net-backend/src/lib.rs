@@ -6,6 +6,7 @@
 
 pub mod args;
 pub mod backend;
+pub mod fuzz;
 pub mod link;
 
 use std::os::fd::AsRawFd;
