@@ -50,6 +50,10 @@ pub trait ConnectionHooks<T: VhostUserBackend> {
     fn backend_channel(&self) -> Option<crate::shim::ChannelSlot> {
         None
     }
+    /// With the shim: keep the inflight area (offered to the frontend) here.
+    fn inflight(&self) -> Option<crate::shim::InflightSlot> {
+        None
+    }
 }
 
 /// No hooks.
@@ -99,6 +103,7 @@ where
                 listener,
                 served,
                 hooks.backend_channel(),
+                hooks.inflight(),
             )?)
         } else {
             let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
@@ -133,6 +138,7 @@ fn start_through_shim<T>(
     listener: &UnixListener,
     n: u64,
     channel: Option<crate::shim::ChannelSlot>,
+    inflight: Option<crate::shim::InflightSlot>,
 ) -> Result<std::thread::JoinHandle<()>, ServeError>
 where
     T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
@@ -155,6 +161,6 @@ where
         .map_err(|_| ServeError::Accept("the shim's connector panicked".into()))?
         .map_err(|e| ServeError::Accept(e.to_string()))?;
     Ok(std::thread::spawn(move || {
-        crate::shim::relay(front, back, channel)
+        crate::shim::relay(front, back, channel, inflight)
     }))
 }

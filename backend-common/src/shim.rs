@@ -17,7 +17,13 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 const SET_FEATURES: u32 = 2;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_BACKEND_REQ_FD: u32 = 21;
+const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
+/// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
+const PROTOCOL_INFLIGHT: u64 = 0x1000;
 const SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -114,16 +120,148 @@ fn write_message(s: &UnixStream, m: &Message) -> io::Result<()> {
 /// requests (a config-change notice) on it.
 pub type ChannelSlot = std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>;
 
+/// The vhost-user inflight area (GET_INFLIGHT_FD / SET_INFLIGHT_FD), which
+/// the library does not implement: the shim answers those messages and
+/// leaves the area here for the backend to record requests in.
+#[derive(Debug)]
+pub struct Inflight {
+    pub fd: OwnedFd,
+    pub size: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+/// Where the shim leaves the inflight area.
+pub type InflightSlot = std::sync::Arc<std::sync::Mutex<Option<Inflight>>>;
+
+/// Bytes of one queue's part of the inflight area: a 16-byte header, then
+/// 16 bytes per descriptor (the layout of the vhost-user specification for
+/// split rings), rounded up to 64.
+pub fn inflight_queue_bytes(queue_size: u16) -> u64 {
+    (16 + 16 * u64::from(queue_size)).next_multiple_of(64)
+}
+
+fn new_inflight(num_queues: u16, queue_size: u16) -> io::Result<Inflight> {
+    let size = u64::from(num_queues) * inflight_queue_bytes(queue_size);
+    // SAFETY: a constant C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"vhost-user-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sizing our memfd; it reads as zeros.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Inflight {
+        fd,
+        size,
+        num_queues,
+        queue_size,
+    })
+}
+
+/// The body of GET/SET_INFLIGHT_FD: mmap_size, mmap_offset, num_queues,
+/// queue_size.
+fn inflight_body(b: &[u8]) -> Option<(u64, u16, u16)> {
+    Some((
+        u64::from_le_bytes(b.get(0..8)?.try_into().ok()?),
+        u16::from_le_bytes(b.get(16..18)?.try_into().ok()?),
+        u16::from_le_bytes(b.get(18..20)?.try_into().ok()?),
+    ))
+}
+
+fn ack(front: &UnixStream, m: &Message) -> io::Result<()> {
+    if m.flags() & FLAG_NEED_REPLY == 0 {
+        return Ok(());
+    }
+    let mut reply = Message {
+        hdr: m.hdr,
+        body: 0u64.to_le_bytes().to_vec(),
+        fds: Vec::new(),
+    };
+    reply.set_flags(FLAG_VERSION | FLAG_REPLY);
+    reply.hdr[8..12].copy_from_slice(&8u32.to_le_bytes());
+    write_message(front, &reply)
+}
+
+/// Answer an inflight message on the library's behalf. Returns whether it
+/// was one (and so must not be passed on).
+fn answer_inflight(front: &UnixStream, m: &mut Message, slot: &InflightSlot) -> io::Result<bool> {
+    match m.request() {
+        GET_INFLIGHT_FD => {
+            let (_, nq, qs) = inflight_body(&m.body).ok_or(io::ErrorKind::InvalidData)?;
+            let area = new_inflight(nq, qs)?;
+            let mut body = vec![0u8; 24];
+            body[0..8].copy_from_slice(&area.size.to_le_bytes());
+            body[16..18].copy_from_slice(&nq.to_le_bytes());
+            body[18..20].copy_from_slice(&qs.to_le_bytes());
+            let mut reply = Message {
+                hdr: m.hdr,
+                body,
+                fds: vec![area.fd.try_clone()?],
+            };
+            reply.set_flags(FLAG_VERSION | FLAG_REPLY);
+            reply.hdr[8..12].copy_from_slice(&24u32.to_le_bytes());
+            write_message(front, &reply)?;
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(area);
+            }
+            Ok(true)
+        }
+        SET_INFLIGHT_FD => {
+            let (size, nq, qs) = inflight_body(&m.body).ok_or(io::ErrorKind::InvalidData)?;
+            if let (Some(fd), Ok(mut s)) = (m.fds.pop(), slot.lock()) {
+                *s = Some(Inflight {
+                    fd,
+                    size,
+                    num_queues: nq,
+                    queue_size: qs,
+                });
+            }
+            ack(front, m)?;
+            Ok(true)
+        }
+        SET_PROTOCOL_FEATURES => {
+            // The library knows nothing of the inflight area.
+            let mut v = u64::from_le_bytes(
+                m.body
+                    .get(0..8)
+                    .and_then(|b| b.try_into().ok())
+                    .unwrap_or([0; 8]),
+            );
+            v &= !PROTOCOL_INFLIGHT;
+            if m.body.len() >= 8 {
+                m.body[0..8].copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(false)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Relay between `front` (the frontend) and `back` (the library's end)
 /// until either closes; returns when both directions are done.
-pub fn relay(front: UnixStream, back: UnixStream, channel: Option<ChannelSlot>) {
+pub fn relay(
+    front: UnixStream,
+    back: UnixStream,
+    channel: Option<ChannelSlot>,
+    inflight: Option<InflightSlot>,
+) {
     let (f2, b2) = match (front.try_clone(), back.try_clone()) {
         (Ok(f), Ok(b)) => (f, b),
         _ => return,
     };
-    // Backend to frontend: replies, passed as they are.
+    let offer_inflight = inflight.is_some();
+    // Backend to frontend: replies, passed as they are, except that the
+    // protocol features include the inflight area when the shim keeps it.
     let up = std::thread::spawn(move || {
-        while let Ok(Some(m)) = read_message(&b2) {
+        while let Ok(Some(mut m)) = read_message(&b2) {
+            if offer_inflight && m.request() == GET_PROTOCOL_FEATURES && m.body.len() >= 8 {
+                let v = u64::from_le_bytes(m.body[0..8].try_into().unwrap_or([0; 8]));
+                m.body[0..8].copy_from_slice(&(v | PROTOCOL_INFLIGHT).to_le_bytes());
+            }
             if write_message(&f2, &m).is_err() {
                 break;
             }
@@ -151,6 +289,13 @@ pub fn relay(front: UnixStream, back: UnixStream, channel: Option<ChannelSlot>) 
             }
             held.push(m);
             continue;
+        }
+        if let Some(slot) = &inflight {
+            match answer_inflight(&front, &mut m, slot) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(_) => break,
+            }
         }
         if req == SET_BACKEND_REQ_FD {
             if let (Some(slot), Some(fd)) = (&channel, m.fds.first()) {
@@ -215,7 +360,7 @@ mod tests {
     fn an_early_enable_waits_for_set_features() {
         let (mut front_peer, front) = UnixStream::pair().unwrap();
         let (back, mut back_peer) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || relay(front, back, None));
+        let t = std::thread::spawn(move || relay(front, back, None, None));
         let enable = msg(
             SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_NEED_REPLY,

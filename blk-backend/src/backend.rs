@@ -211,6 +211,75 @@ struct QueueState {
     free: Vec<usize>,
     done: Vec<(u64, IoResult)>,
     generation: u64,
+    /// This queue's part of the vhost-user inflight area, when the frontend
+    /// set one up.
+    inflight: Option<InflightQueue>,
+    inflight_counter: u64,
+}
+
+/// One queue's part of the inflight area (the vhost-user specification's
+/// split-ring layout): a 16-byte header (features, version, desc_num,
+/// last_batch_head, used_idx), then per descriptor 16 bytes (inflight, 5
+/// padding, next, counter). Every head taken from the avail ring is marked
+/// in flight with a rising counter until its used entry is written, so a
+/// backend that restarts can find and resubmit what was lost.
+#[derive(Clone, Copy)]
+struct InflightQueue {
+    base: *mut u8,
+    size: u16,
+}
+
+// SAFETY: the pointer leads into a shared mapping that outlives every use:
+// it is cleared from each queue (under the queue's lock) before the mapping
+// goes.
+unsafe impl Send for InflightQueue {}
+
+impl InflightQueue {
+    fn desc(&self, head: u16) -> Option<*mut u8> {
+        // SAFETY: head < size keeps the entry inside this queue's part.
+        (head < self.size).then(|| unsafe { self.base.add(16 + 16 * usize::from(head)) })
+    }
+
+    fn avail(&self, head: u16, counter: u64) {
+        if let Some(d) = self.desc(head) {
+            // SAFETY: inside the mapping (see `desc`); the counter field is
+            // 8-byte aligned (the mapping is page-aligned, entries 16 bytes).
+            unsafe {
+                std::ptr::write_volatile(d.add(8).cast::<u64>(), counter);
+                std::ptr::write_volatile(d, 1u8);
+            }
+        }
+    }
+
+    fn used(&self, head: u16, used_idx: u16) {
+        if let Some(d) = self.desc(head) {
+            // SAFETY: as in `avail`; used_idx sits at byte 14 of the header.
+            unsafe {
+                std::ptr::write_volatile(d, 0u8);
+                std::ptr::write_volatile(self.base.add(14).cast::<u16>(), used_idx);
+            }
+        }
+    }
+}
+
+/// The mapped inflight area of the current frontend.
+struct InflightMap {
+    ptr: *mut u8,
+    len: usize,
+    queue_bytes: usize,
+    num_queues: usize,
+    queue_size: u16,
+}
+
+// SAFETY: a plain shared mapping, only ever touched through InflightQueue.
+unsafe impl Send for InflightMap {}
+
+impl Drop for InflightMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this value made; no queue points
+        // into it any more (see InflightQueue).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 impl QueueState {
@@ -328,6 +397,9 @@ pub struct BlkBackend {
     polls: Vec<Poll>,
     /// The frontend's backend channel, left by the message shim.
     channel: backend_common::shim::ChannelSlot,
+    /// The inflight area the message shim keeps, and its mapping.
+    inflight_slot: backend_common::shim::InflightSlot,
+    inflight_map: Mutex<Option<InflightMap>>,
     pub faults: Faults,
 }
 
@@ -343,6 +415,8 @@ impl BlkBackend {
             disk,
             polls: engines.iter().map(|_| Poll::default()).collect(),
             channel: Default::default(),
+            inflight_slot: Default::default(),
+            inflight_map: Mutex::new(None),
             queues: engines
                 .into_iter()
                 .map(|engine| {
@@ -352,6 +426,8 @@ impl BlkBackend {
                         free: Vec::new(),
                         done: Vec::new(),
                         generation: 0,
+                        inflight: None,
+                        inflight_counter: 0,
                     })
                 })
                 .collect(),
@@ -399,6 +475,74 @@ impl BlkBackend {
                 false
             }
             None => false,
+        }
+    }
+
+    /// Queue `q`'s part of the inflight area, mapping the area the shim
+    /// keeps the first time a queue asks.
+    fn inflight_for(&self, q: usize) -> Option<InflightQueue> {
+        let mut map = self.inflight_map.lock().ok()?;
+        if map.is_none() {
+            let slot = self.inflight_slot.lock().ok()?;
+            let area = slot.as_ref()?;
+            let len = area.size as usize;
+            if len == 0 {
+                return None;
+            }
+            // SAFETY: mapping the memfd the frontend shares with us, with
+            // the size it declared; checked for failure.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    area.fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                warn!(error = %io::Error::last_os_error(), "cannot map the inflight area");
+                return None;
+            }
+            let queue_bytes = backend_common::shim::inflight_queue_bytes(area.queue_size) as usize;
+            let m = InflightMap {
+                ptr: ptr.cast(),
+                len,
+                queue_bytes,
+                num_queues: usize::from(area.num_queues).min(len / queue_bytes.max(1)),
+                queue_size: area.queue_size,
+            };
+            for i in 0..m.num_queues {
+                // SAFETY: each queue's header lies inside the mapping.
+                unsafe {
+                    let h = m.ptr.add(i * queue_bytes);
+                    std::ptr::write_volatile(h.add(8).cast::<u16>(), 1);
+                    std::ptr::write_volatile(h.add(10).cast::<u16>(), m.queue_size);
+                }
+            }
+            *map = Some(m);
+        }
+        let m = map.as_ref()?;
+        (q < m.num_queues).then(|| InflightQueue {
+            // SAFETY: queue q's part lies inside the mapping.
+            base: unsafe { m.ptr.add(q * m.queue_bytes) },
+            size: m.queue_size,
+        })
+    }
+
+    /// Forget the previous frontend's inflight area.
+    fn reset_inflight(&self) {
+        for q in &self.queues {
+            if let Ok(mut s) = q.lock() {
+                s.inflight = None;
+            }
+        }
+        if let Ok(mut m) = self.inflight_map.lock() {
+            *m = None;
+        }
+        if let Ok(mut s) = self.inflight_slot.lock() {
+            *s = None;
         }
     }
 
@@ -455,6 +599,10 @@ impl BlkBackend {
         let mut state = self.queues[q]
             .lock()
             .map_err(|_| io::Error::other("queue lock poisoned"))?;
+        if state.inflight.is_none() {
+            state.inflight = self.inflight_for(q);
+        }
+        let ifl = state.inflight;
         let mut vstate = vring.get_mut();
         let geometry = self.disk.geometry();
         let mut used_any = self.complete(q, &mut state, &mut vstate);
@@ -462,6 +610,10 @@ impl BlkBackend {
         while let Some(chain) = vstate.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
             took += 1;
+            if let Some(i) = ifl {
+                state.inflight_counter += 1;
+                i.avail(head, state.inflight_counter);
+            }
             let descs = chain.map(|d| Desc {
                 addr: d.addr(),
                 len: d.len(),
@@ -473,14 +625,14 @@ impl BlkBackend {
                     if let Some(count) = self.faults.bad_chains.hit() {
                         warn!(queue = q, head, error = %e, count, "dropping an unusable request");
                     }
-                    used_any |= add_used(&mut vstate, head, 0);
+                    used_any |= add_used(&mut vstate, head, 0, ifl);
                     continue;
                 }
             };
             let mut finish = |st: u8, written: u32| {
                 // The status address was checked by the parser.
                 let _ = mem.write_obj(st, req.status);
-                add_used(&mut vstate, head, written + 1)
+                add_used(&mut vstate, head, written + 1, ifl)
             };
             let plan = match request::plan(&*mem, &req, &geometry) {
                 Ok(p) => p,
@@ -607,6 +759,7 @@ impl BlkBackend {
     /// used entry was written.
     fn complete(&self, q: usize, state: &mut QueueState, vstate: &mut VringState) -> bool {
         let mut used_any = false;
+        let ifl = state.inflight;
         let mut done = std::mem::take(&mut state.done);
         state.engine.reap(&mut done);
         let mut resubmit = false;
@@ -636,14 +789,14 @@ impl BlkBackend {
                                 continue;
                             };
                             let _ = f2.mem.write_obj(status::IOERR, f2.status);
-                            used_any |= add_used(vstate, f2.head, 1);
+                            used_any |= add_used(vstate, f2.head, 1, ifl);
                             continue;
                         }
                     }
                 }
             };
             let _ = f.mem.write_obj(st, f.status);
-            used_any |= add_used(vstate, f.head, f.written + 1);
+            used_any |= add_used(vstate, f.head, f.written + 1, ifl);
         }
         state.done = done;
         if resubmit {
@@ -720,9 +873,14 @@ enum Outcome {
     Again(Op),
 }
 
-fn add_used(vstate: &mut VringState, head: u16, len: u32) -> bool {
+fn add_used(vstate: &mut VringState, head: u16, len: u32, ifl: Option<InflightQueue>) -> bool {
     match vstate.add_used(head, len) {
-        Ok(()) => true,
+        Ok(()) => {
+            if let Some(i) = ifl {
+                i.used(head, vstate.get_queue().next_used());
+            }
+            true
+        }
         Err(e) => {
             warn!(head, error = %e, "cannot return a used buffer");
             false
@@ -896,6 +1054,7 @@ pub struct Hooks(pub Arc<BlkBackend>);
 
 impl backend_common::ConnectionHooks<Arc<BlkBackend>> for Hooks {
     fn start(&self, handlers: &[Arc<VringEpollHandler<Arc<BlkBackend>>>]) -> io::Result<()> {
+        self.0.reset_inflight();
         self.0.register_engines(handlers)
     }
 
@@ -910,5 +1069,9 @@ impl backend_common::ConnectionHooks<Arc<BlkBackend>> for Hooks {
 
     fn backend_channel(&self) -> Option<backend_common::shim::ChannelSlot> {
         Some(Arc::clone(&self.0.channel))
+    }
+
+    fn inflight(&self) -> Option<backend_common::shim::InflightSlot> {
+        Some(Arc::clone(&self.0.inflight_slot))
     }
 }

@@ -32,6 +32,9 @@ const IMAGE_IO: &[c_long] = &[
     libc::SYS_shutdown,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
+    // The inflight area the shim makes for GET_INFLIGHT_FD.
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
     // Engines waiting for completions while a frontend's I/O drains.
     libc::SYS_poll,
     libc::SYS_ppoll,

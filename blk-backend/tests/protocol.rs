@@ -476,3 +476,53 @@ fn bad_command_lines_and_images_are_clear_errors() {
     assert_eq!(code, Some(1));
     assert!(err.contains("in use by another process"), "{err}");
 }
+
+/// Every head the backend takes is recorded in the vhost-user inflight area
+/// (the shim answers GET/SET_INFLIGHT_FD), and cleared once used.
+#[test]
+fn requests_are_tracked_in_the_inflight_area() {
+    use std::os::unix::fs::FileExt;
+    let img = image();
+    let mut b = start(img.path(), &["--num-queues=2"]);
+    let mut c = BlkClient::connect_with(&mut b, 2, 8, 1 << 20, true)
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+    let (info, file) = {
+        let (i, f) = c.dev.inflight.as_ref().expect("the inflight area is offered");
+        (*i, f.try_clone().unwrap())
+    };
+    let (queues, qsize) = (info.num_queues as usize, info.queue_size as usize);
+    assert_eq!(queues, 2);
+    let per_queue = (16 + 16 * qsize).next_multiple_of(64);
+    assert_eq!(info.mmap_size as usize, queues * per_queue);
+    for i in 0..8u64 {
+        c.write(i * 8, &[i as u8; 4096]).unwrap();
+    }
+    c.flush().unwrap();
+    let mut area = vec![0u8; info.mmap_size as usize];
+    file.read_exact_at(&mut area, 0).unwrap();
+    let q0 = &area[..per_queue];
+    assert_eq!(u16::from_le_bytes([q0[8], q0[9]]), 1, "version");
+    assert_eq!(
+        usize::from(u16::from_le_bytes([q0[10], q0[11]])),
+        qsize,
+        "desc_num"
+    );
+    assert_eq!(
+        u16::from_le_bytes([q0[14], q0[15]]),
+        9,
+        "used_idx after 9 requests"
+    );
+    let mut counters = Vec::new();
+    for d in 0..qsize {
+        let e = &q0[16 + 16 * d..32 + 16 * d];
+        let counter = u64::from_le_bytes(e[8..16].try_into().unwrap());
+        if counter > 0 {
+            assert_eq!(e[0], 0, "descriptor {d} still marked in flight");
+            counters.push(counter);
+        }
+    }
+    assert!(!counters.is_empty(), "no request was recorded");
+    // Queue 1 saw nothing.
+    assert!(area[per_queue..].iter().skip(16).all(|&x| x == 0));
+    assert!(b.is_running(), "{}", b.output());
+}

@@ -101,7 +101,19 @@ impl BlkClient {
         depth: usize,
         max_io: u32,
     ) -> Result<Self, BlkError> {
+        Self::connect_with(backend, queues, depth, max_io, false)
+    }
+
+    /// [`BlkClient::connect`], optionally setting up the inflight area.
+    pub fn connect_with(
+        backend: &mut BackendProcess,
+        queues: usize,
+        depth: usize,
+        max_io: u32,
+        inflight: bool,
+    ) -> Result<Self, BlkError> {
         let opts = DeviceOptions {
+            inflight,
             queues,
             queue_size: (depth * 4).next_power_of_two().clamp(64, 1024) as u16,
             device_features: feature::ALL,

@@ -273,6 +273,9 @@ pub struct DeviceOptions {
     pub required_features: u64,
     /// Size of each of the two guest memory regions.
     pub region_size: u64,
+    /// Negotiate the inflight area (INFLIGHT_SHMFD) and set it up with
+    /// GET_INFLIGHT_FD and SET_INFLIGHT_FD before the queues, as QEMU does.
+    pub inflight: bool,
 }
 
 impl Default for DeviceOptions {
@@ -284,6 +287,7 @@ impl Default for DeviceOptions {
             device_features: 0,
             required_features: VIRTIO_F_VERSION_1,
             region_size: 64 << 20,
+            inflight: false,
         }
     }
 }
@@ -295,6 +299,8 @@ pub struct VuDevice {
     pub queues: Vec<SplitRing>,
     pub features: u64,
     pub protocol_features: VhostUserProtocolFeatures,
+    /// The inflight area, when asked for and offered.
+    pub inflight: Option<(vhost::vhost_user::message::VhostUserInflight, std::fs::File)>,
 }
 
 impl VuDevice {
@@ -331,10 +337,13 @@ impl VuDevice {
             let pf = frontend
                 .get_protocol_features()
                 .map_err(vh("GET_PROTOCOL_FEATURES"))?;
-            protocol_features = pf
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
+            let mut want = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK;
+            if opts.inflight {
+                want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            protocol_features = pf & want;
             frontend
                 .set_protocol_features(protocol_features)
                 .map_err(vh("SET_PROTOCOL_FEATURES"))?;
@@ -348,6 +357,22 @@ impl VuDevice {
             .set_mem_table(&mem.region_infos()?)
             .map_err(vh("SET_MEM_TABLE"))?;
 
+        let mut inflight = None;
+        if protocol_features.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            use std::os::fd::AsRawFd;
+            let ask = vhost::vhost_user::message::VhostUserInflight {
+                num_queues: opts.queues as u16,
+                queue_size: opts.queue_size,
+                ..Default::default()
+            };
+            let (info, file) = frontend
+                .get_inflight_fd(&ask)
+                .map_err(vh("GET_INFLIGHT_FD"))?;
+            frontend
+                .set_inflight_fd(&info, file.as_raw_fd())
+                .map_err(vh("SET_INFLIGHT_FD"))?;
+            inflight = Some((info, file));
+        }
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(opts.queues);
         for i in 0..opts.queues {
@@ -361,6 +386,7 @@ impl VuDevice {
             queues,
             features,
             protocol_features,
+            inflight,
         })
     }
 
