@@ -486,7 +486,21 @@ impl BlkBackend {
             let slot = self.inflight_slot.lock().ok()?;
             let area = slot.as_ref()?;
             let len = area.size as usize;
-            if len == 0 {
+            // A file shorter than the size claimed would fault on access.
+            // SAFETY: fstat on the descriptor the shim keeps, into a zeroed
+            // struct.
+            let file_len = unsafe {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::fstat(area.fd.as_raw_fd(), &mut st) != 0 {
+                    return None;
+                }
+                st.st_size as usize
+            };
+            if len == 0 || file_len < len {
+                warn!(
+                    len,
+                    file_len, "ignoring an inflight area smaller than declared"
+                );
                 return None;
             }
             // SAFETY: mapping the memfd the frontend shares with us, with

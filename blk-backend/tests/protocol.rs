@@ -487,7 +487,11 @@ fn requests_are_tracked_in_the_inflight_area() {
     let mut c = BlkClient::connect_with(&mut b, 2, 8, 1 << 20, true)
         .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
     let (info, file) = {
-        let (i, f) = c.dev.inflight.as_ref().expect("the inflight area is offered");
+        let (i, f) = c
+            .dev
+            .inflight
+            .as_ref()
+            .expect("the inflight area is offered");
         (*i, f.try_clone().unwrap())
     };
     let (queues, qsize) = (info.num_queues as usize, info.queue_size as usize);

@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -146,11 +147,26 @@ fn a_guest_on_a_tap_pings_and_moves_64_mib_each_way() {
         format!("--tap={tap}"),
     ];
     let b = BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts");
-    let st = Command::new("ip")
+    // The socket is bound by the test, so the backend may still be opening
+    // its tap: wait for the device to appear.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !Path::new(&format!("/sys/class/net/{tap}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tap never appeared:\n{}",
+            b.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new("ip")
         .args(["link", "set", &tap, "netns", &ns.0])
-        .status()
+        .output()
         .unwrap();
-    assert!(st.success(), "moving the tap into the namespace");
+    assert!(
+        out.status.success(),
+        "moving the tap into the namespace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", &tap]);
     ns.exec(&["ip", "link", "set", &tap, "up"]);
     ns.exec(&["ip", "link", "set", "lo", "up"]);
