@@ -492,7 +492,8 @@ fn a_nic_on_a_tap_the_orchestrator_opens() {
     }
     std::fs::write(dir.path().join("go"), b"").unwrap();
     let code = vm.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The exit and the last lines read from its stdout race: wait for them.
+    out.wait_for("PING=", 20, &|| err.text());
     let text = out.text();
     assert!(text.contains("52:54:00:00:78:02"), "{text}\n{}", err.text());
     assert!(text.contains("PING=ok"), "{text}\n{}", err.text());
