@@ -241,3 +241,30 @@ mod fault_tests {
         assert_eq!(c.get(), 100);
     }
 }
+
+/// The current frontend's guest memory, as a backend's queue threads read
+/// it: set on every SET_MEM_TABLE, read once per batch of requests.
+#[derive(Default)]
+pub struct MemorySlot(
+    std::sync::RwLock<Option<vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>>>,
+);
+
+impl MemorySlot {
+    /// A new memory table (VhostUserBackend::update_memory).
+    pub fn set(
+        &self,
+        mem: vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>,
+    ) -> std::io::Result<()> {
+        *self
+            .0
+            .write()
+            .map_err(|_| std::io::Error::other("memory lock poisoned"))? = Some(mem);
+        Ok(())
+    }
+
+    /// The memory now, if a frontend has set one.
+    pub fn memory(&self) -> Option<vm_memory::GuestMemoryLoadGuard<vm_memory::GuestMemoryMmap>> {
+        use vm_memory::GuestAddressSpace;
+        Some(self.0.read().ok()?.as_ref()?.memory())
+    }
+}

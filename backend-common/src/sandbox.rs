@@ -285,6 +285,33 @@ pub fn close_other_fds(keep: &[std::os::fd::RawFd]) -> Result<(), SandboxError> 
     Ok(())
 }
 
+/// The sandbox of a backend that works only on descriptors it opened
+/// before (a disk image, a tap): every such backend's `--sandbox` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Confinement {
+    /// New mount, pid, net and ipc namespaces; the root is an empty
+    /// read-only tmpfs, so nothing but the descriptors it holds is
+    /// reachable.
+    Namespace,
+    /// Nothing: the process sees the host as its user does.
+    None,
+}
+
+/// Confine such a backend: with [`Confinement::Namespace`], new namespaces
+/// and an empty jail; in every mode, only `keep` (and stdio) stay open and
+/// every capability goes.
+pub fn confine(mode: Confinement, keep: &[std::os::fd::RawFd]) -> Result<(), SandboxError> {
+    if mode == Confinement::Namespace {
+        enter_namespaces()?;
+    }
+    // Nothing inherited by accident is reachable from guest-facing code.
+    close_other_fds(keep)?;
+    if mode == Confinement::Namespace {
+        pivot_into_empty_jail()?;
+    }
+    drop_capabilities(&[])
+}
+
 /// chroot into `dir` (for hosts where namespaces are not available).
 pub fn chroot_into(dir: &Path) -> Result<(), SandboxError> {
     let d = cpath(dir)?;

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backend_common::FaultCounter;
@@ -24,9 +24,7 @@ use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -389,7 +387,7 @@ pub struct Faults {
 pub struct BlkBackend {
     pub disk: Arc<Disk>,
     queues: Vec<Mutex<QueueState>>,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: backend_common::MemorySlot,
     event_idx: AtomicBool,
     queue_size: usize,
     /// The longest a queue thread keeps looking for work after the last.
@@ -431,7 +429,7 @@ impl BlkBackend {
                     })
                 })
                 .collect(),
-            mem: RwLock::new(None),
+            mem: backend_common::MemorySlot::default(),
             event_idx: AtomicBool::new(false),
             queue_size,
             poll,
@@ -601,15 +599,10 @@ impl BlkBackend {
     /// every available request and start its I/O. Returns whether anything
     /// happened.
     fn service(&self, q: usize, vring: &VringRwLock) -> io::Result<bool> {
-        let Some(atomic) = self
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("memory lock poisoned"))?
-            .clone()
-        else {
+        let Some(mem) = self.mem.memory() else {
             return Ok(false);
         };
-        let mem = atomic.memory().into_inner();
+        let mem = mem.into_inner();
         let mut state = self.queues[q]
             .lock()
             .map_err(|_| io::Error::other("queue lock poisoned"))?;
@@ -986,11 +979,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self
-            .mem
-            .write()
-            .map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
-        Ok(())
+        self.mem.set(mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

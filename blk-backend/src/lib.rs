@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use args::{IoEngine, SandboxMode};
+use args::IoEngine;
 use backend::{BlkBackend, Disk, Hooks};
 use backend_common::sandbox;
 use tracing::{info, warn};
@@ -66,18 +66,10 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     let mut keep = disk.fds();
     keep.push(listener.as_raw_fd());
     keep.extend(notifier.as_ref().map(|n| n.fd()));
-    if cfg.sandbox == SandboxMode::Namespace {
-        sandbox::enter_namespaces()?;
-    }
-    // Only the image and the socket stay open: nothing inherited by
-    // accident is reachable from the guest-facing code.
-    sandbox::close_other_fds(&keep)?;
-    if cfg.sandbox == SandboxMode::Namespace {
-        sandbox::pivot_into_empty_jail()?;
-    }
+    // Only the image and the socket stay open.
+    sandbox::confine(cfg.sandbox, &keep)?;
     let engines = make_engines(cfg)?;
     let engine_name = engines.first().map(|e| e.name()).unwrap_or("none");
-    sandbox::drop_capabilities(&[])?;
     if let Some(n) = &notifier {
         n.ready();
     }

@@ -357,18 +357,6 @@ fn a_resized_image_shows_in_the_config_space() {
     assert_eq!(std::fs::metadata(img.path()).unwrap().len(), IMAGE);
 }
 
-/// The process serving the disk: with the namespace sandbox, the child
-/// the started process forked into the new pid namespace.
-fn serving_pid(b: &BackendProcess) -> u32 {
-    let pid = b.pid().unwrap();
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    children
-        .split_whitespace()
-        .next()
-        .map_or(pid, |c| c.parse().unwrap())
-}
-
 #[test]
 fn the_sandbox_leaves_only_the_image_and_sockets() {
     // SAFETY: geteuid has no preconditions.
@@ -383,7 +371,7 @@ fn the_sandbox_leaves_only_the_image_and_sockets() {
     let mut b = start(img.path(), &["--num-queues=2"]);
     let mut c = client(&mut b, 2, 4);
     c.write(0, &[1u8; 512]).unwrap();
-    let pid = serving_pid(&b);
+    let pid = b.serving_pid().unwrap();
     assert_ne!(
         pid,
         b.pid().unwrap(),

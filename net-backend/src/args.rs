@@ -3,19 +3,12 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 use backend_common::SocketSource;
 
 /// Sandboxing of the backend process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SandboxMode {
-    /// New mount, pid, net and ipc namespaces; the root is an empty
-    /// read-only tmpfs, so nothing but the link and the socket is reachable.
-    Namespace,
-    /// Nothing: the process sees the host as its user does.
-    None,
-}
+pub use backend_common::sandbox::Confinement as SandboxMode;
 
 /// What seccomp does with a syscall outside the allowlist.
 pub use backend_common::seccomp::Action as SeccompAction;

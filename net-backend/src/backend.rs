@@ -9,16 +9,14 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use backend_common::FaultCounter;
 use tracing::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{
-    GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-};
+use vm_memory::{GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -72,7 +70,7 @@ pub struct NetBackend {
     mac: [u8; 6],
     mtu: u16,
     queue_size: usize,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: backend_common::MemorySlot,
     event_idx: AtomicBool,
     acked: AtomicU64,
     pub counters: Counters,
@@ -87,7 +85,7 @@ impl NetBackend {
             mac,
             mtu,
             queue_size,
-            mem: RwLock::new(None),
+            mem: backend_common::MemorySlot::default(),
             event_idx: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             counters: Counters::default(),
@@ -121,7 +119,7 @@ impl NetBackend {
     }
 
     fn memory(&self) -> Option<Mem> {
-        Some(self.mem.read().ok()?.as_ref()?.memory())
+        self.mem.memory()
     }
 
     fn has(&self, f: u64) -> bool {
@@ -430,11 +428,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self
-            .mem
-            .write()
-            .map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
-        Ok(())
+        self.mem.set(mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

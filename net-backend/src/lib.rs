@@ -12,7 +12,7 @@ pub mod link;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use args::{LinkChoice, SandboxMode};
+use args::LinkChoice;
 use backend::{Hooks, NetBackend};
 use backend_common::sandbox;
 use libc::c_long;
@@ -70,14 +70,8 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     let listener = cfg.socket.listen()?;
     let mut keep = vec![listener.as_raw_fd(), link.fd()];
     keep.extend(notifier.as_ref().map(|n| n.fd()));
-    if cfg.sandbox == SandboxMode::Namespace {
-        sandbox::enter_namespaces()?;
-    }
-    sandbox::close_other_fds(&keep)?;
-    if cfg.sandbox == SandboxMode::Namespace {
-        sandbox::pivot_into_empty_jail()?;
-    }
-    sandbox::drop_capabilities(&[])?;
+    // Only the link and the sockets stay open.
+    sandbox::confine(cfg.sandbox, &keep)?;
     if let Some(n) = &notifier {
         n.ready();
     }

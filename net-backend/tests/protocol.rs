@@ -303,9 +303,12 @@ fn the_sandbox_leaves_only_the_link_and_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let (mut b, _peer) = start(dir.path(), &[]);
     let _c = client(&mut b);
-    let pid = b.pid().unwrap();
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-    let child: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let child = b.serving_pid().unwrap();
+    assert_ne!(
+        child,
+        b.pid().unwrap(),
+        "the backend forks into a pid namespace"
+    );
     for e in std::fs::read_dir(format!("/proc/{child}/fd")).unwrap() {
         let e = e.unwrap();
         let fd: i32 = e.file_name().to_str().unwrap().parse().unwrap();

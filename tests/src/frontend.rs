@@ -227,6 +227,21 @@ impl BackendProcess {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The process that serves: with a namespace sandbox, the child the
+    /// started process forked into the new pid namespace; else itself.
+    pub fn serving_pid(&self) -> Option<u32> {
+        let pid = self.pid()?;
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        Some(
+            children
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(pid),
+        )
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend_common::FaultCounter;
@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -44,7 +44,7 @@ pub struct Faults {
 /// The virtio-fs device.
 pub struct FsBackend {
     server: Server<ShareFs>,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: backend_common::MemorySlot,
     event_idx: AtomicBool,
     request_queues: usize,
     tag: String,
@@ -58,7 +58,7 @@ impl FsBackend {
     pub fn new(fs: ShareFs, tag: String, request_queues: usize, poll: Duration) -> Self {
         FsBackend {
             server: Server::new(fs),
-            mem: RwLock::new(None),
+            mem: backend_common::MemorySlot::default(),
             event_idx: AtomicBool::new(false),
             request_queues: request_queues.max(1),
             tag,
@@ -78,15 +78,9 @@ impl FsBackend {
 
     /// Serve every chain the guest has made available on `vring`.
     fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(atomic) = self
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("memory lock poisoned"))?
-            .clone()
-        else {
+        let Some(mem) = self.mem.memory() else {
             return Ok(());
         };
-        let mem = atomic.memory();
         let mut state = vring.get_mut();
         let mut used_any = false;
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
@@ -169,13 +163,9 @@ impl FsBackend {
         if self.poll.is_zero() {
             return false;
         }
-        let Ok(guard) = self.mem.read() else {
+        let Some(mem) = self.mem.memory() else {
             return false;
         };
-        let Some(atomic) = guard.as_ref() else {
-            return false;
-        };
-        let mem = atomic.memory();
         let deadline = Instant::now() + self.poll;
         loop {
             let state = vring.get_ref();
@@ -247,11 +237,7 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self
-            .mem
-            .write()
-            .map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
-        Ok(())
+        self.mem.set(mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

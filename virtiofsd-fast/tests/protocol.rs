@@ -282,18 +282,6 @@ fn bad_flags_are_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"type\": \"fs\""));
 }
 
-/// The process serving the share: with the namespace sandbox, the child
-/// that the started process forked into the new pid namespace.
-fn serving_pid(b: &BackendProcess) -> u32 {
-    let pid = b.pid().unwrap();
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    children
-        .split_whitespace()
-        .next()
-        .map_or(pid, |c| c.parse().unwrap())
-}
-
 #[test]
 fn namespace_sandbox_confines_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
@@ -301,7 +289,7 @@ fn namespace_sandbox_confines_the_daemon() {
     let mut b = start(dir.path(), &["--sandbox=namespace"]);
     let mut c = client(&mut b);
     assert_eq!(c.lookup(ROOT_ID, "f").unwrap().attr.size, 2);
-    let pid = serving_pid(&b);
+    let pid = b.serving_pid().unwrap();
     assert_ne!(
         pid,
         b.pid().unwrap(),
