@@ -130,9 +130,14 @@ pub fn init_logging(level: &str) -> Result<(), SetupError> {
     };
     let env =
         EnvFilter::try_new(&filter).map_err(|source| SetupError::LogFilter { filter, source })?;
+    // Colour only on a terminal: logs kept in files (the orchestrator's)
+    // and read by programs stay plain text.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     // A second init (tests) keeps the first subscriber: not an error.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
     Ok(())

@@ -54,6 +54,10 @@ pub trait ConnectionHooks<T: VhostUserBackend> {
     fn inflight(&self) -> Option<crate::shim::InflightSlot> {
         None
     }
+    /// With the shim: call this on each SET_VRING_ENABLE.
+    fn ring_enable(&self) -> Option<crate::shim::RingEnableHook> {
+        None
+    }
 }
 
 /// No hooks.
@@ -102,8 +106,11 @@ where
                 &mut daemon,
                 listener,
                 served,
-                hooks.backend_channel(),
-                hooks.inflight(),
+                crate::shim::ShimHooks {
+                    channel: hooks.backend_channel(),
+                    inflight: hooks.inflight(),
+                    ring_enable: hooks.ring_enable(),
+                },
             )?)
         } else {
             let mut l = Listener::from(listener.try_clone().map_err(ServeError::Listener)?);
@@ -137,8 +144,7 @@ fn start_through_shim<T>(
     daemon: &mut VhostUserDaemon<T>,
     listener: &UnixListener,
     n: u64,
-    channel: Option<crate::shim::ChannelSlot>,
-    inflight: Option<crate::shim::InflightSlot>,
+    shim_hooks: crate::shim::ShimHooks,
 ) -> Result<std::thread::JoinHandle<()>, ServeError>
 where
     T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
@@ -161,6 +167,6 @@ where
         .map_err(|_| ServeError::Accept("the shim's connector panicked".into()))?
         .map_err(|e| ServeError::Accept(e.to_string()))?;
     Ok(std::thread::spawn(move || {
-        crate::shim::relay(front, back, channel, inflight)
+        crate::shim::relay(front, back, shim_hooks)
     }))
 }

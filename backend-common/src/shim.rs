@@ -120,6 +120,27 @@ fn write_message(s: &UnixStream, m: &Message) -> io::Result<()> {
 /// requests (a config-change notice) on it.
 pub type ChannelSlot = std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>;
 
+/// Told of each SET_VRING_ENABLE (ring index, enabled) as the shim passes
+/// it on, for a backend that acts on it beyond the ring itself (a
+/// multiqueue tap detaching a queue).
+pub type RingEnableHook = std::sync::Arc<dyn Fn(u32, bool) + Send + Sync>;
+
+/// What the shim does beyond relaying.
+#[derive(Default)]
+pub struct ShimHooks {
+    pub channel: Option<ChannelSlot>,
+    pub inflight: Option<InflightSlot>,
+    pub ring_enable: Option<RingEnableHook>,
+}
+
+/// A SET_VRING_ENABLE's ring and state.
+fn ring_state(m: &Message) -> Option<(u32, bool)> {
+    let b = m.body.get(0..8)?;
+    let index = u32::from_le_bytes(b[0..4].try_into().ok()?);
+    let num = u32::from_le_bytes(b[4..8].try_into().ok()?);
+    Some((index, num != 0))
+}
+
 /// The vhost-user inflight area (GET_INFLIGHT_FD / SET_INFLIGHT_FD), which
 /// the library does not implement: the shim answers those messages and
 /// leaves the area here for the backend to record requests in.
@@ -243,12 +264,17 @@ fn answer_inflight(front: &UnixStream, m: &mut Message, slot: &InflightSlot) -> 
 
 /// Relay between `front` (the frontend) and `back` (the library's end)
 /// until either closes; returns when both directions are done.
-pub fn relay(
-    front: UnixStream,
-    back: UnixStream,
-    channel: Option<ChannelSlot>,
-    inflight: Option<InflightSlot>,
-) {
+pub fn relay(front: UnixStream, back: UnixStream, hooks: ShimHooks) {
+    let ShimHooks {
+        channel,
+        inflight,
+        ring_enable,
+    } = hooks;
+    let enabled = |m: &Message| {
+        if let (Some(f), Some((i, on))) = (&ring_enable, ring_state(m)) {
+            f(i, on);
+        }
+    };
     let (f2, b2) = match (front.try_clone(), back.try_clone()) {
         (Ok(f), Ok(b)) => (f, b),
         _ => return,
@@ -307,11 +333,15 @@ pub fn relay(
         if write_message(&back, &m).is_err() {
             break;
         }
+        if req == SET_VRING_ENABLE {
+            enabled(&m);
+        }
         if req == SET_FEATURES && !features_seen {
             features_seen = true;
             let mut ok = true;
             for h in held.drain(..) {
                 ok &= write_message(&back, &h).is_ok();
+                enabled(&h);
             }
             if !ok {
                 break;
@@ -360,7 +390,7 @@ mod tests {
     fn an_early_enable_waits_for_set_features() {
         let (mut front_peer, front) = UnixStream::pair().unwrap();
         let (back, mut back_peer) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || relay(front, back, None, None));
+        let t = std::thread::spawn(move || relay(front, back, ShimHooks::default()));
         let enable = msg(
             SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_NEED_REPLY,

@@ -23,24 +23,33 @@ pub struct Args {
     /// An already listening vhost-user socket, inherited from a supervisor.
     #[arg(long, value_name = "FD")]
     pub fd: Option<RawFd>,
-    /// Open (or create) the tap device NAME (needs CAP_NET_ADMIN).
+    /// Open (or create) the tap device NAME, one queue per queue pair
+    /// (needs CAP_NET_ADMIN).
     #[arg(long, value_name = "NAME", group = "link")]
     pub tap: Option<String>,
-    /// An already opened tap, from a supervisor (no privilege needed).
-    #[arg(long, value_name = "FD", group = "link")]
-    pub tap_fd: Option<RawFd>,
+    /// An already opened tap queue, from a supervisor (no privilege
+    /// needed); one per queue pair, repeated or comma-separated.
+    #[arg(long, value_name = "FD", group = "link", value_delimiter = ',', num_args = 1..)]
+    pub tap_fd: Vec<RawFd>,
     /// Exchange frames (each a 12-byte virtio_net_hdr and an Ethernet
-    /// frame) with the process listening on this SOCK_SEQPACKET socket.
+    /// frame) with the process listening on this SOCK_SEQPACKET socket
+    /// (for instance another net-backend with --socket-listen).
     #[arg(long, value_name = "PATH", group = "link")]
     pub socket: Option<PathBuf>,
+    /// Listen on this SOCK_SEQPACKET socket and exchange frames with the
+    /// process that connects (the newest one, if several): two VMs joined
+    /// with no tap and no privilege.
+    #[arg(long, value_name = "PATH", group = "link")]
+    pub socket_listen: Option<PathBuf>,
     /// The guest's MAC address.
     #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
     pub mac: [u8; 6],
     /// MTU offered to the guest.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..=65535))]
     pub mtu: u16,
-    /// Queue pairs (more than one is not supported yet).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1))]
+    /// Queue pairs, each served by its own thread and tap queue (more than
+    /// one needs a tap).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub num_queue_pairs: u16,
     /// Largest queue size offered to the frontend.
     #[arg(long, default_value_t = 1024)]
@@ -81,8 +90,9 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 #[derive(Clone, Debug)]
 pub enum LinkChoice {
     Tap(String),
-    TapFd(RawFd),
+    TapFds(Vec<RawFd>),
     Socket(PathBuf),
+    SocketListen(PathBuf),
 }
 
 /// Errors in a command line that clap accepted.
@@ -90,8 +100,14 @@ pub enum LinkChoice {
 pub enum ConfigError {
     #[error(transparent)]
     Socket(#[from] backend_common::SetupError),
-    #[error("say where frames go: --tap NAME, --tap-fd FD or --socket PATH")]
+    #[error("say where frames go: --tap NAME, --tap-fd FD, --socket PATH or --socket-listen PATH")]
     NoLink,
+    #[error("--num-queue-pairs {pairs} needs {pairs} tap queues, and {fds} --tap-fd were given")]
+    TapFds { pairs: usize, fds: usize },
+    #[error(
+        "--num-queue-pairs {0} needs a tap (--tap or --tap-fd); a socket link has one queue pair"
+    )]
+    SocketPairs(usize),
 }
 
 /// The checked configuration.
@@ -101,6 +117,7 @@ pub struct Config {
     pub link: LinkChoice,
     pub mac: [u8; 6],
     pub mtu: u16,
+    pub queue_pairs: usize,
     pub queue_size: usize,
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
@@ -112,17 +129,33 @@ impl TryFrom<Args> for Config {
 
     fn try_from(a: Args) -> Result<Self, ConfigError> {
         let socket = SocketSource::from_flags(a.socket_path, a.fd)?;
-        let link = match (a.tap, a.tap_fd, a.socket) {
-            (Some(t), _, _) => LinkChoice::Tap(t),
-            (_, Some(fd), _) => LinkChoice::TapFd(fd),
-            (_, _, Some(p)) => LinkChoice::Socket(p),
-            _ => return Err(ConfigError::NoLink),
+        let pairs = usize::from(a.num_queue_pairs);
+        let link = if let Some(t) = a.tap {
+            LinkChoice::Tap(t)
+        } else if !a.tap_fd.is_empty() {
+            if a.tap_fd.len() != pairs {
+                return Err(ConfigError::TapFds {
+                    pairs,
+                    fds: a.tap_fd.len(),
+                });
+            }
+            LinkChoice::TapFds(a.tap_fd)
+        } else if let Some(p) = a.socket {
+            LinkChoice::Socket(p)
+        } else if let Some(p) = a.socket_listen {
+            LinkChoice::SocketListen(p)
+        } else {
+            return Err(ConfigError::NoLink);
         };
+        if pairs > 1 && matches!(link, LinkChoice::Socket(_) | LinkChoice::SocketListen(_)) {
+            return Err(ConfigError::SocketPairs(pairs));
+        }
         Ok(Config {
             socket,
             link,
             mac: a.mac,
             mtu: a.mtu,
+            queue_pairs: pairs,
             queue_size: usize::from(a.queue_size),
             sandbox: a.sandbox,
             seccomp: a.seccomp,
@@ -163,6 +196,36 @@ mod tests {
             "t",
             "--socket",
             "/p"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn queue_pairs_match_the_links() {
+        let parse = |v: &[&str]| {
+            let mut argv = vec!["net-backend", "--socket-path", "/s"];
+            argv.extend_from_slice(v);
+            Config::try_from(Args::try_parse_from(argv).unwrap())
+        };
+        let c = parse(&["--num-queue-pairs", "2", "--tap-fd", "4,5"]).unwrap();
+        assert!(matches!(c.link, LinkChoice::TapFds(ref f) if f == &[4, 5]));
+        assert_eq!(c.queue_pairs, 2);
+        assert!(parse(&["--num-queue-pairs", "2", "--tap-fd", "4"])
+            .unwrap_err()
+            .to_string()
+            .contains("needs 2 tap queues"));
+        assert!(parse(&["--num-queue-pairs", "2", "--socket", "/p"])
+            .unwrap_err()
+            .to_string()
+            .contains("needs a tap"));
+        assert!(Args::try_parse_from([
+            "net-backend",
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t",
+            "--num-queue-pairs",
+            "17"
         ])
         .is_err());
     }

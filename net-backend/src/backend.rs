@@ -1,22 +1,31 @@
-//! The vhost-user side: the receive queue filled from the link, the
-//! transmit queue drained into it.
+//! The vhost-user side: each queue pair's receive queue filled from its
+//! link, its transmit queue drained into it, and the control queue.
 //!
-//! One thread serves the queue pair and the link (edge-triggered). Frames
-//! move between guest memory and the link by readv/writev on iovecs that
-//! point into guest memory. Receive backpressure: when the guest has posted
-//! no buffers the link is not read, the queue's notifications are turned on,
+//! One worker thread per queue pair, each with its own link (a tap queue)
+//! polled edge-triggered; nothing is locked across pairs. Frames move
+//! between guest memory and the link by readv/writev on iovecs that point
+//! into guest memory. Receive backpressure: when the guest has posted no
+//! buffers the link is not read, the queue's notifications are turned on,
 //! and the guest's next kick resumes reading; nothing spins.
+//!
+//! Queue 2k is receive queue k, 2k+1 transmit queue k, and queue 2N the
+//! control queue, served on pair 0's thread. A frontend that keeps the
+//! control queue to itself (QEMU) turns pairs on and off with
+//! SET_VRING_ENABLE instead; either way a pair that is off has its tap
+//! queue detached, so the kernel steers no flows to it.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use backend_common::FaultCounter;
-use tracing::warn;
+use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -38,84 +47,195 @@ pub mod feature {
     pub const HOST_ECN: u64 = 1 << 13;
     pub const MRG_RXBUF: u64 = 1 << 15;
     pub const STATUS: u64 = 1 << 16;
+    pub const CTRL_VQ: u64 = 1 << 17;
+    pub const MQ: u64 = 1 << 22;
     pub const INDIRECT_DESC: u64 = 1 << 28;
     pub const EVENT_IDX: u64 = 1 << 29;
     pub const VERSION_1: u64 = 1 << 32;
 }
 
+/// Control queue classes and commands (virtio 1.2, 5.1.6.5).
+pub mod ctrl {
+    pub const OK: u8 = 0;
+    pub const ERR: u8 = 1;
+    pub const CLASS_MQ: u8 = 4;
+    pub const MQ_VQ_PAIRS_SET: u8 = 0;
+}
+
+/// Within a pair's thread: its receive and transmit queue, and on pair 0's
+/// thread the control queue.
 const RX: usize = 0;
 const TX: usize = 1;
-const NUM_QUEUES: usize = 2;
-/// The link's event: past the queues and the exit event.
-const LINK_EVENT: u16 = NUM_QUEUES as u16 + 1;
+const CTRL: usize = 2;
 /// The largest frame with its header: a 64 KiB GSO packet plus Ethernet
 /// and VLAN headers.
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_535 + 14 + 4;
 /// readv/writev take at most this many iovecs.
 const MAX_IOVECS: usize = 1024;
+/// A control command's readable part: class, command and data. The only
+/// command served takes 2 bytes of data.
+const MAX_CTRL: usize = 64;
+/// config status: VIRTIO_NET_S_LINK_UP.
+const LINK_UP: u16 = 1;
 
-/// What was moved and what was dropped.
+/// What was moved and what was dropped, for the whole device.
 #[derive(Default)]
 pub struct Counters {
-    pub rx_frames: AtomicU64,
-    pub tx_frames: AtomicU64,
     pub tx_dropped: FaultCounter,
     pub rx_errors: FaultCounter,
     pub bad_chains: FaultCounter,
+    pub bad_commands: FaultCounter,
+}
+
+/// What one queue pair moved.
+#[derive(Default)]
+pub struct PairStats {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+}
+
+/// One queue pair: its link (a tap queue), what it moved, and whether the
+/// frontend has its receive ring enabled.
+pub struct Pair {
+    link: Arc<dyn Link>,
+    pub stats: PairStats,
+    ring_enabled: AtomicBool,
+    link_ok: AtomicBool,
 }
 
 /// The virtio-net device.
 pub struct NetBackend {
-    link: Arc<dyn Link>,
+    pairs: Vec<Pair>,
     mac: [u8; 6],
     mtu: u16,
     queue_size: usize,
     mem: backend_common::MemorySlot,
     event_idx: AtomicBool,
     acked: AtomicU64,
+    /// Pairs the driver asked for on the control queue.
+    active_pairs: AtomicUsize,
     pub counters: Counters,
 }
 
 type Mem = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 impl NetBackend {
-    pub fn new(link: Arc<dyn Link>, mac: [u8; 6], mtu: u16, queue_size: usize) -> Self {
+    /// A device with one queue pair per link.
+    pub fn new(links: Vec<Arc<dyn Link>>, mac: [u8; 6], mtu: u16, queue_size: usize) -> Self {
+        assert!(
+            !links.is_empty() && links.len() <= 31,
+            "1 to 31 queue pairs"
+        );
         NetBackend {
-            link,
+            pairs: links
+                .into_iter()
+                .map(|link| Pair {
+                    link,
+                    stats: PairStats::default(),
+                    ring_enabled: AtomicBool::new(true),
+                    link_ok: AtomicBool::new(true),
+                })
+                .collect(),
             mac,
             mtu,
             queue_size,
             mem: backend_common::MemorySlot::default(),
             event_idx: AtomicBool::new(false),
             acked: AtomicU64::new(0),
+            active_pairs: AtomicUsize::new(1),
             counters: Counters::default(),
         }
     }
 
-    /// virtio_net_config: mac, status (link up), max_virtqueue_pairs, mtu.
+    /// The queue pairs.
+    pub fn pairs(&self) -> &[Pair] {
+        &self.pairs
+    }
+
+    /// The link's event on each worker: past the queues and the exit event.
+    fn link_event(&self) -> u16 {
+        (2 * self.pairs.len() + 2) as u16
+    }
+
+    /// virtio_net_config: mac, status, max_virtqueue_pairs, mtu.
     pub fn config_space(&self) -> Vec<u8> {
+        let up = self.pairs.iter().all(|p| p.link_ok.load(Ordering::Relaxed));
+        let status = if up { LINK_UP } else { 0 };
         let mut c = vec![0u8; 12];
         c[0..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&1u16.to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.pairs.len() as u16).to_le_bytes());
         c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         c
     }
 
-    /// Put the link into the worker's epoll set (edge-triggered).
-    pub fn register_link(
+    /// Put each pair's link into its worker's epoll set (edge-triggered),
+    /// with every pair on until the frontend says otherwise.
+    pub fn register_links(
         &self,
         handlers: &[Arc<VringEpollHandler<Arc<NetBackend>>>],
     ) -> io::Result<()> {
-        if let Some(h) = handlers.first() {
+        self.active_pairs.store(self.pairs.len(), Ordering::Relaxed);
+        for (pair, h) in self.pairs.iter().zip(handlers) {
+            pair.ring_enabled.store(true, Ordering::Relaxed);
             h.register_listener(
-                self.link.fd(),
+                pair.link.fd(),
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
-                u64::from(LINK_EVENT),
+                u64::from(self.link_event()),
             )
             .map_err(io::Error::other)?;
         }
+        self.steer();
         Ok(())
+    }
+
+    /// The frontend turned ring `index` on or off (SET_VRING_ENABLE).
+    pub fn ring_enabled(&self, index: u32, enabled: bool) {
+        let index = index as usize;
+        if index % 2 == RX {
+            if let Some(p) = self.pairs.get(index / 2) {
+                p.ring_enabled.store(enabled, Ordering::Relaxed);
+                self.steer();
+            }
+        }
+    }
+
+    /// Whether pair `p` takes frames: pair 0 always; another when its
+    /// receive ring is on and, if the driver speaks on the control queue,
+    /// it asked for that many pairs.
+    pub fn pair_active(&self, p: usize) -> bool {
+        let Some(pair) = self.pairs.get(p) else {
+            return false;
+        };
+        p == 0
+            || (pair.ring_enabled.load(Ordering::Relaxed)
+                && p < self.active_pairs.load(Ordering::Relaxed))
+    }
+
+    /// Attach the tap queues of active pairs and detach the others.
+    fn steer(&self) {
+        for (p, pair) in self.pairs.iter().enumerate().skip(1) {
+            if let Err(e) = pair.link.set_active(self.pair_active(p)) {
+                warn!(pair = p, error = %e, "cannot attach or detach the tap queue");
+            }
+        }
+    }
+
+    /// Log what each pair moved.
+    pub fn log_stats(&self) {
+        for (p, pair) in self.pairs.iter().enumerate() {
+            let s = &pair.stats;
+            info!(
+                pair = p,
+                rx_frames = s.rx_frames.load(Ordering::Relaxed),
+                rx_bytes = s.rx_bytes.load(Ordering::Relaxed),
+                tx_frames = s.tx_frames.load(Ordering::Relaxed),
+                tx_bytes = s.tx_bytes.load(Ordering::Relaxed),
+                "queue pair counters"
+            );
+        }
     }
 
     fn memory(&self) -> Option<Mem> {
@@ -140,13 +260,29 @@ impl NetBackend {
         let _ = state.add_used(head, 0);
     }
 
-    /// Send every frame the guest queued.
-    fn process_tx(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// The link of pair `p` is gone: say so once, and report the link down
+    /// in the config space. The vhost-user side keeps serving.
+    fn link_gone(&self, p: usize, why: &dyn std::fmt::Display) {
+        let pair = &self.pairs[p];
+        if pair.link_ok.swap(false, Ordering::Relaxed) {
+            error!(
+                pair = p,
+                link = pair.link.name(),
+                "the link is gone ({why}); frames are dropped until net-backend is started \
+                 again on a working link (orchestrator restart DEVICE)"
+            );
+        }
+    }
+
+    /// Send every frame the guest queued on pair `p`.
+    fn process_tx(&self, p: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(mem) = self.memory() else {
             return Ok(());
         };
+        let pair = &self.pairs[p];
         let mut state = vring.get_mut();
         let mut used = false;
+        let (mut frames, mut bytes) = (0u64, 0u64);
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
             used = true;
@@ -158,36 +294,49 @@ impl NetBackend {
                     continue;
                 }
             };
-            match self.link.send(&iov) {
-                Ok(_) => {
-                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+            match pair.link.send(&iov) {
+                Ok(n) => {
+                    frames += 1;
+                    bytes += n as u64;
                 }
                 Err(e) => {
-                    // A full link drops the frame, as a wire would; the
-                    // guest's TCP sends it again.
+                    // A full or gone link drops the frame, as a wire would;
+                    // the guest's TCP sends it again.
+                    if e.kind() == io::ErrorKind::NotConnected
+                        && pair.link_ok.load(Ordering::Relaxed)
+                    {
+                        self.link_gone(p, &e);
+                    }
                     if let Some(count) = self.counters.tx_dropped.hit() {
-                        warn!(link = self.link.name(), error = %e, count, "frame not sent");
+                        warn!(link = pair.link.name(), error = %e, count, "frame not sent");
                     }
                 }
             }
             let _ = state.add_used(head, 0);
         }
+        pair.stats.tx_frames.fetch_add(frames, Ordering::Relaxed);
+        pair.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
         if used {
             self.notify(&mut state)?;
         }
         Ok(())
     }
 
-    /// Fill the guest's receive buffers from the link until one runs out.
+    /// Fill pair `p`'s receive buffers from its link until one runs out.
     /// Returns whether the guest ran out of buffers.
-    fn process_rx(&self, vring: &VringRwLock) -> io::Result<bool> {
+    fn process_rx(&self, p: usize, vring: &VringRwLock) -> io::Result<bool> {
         let Some(mem) = self.memory() else {
             return Ok(false);
         };
+        let pair = &self.pairs[p];
         let mergeable = self.has(feature::MRG_RXBUF);
         let mut state = vring.get_mut();
+        if !state.is_enabled() {
+            return Ok(false);
+        }
         let mut used_any = false;
         let mut starved = false;
+        let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
             // Buffers for one frame: one chain, or with mergeable buffers as
             // many as it takes to hold the largest frame.
@@ -232,7 +381,7 @@ impl NetBackend {
                 all.extend_from_slice(iov);
             }
             all.truncate(MAX_IOVECS);
-            match self.link.recv(&all) {
+            match pair.link.recv(&all) {
                 Ok(n) => {
                     let mut left = n;
                     let mut parts = Vec::new();
@@ -259,30 +408,129 @@ impl NetBackend {
                         let _ = state.add_used(head, len as u32);
                     }
                     used_any = true;
-                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    frames += 1;
+                    bytes += n as u64;
                 }
                 Err(e) => {
                     for _ in 0..chains.len() {
                         state.get_queue_mut().go_to_previous_position();
                     }
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        if let Some(count) = self.counters.rx_errors.hit() {
-                            warn!(link = self.link.name(), error = %e, count, "receiving from the link");
-                        }
-                        if e.kind() == io::ErrorKind::InvalidData {
-                            // A frame too large for the buffers was consumed;
-                            // try the next one.
-                            continue;
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => {}
+                        io::ErrorKind::NotConnected => self.link_gone(p, &e),
+                        kind => {
+                            if let Some(count) = self.counters.rx_errors.hit() {
+                                warn!(link = pair.link.name(), error = %e, count, "receiving from the link");
+                            }
+                            if kind == io::ErrorKind::InvalidData {
+                                // A frame too large for the buffers was
+                                // consumed; try the next one.
+                                continue;
+                            }
                         }
                     }
                     break;
                 }
             }
         }
+        pair.stats.rx_frames.fetch_add(frames, Ordering::Relaxed);
+        pair.stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
         if used_any {
             self.notify(&mut state)?;
         }
         Ok(starved)
+    }
+
+    /// Answer every command on the control queue.
+    fn process_ctrl(&self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        let mut state = vring.get_mut();
+        let mut used = false;
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            let head = chain.head_index();
+            used = true;
+            let descs: Vec<_> = chain
+                .map(|d| (d.addr(), d.len(), d.is_write_only()))
+                .collect();
+            match self.command(&mem, &descs) {
+                Ok(()) => {
+                    let _ = state.add_used(head, 1);
+                }
+                Err(why) => self.bad_chain(&mut state, head, why),
+            }
+        }
+        if used {
+            self.notify(&mut state)?;
+        }
+        Ok(())
+    }
+
+    /// One control command: class, command and data in the readable part,
+    /// the ack written to the first byte of the writable part.
+    fn command(
+        &self,
+        mem: &GuestMemoryMmap,
+        descs: &[(GuestAddress, u32, bool)],
+    ) -> Result<(), &'static str> {
+        let mut cmd = Vec::new();
+        let mut ack_at = None;
+        for &(addr, len, writable) in descs {
+            if writable {
+                if len > 0 && ack_at.is_none() {
+                    ack_at = Some(addr);
+                }
+            } else if ack_at.is_some() {
+                return Err("a readable buffer after the ack");
+            } else {
+                let len = len as usize;
+                if cmd.len() + len > MAX_CTRL {
+                    return Err("a control command longer than any the device takes");
+                }
+                let at = cmd.len();
+                cmd.resize(at + len, 0);
+                mem.read_slice(&mut cmd[at..], addr)
+                    .map_err(|_| "a buffer outside guest memory")?;
+            }
+        }
+        let ack_at = ack_at.ok_or("a control command with no room for the ack")?;
+        let ack = self.control(&cmd);
+        mem.write_slice(&[ack], ack_at)
+            .map_err(|_| "an ack buffer outside guest memory")
+    }
+
+    /// The answer to a control command.
+    pub fn control(&self, cmd: &[u8]) -> u8 {
+        let (class, command, data) = match cmd {
+            [c, m, data @ ..] => (*c, *m, data),
+            _ => (0xff, 0xff, &[][..]),
+        };
+        match (class, command, data) {
+            (ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET, [lo, hi])
+                if self.has(feature::MQ)
+                    && (1..=self.pairs.len())
+                        .contains(&usize::from(u16::from_le_bytes([*lo, *hi]))) =>
+            {
+                let n = usize::from(u16::from_le_bytes([*lo, *hi]));
+                self.active_pairs.store(n, Ordering::Relaxed);
+                self.steer();
+                info!(pairs = n, "the driver set the queue pairs in use");
+                ctrl::OK
+            }
+            _ => {
+                if let Some(count) = self.counters.bad_commands.hit() {
+                    warn!(
+                        class,
+                        command,
+                        len = data.len(),
+                        count,
+                        "refusing a control command"
+                    );
+                }
+                ctrl::ERR
+            }
+        }
     }
 }
 
@@ -367,7 +615,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        2 * self.pairs.len() + 1
     }
 
     fn max_queue_size(&self) -> usize {
@@ -375,6 +623,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
+        let mq = if self.pairs.len() > 1 { feature::MQ } else { 0 };
         feature::VERSION_1
             | feature::MAC
             | feature::MTU
@@ -388,6 +637,8 @@ impl VhostUserBackend for NetBackend {
             | feature::HOST_TSO4
             | feature::HOST_TSO6
             | feature::HOST_ECN
+            | feature::CTRL_VQ
+            | mq
             | feature::INDIRECT_DESC
             | feature::EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -395,6 +646,15 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
+        // A driver on the control queue starts on one pair (5.1.6.5.5);
+        // without one, the frontend's ring enables decide.
+        let pairs = if features & feature::MQ != 0 {
+            1
+        } else {
+            self.pairs.len()
+        };
+        self.active_pairs.store(pairs, Ordering::Relaxed);
+        self.steer();
         let mut flags = 0;
         if features & feature::GUEST_CSUM != 0 {
             flags |= offload::CSUM;
@@ -408,8 +668,11 @@ impl VhostUserBackend for NetBackend {
                 flags |= offload::TSO_ECN;
             }
         }
-        if let Err(e) = self.link.set_offloads(flags) {
-            warn!(error = %e, "cannot set the link's offloads");
+        for pair in &self.pairs {
+            if let Err(e) = pair.link.set_offloads(flags) {
+                warn!(error = %e, "cannot set the link's offloads");
+                break;
+            }
         }
     }
 
@@ -432,8 +695,11 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // The pair on one thread, with the link.
-        vec![0b11]
+        // One thread per pair with its link; the control queue with pair 0.
+        let ctrl = 1u64 << (2 * self.pairs.len());
+        (0..self.pairs.len())
+            .map(|p| (0b11u64 << (2 * p)) | if p == 0 { ctrl } else { 0 })
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -445,31 +711,58 @@ impl VhostUserBackend for NetBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
-        if !evset.contains(EventSet::IN) {
-            return Err(io::Error::other(format!("unexpected events {evset:?}")));
+        // An error returned from here ends the worker thread for good, so
+        // every failure is logged and the worker carries on.
+        if let Err(e) = self.event(device_event, evset, vrings, thread) {
+            if let Some(count) = self.counters.rx_errors.hit() {
+                warn!(pair = thread, error = %e, count, "serving a queue");
+            }
         }
+        Ok(())
+    }
+}
+
+impl NetBackend {
+    fn event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        p: usize,
+    ) -> io::Result<()> {
         let (Some(rx), Some(tx)) = (vrings.get(RX), vrings.get(TX)) else {
             return Ok(());
         };
-        // An error returned from here ends the worker thread for good, so
-        // a queue that is not set up (yet, or any more) is simply skipped.
+        if p >= self.pairs.len() {
+            return Ok(());
+        }
         let ready = |v: &VringRwLock| v.get_ref().get_queue().ready();
-        match usize::from(device_event) {
+        let event = if device_event == self.link_event() {
+            if evset.intersects(EventSet::ERROR | EventSet::HANG_UP)
+                && !evset.contains(EventSet::IN)
+            {
+                self.link_gone(p, &format_args!("poll reports {evset:?}"));
+                return Ok(());
+            }
+            RX
+        } else {
+            usize::from(device_event)
+        };
+        match event {
             TX if ready(tx) => loop {
                 let _ = tx.disable_notification();
-                self.process_tx(tx)?;
+                self.process_tx(p, tx)?;
                 if !tx.enable_notification().unwrap_or(false) {
                     break;
                 }
             },
-            TX => {}
-            _ if ready(rx) => loop {
+            RX if ready(rx) => loop {
                 // A kick on the receive queue means new buffers; the link's
                 // event means new frames. Either way: fill what we can.
                 let _ = rx.disable_notification();
-                if !self.process_rx(rx)? {
+                if !self.process_rx(p, rx)? {
                     break;
                 }
                 // Out of buffers: ask for a kick when the guest posts more,
@@ -478,22 +771,43 @@ impl VhostUserBackend for NetBackend {
                     break;
                 }
             },
+            CTRL if p == 0 => {
+                if let Some(c) = vrings.get(CTRL).filter(|c| ready(c)) {
+                    loop {
+                        let _ = c.disable_notification();
+                        self.process_ctrl(c)?;
+                        if !c.enable_notification().unwrap_or(false) {
+                            break;
+                        }
+                    }
+                }
+            }
             _ => {}
         }
         Ok(())
     }
 }
 
-/// Connection hooks: the link joins each new worker's epoll set.
+/// Connection hooks: each pair's link joins its worker's epoll set, the
+/// shim reports ring enables, and the counters are logged at the end.
 pub struct Hooks(pub Arc<NetBackend>);
 
 impl backend_common::ConnectionHooks<Arc<NetBackend>> for Hooks {
     fn start(&self, handlers: &[Arc<VringEpollHandler<Arc<NetBackend>>>]) -> io::Result<()> {
-        self.0.register_link(handlers)
+        self.0.register_links(handlers)
+    }
+
+    fn end(&self) {
+        self.0.log_stats();
     }
 
     /// QEMU's virtio-net enables rings before acknowledging features.
     fn shim(&self) -> bool {
         true
+    }
+
+    fn ring_enable(&self) -> Option<backend_common::shim::RingEnableHook> {
+        let b = Arc::clone(&self.0);
+        Some(Arc::new(move |index, on| b.ring_enabled(index, on)))
     }
 }

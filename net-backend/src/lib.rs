@@ -44,31 +44,10 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     let notifier = backend_common::notify::Notifier::from_env();
     // The link first: once the socket listens, a frontend (or a test) may
     // assume the tap exists.
-    let link: Arc<dyn link::Link> = match &cfg.link {
-        LinkChoice::Tap(name) => Arc::new(link::Tap::open(name).map_err(|source| RunError::Link {
-            what: format!("tap {name}"),
-            hint: if source.raw_os_error() == Some(libc::EPERM) {
-                " (creating a tap needs CAP_NET_ADMIN; or let a supervisor open it and pass --tap-fd)"
-            } else {
-                ""
-            },
-            source,
-        })?),
-        LinkChoice::TapFd(fd) => Arc::new(link::Tap::from_fd(*fd).map_err(|source| RunError::Link {
-            what: format!("--tap-fd {fd}"),
-            hint: "",
-            source,
-        })?),
-        LinkChoice::Socket(p) => Arc::new(link::Seqpacket::connect(p).map_err(|source| {
-            RunError::Link {
-                what: format!("socket {}", p.display()),
-                hint: " (the peer must be listening on a SOCK_SEQPACKET socket there)",
-                source,
-            }
-        })?),
-    };
+    let links = open_links(cfg)?;
     let listener = cfg.socket.listen()?;
-    let mut keep = vec![listener.as_raw_fd(), link.fd()];
+    let mut keep = vec![listener.as_raw_fd()];
+    keep.extend(links.iter().flat_map(|l| l.fds()));
     keep.extend(notifier.as_ref().map(|n| n.fd()));
     // Only the link and the sockets stay open.
     sandbox::confine(cfg.sandbox, &keep)?;
@@ -76,8 +55,14 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         n.ready();
     }
     backend_common::seccomp::install(&allowlist(), cfg.seccomp)?;
-    tracing::info!(link = link.name(), mac = ?cfg.mac, mtu = cfg.mtu, "serving");
-    let backend = Arc::new(NetBackend::new(link, cfg.mac, cfg.mtu, cfg.queue_size));
+    tracing::info!(
+        link = links[0].name(),
+        pairs = links.len(),
+        mac = ?cfg.mac,
+        mtu = cfg.mtu,
+        "serving"
+    );
+    let backend = Arc::new(NetBackend::new(links, cfg.mac, cfg.mtu, cfg.queue_size));
     backend_common::serve_with_hooks(
         "net-backend",
         &listener,
@@ -86,6 +71,53 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         &Hooks(backend),
     )?;
     Ok(())
+}
+
+/// The links, one per queue pair.
+fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
+    let as_links = |v: Vec<link::Tap>| {
+        v.into_iter()
+            .map(|t| Arc::new(t) as Arc<dyn link::Link>)
+            .collect()
+    };
+    Ok(match &cfg.link {
+        LinkChoice::Tap(name) => as_links(link::Tap::open_queues(name, cfg.queue_pairs).map_err(|source| {
+            RunError::Link {
+                what: format!("tap {name}"),
+                hint: if source.raw_os_error() == Some(libc::EPERM) {
+                    " (creating a tap needs CAP_NET_ADMIN; or let a supervisor open it and pass --tap-fd)"
+                } else {
+                    ""
+                },
+                source,
+            }
+        })?),
+        LinkChoice::TapFds(fds) => as_links(
+            fds.iter()
+                .map(|&fd| {
+                    link::Tap::from_fd(fd).map_err(|source| RunError::Link {
+                        what: format!("--tap-fd {fd}"),
+                        hint: "",
+                        source,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        LinkChoice::Socket(p) => vec![Arc::new(link::Seqpacket::connect(p).map_err(|source| {
+            RunError::Link {
+                what: format!("socket {}", p.display()),
+                hint: " (the peer must be listening on a SOCK_SEQPACKET socket there, e.g. net-backend --socket-listen)",
+                source,
+            }
+        })?)],
+        LinkChoice::SocketListen(p) => vec![Arc::new(link::SeqpacketListener::bind(p).map_err(|source| {
+            RunError::Link {
+                what: format!("listening socket {}", p.display()),
+                hint: "",
+                source,
+            }
+        })?)],
+    })
 }
 
 /// The syscalls net-backend needs once it is serving.
@@ -104,6 +136,13 @@ pub fn allowlist() -> Vec<c_long> {
         libc::SYS_shutdown,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
+        // Multiqueue taps attach and detach queues; a listening link
+        // accepts its peer and polls its private epoll set.
+        libc::SYS_ioctl,
+        libc::SYS_accept4,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
     ]);
     v.sort_unstable();
     v.dedup();

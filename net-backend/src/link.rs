@@ -1,7 +1,10 @@
-//! Where frames go: a tap device or a SOCK_SEQPACKET peer. Both carry each
-//! frame behind the 12-byte virtio_net_hdr the guest uses, so frames move
-//! between guest memory and the link with one copy (the kernel's), through
-//! readv/writev on iovecs into guest memory.
+//! Where frames go: a tap device (one queue per queue pair), a
+//! SOCK_SEQPACKET peer, or a datagram socket. All carry each frame behind
+//! the 12-byte virtio_net_hdr the guest uses, so frames move between guest
+//! memory and the link with one copy (the kernel's), through readv/writev
+//! or sendmsg/recvmsg on iovecs into guest memory.
+//!
+//! A third kind of link (a user-mode NAT) implements [`Link`] the same way.
 
 use std::ffi::CString;
 use std::io;
@@ -23,14 +26,25 @@ pub mod offload {
 pub trait Link: Send + Sync {
     /// Readable when frames are waiting; polled edge-triggered.
     fn fd(&self) -> RawFd;
+    /// Every descriptor the link holds (kept open by the sandbox).
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.fd()]
+    }
     /// Send one frame (header included). `WouldBlock` means the link is
-    /// full for now.
+    /// full for now; `NotConnected` that it is gone (a deleted tap, a peer
+    /// that closed).
     fn send(&self, iov: &[libc::iovec]) -> io::Result<usize>;
     /// Receive one frame (header included) into `iov`; `WouldBlock` when
-    /// none is waiting.
+    /// none is waiting, `NotConnected` when the link is gone, `InvalidData`
+    /// when a frame larger than `iov` was consumed.
     fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize>;
     /// Tell the link which offloads the guest accepts.
     fn set_offloads(&self, _flags: u32) -> io::Result<()> {
+        Ok(())
+    }
+    /// Start or stop taking frames for this queue pair (a multiqueue tap
+    /// detaches the queue, so the kernel steers flows to the others).
+    fn set_active(&self, _active: bool) -> io::Result<()> {
         Ok(())
     }
     fn name(&self) -> &str;
@@ -44,17 +58,33 @@ fn rc(n: isize) -> io::Result<usize> {
     }
 }
 
-/// A tap device with IFF_VNET_HDR.
+/// A tap whose device was deleted answers EBADFD: the link is gone.
+fn tap_gone(r: io::Result<usize>) -> io::Result<usize> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EBADFD) => Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the tap device was deleted",
+        )),
+        r => r,
+    }
+}
+
+/// One queue of a tap device with IFF_VNET_HDR.
 pub struct Tap {
     fd: OwnedFd,
     name: String,
+    multi_queue: bool,
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_TAP: libc::c_short = 0x0002;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
@@ -66,8 +96,20 @@ struct IfReq {
 }
 
 impl Tap {
-    /// Open (or create) tap `name`.
+    /// Open (or create) tap `name` with `queues` queues (IFF_MULTI_QUEUE
+    /// when more than one).
+    pub fn open_queues(name: &str, queues: usize) -> io::Result<Vec<Self>> {
+        (0..queues)
+            .map(|_| Self::open_with(name, queues > 1))
+            .collect()
+    }
+
+    /// Open (or create) single-queue tap `name`.
     pub fn open(name: &str) -> io::Result<Self> {
+        Self::open_with(name, false)
+    }
+
+    fn open_with(name: &str, multi_queue: bool) -> io::Result<Self> {
         if name.is_empty() || name.len() > 15 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -87,19 +129,32 @@ impl Tap {
         }
         // SAFETY: a fresh descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mq = if multi_queue { IFF_MULTI_QUEUE } else { 0 };
         let mut req = IfReq {
             name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | mq,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    if multi_queue {
+                        format!("{e}: tap {name} exists without multi_queue; delete it or create it with `ip tuntap add {name} mode tap multi_queue vnet_hdr`")
+                    } else {
+                        format!("{e}: tap {name} exists with other flags (multi_queue?); use --num-queue-pairs to match, or delete it")
+                    },
+                ));
+            }
+            return Err(e);
         }
         let tap = Tap {
             fd,
             name: name.to_string(),
+            multi_queue,
         };
         tap.set_hdr_len()?;
         Ok(tap)
@@ -141,7 +196,11 @@ impl Tap {
         let tap = Tap {
             fd,
             name: String::from_utf8_lossy(&req.name[..end]).into_owned(),
+            multi_queue: req.flags & IFF_MULTI_QUEUE != 0,
         };
+        // A queue a previous backend detached comes back; an attached one
+        // answers EINVAL, which is fine.
+        let _ = tap.set_active(true);
         tap.set_hdr_len()?;
         Ok(tap)
     }
@@ -163,11 +222,15 @@ impl Link for Tap {
     fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: the iovecs point into guest memory that the caller keeps
         // mapped for the call.
-        rc(unsafe { libc::writev(self.fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+        tap_gone(rc(unsafe {
+            libc::writev(self.fd(), iov.as_ptr(), iov.len() as libc::c_int)
+        }))
     }
     fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: as above, writable guest buffers.
-        rc(unsafe { libc::readv(self.fd(), iov.as_ptr(), iov.len() as libc::c_int) })
+        tap_gone(rc(unsafe {
+            libc::readv(self.fd(), iov.as_ptr(), iov.len() as libc::c_int)
+        }))
     }
     fn set_offloads(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
@@ -176,12 +239,115 @@ impl Link for Tap {
         }
         Ok(())
     }
+    fn set_active(&self, active: bool) -> io::Result<()> {
+        if !self.multi_queue {
+            return Ok(());
+        }
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: if active {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads an ifreq, which `req` is.
+        if unsafe { libc::ioctl(self.fd(), TUNSETQUEUE, &mut req) } < 0 {
+            let e = io::Error::last_os_error();
+            // Already in the asked state.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
     fn name(&self) -> &str {
         &self.name
     }
 }
 
-/// A SOCK_SEQPACKET peer: one message per frame.
+/// A `sockaddr_un` for `path`.
+fn unix_addr(path: &Path) -> io::Result<libc::sockaddr_un> {
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    // SAFETY: an all-zero sockaddr_un is valid; the path is copied in
+    // below with room for the terminating NUL.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    Ok(addr)
+}
+
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket creation; checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// sendmsg of one frame; a peer that has gone reads as `NotConnected`.
+fn send_frame(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: a msghdr naming only the caller's iovecs.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len();
+    // SAFETY: as above; the buffers are mapped for the call.
+    match rc(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
+            Err(io::Error::new(io::ErrorKind::NotConnected, e))
+        }
+        r => r,
+    }
+}
+
+/// recvmsg of one frame; a peer that has gone reads as `NotConnected`, a
+/// frame larger than `iov` (consumed) as `InvalidData`.
+fn recv_frame(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: a msghdr naming only the caller's iovecs.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len();
+    // SAFETY: as above.
+    let n = match rc(unsafe { libc::recvmsg(fd, &mut msg, 0) }) {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, e))
+        }
+        r => r?,
+    };
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the peer closed the socket",
+        ));
+    }
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame larger than the buffers",
+        ));
+    }
+    Ok(n)
+}
+
+/// A SOCK_SEQPACKET peer we connected to: one message per frame.
 pub struct Seqpacket {
     fd: OwnedFd,
     name: String,
@@ -190,33 +356,8 @@ pub struct Seqpacket {
 impl Seqpacket {
     /// Connect to the peer listening at `path`.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        // SAFETY: plain socket creation; checked.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-        // SAFETY: an all-zero sockaddr_un is valid; the path is copied in
-        // below with room for the terminating NUL.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        if bytes.len() >= addr.sun_path.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "socket path too long",
-            ));
-        }
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
+        let fd = seqpacket_socket()?;
+        let addr = unix_addr(path)?;
         // SAFETY: `addr` is a valid sockaddr_un of the given size.
         let r = unsafe {
             libc::connect(
@@ -240,31 +381,159 @@ impl Link for Seqpacket {
         self.fd.as_raw_fd()
     }
     fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: a msghdr naming only the caller's iovecs.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len();
-        // SAFETY: as above; the buffers are mapped for the call.
-        rc(unsafe { libc::sendmsg(self.fd(), &msg, libc::MSG_NOSIGNAL) })
+        send_frame(self.fd(), iov)
     }
     fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: a msghdr naming only the caller's iovecs.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len();
-        // SAFETY: as above.
-        let n = rc(unsafe { libc::recvmsg(self.fd(), &mut msg, 0) })?;
-        if n == 0 {
-            // The peer closed: nothing will come; treat as no frame.
-            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        recv_frame(self.fd(), iov)
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A SOCK_SEQPACKET socket we listen on: one peer at a time (a newer one
+/// replaces it), so the other side may restart and connect again. Frames
+/// sent while no peer is connected are dropped, as on an unplugged cable.
+///
+/// The descriptor the worker polls is a private epoll set holding the
+/// listener and the current peer, so one registration covers both.
+pub struct SeqpacketListener {
+    listener: OwnedFd,
+    poll: OwnedFd,
+    peer: std::sync::Mutex<Option<OwnedFd>>,
+    name: String,
+}
+
+impl SeqpacketListener {
+    /// Listen at `path` (a stale socket file there is replaced).
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if m.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
         }
-        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        let listener = seqpacket_socket()?;
+        let addr = unix_addr(path)?;
+        // SAFETY: `addr` is a valid sockaddr_un; plain socket calls.
+        unsafe {
+            if libc::bind(
+                listener.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            ) < 0
+                || libc::listen(listener.as_raw_fd(), 4) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: epoll_create1 takes no pointers; checked.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let poll = unsafe { OwnedFd::from_raw_fd(ep) };
+        let l = SeqpacketListener {
+            listener,
+            poll,
+            peer: std::sync::Mutex::new(None),
+            name: format!("{} (listening)", path.display()),
+        };
+        l.watch(l.listener.as_raw_fd(), libc::EPOLLIN as u32)?;
+        Ok(l)
+    }
+
+    fn watch(&self, fd: RawFd, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events,
+            u64: fd as u64,
+        };
+        // SAFETY: EPOLL_CTL_ADD with a valid event on our epoll set.
+        if unsafe { libc::epoll_ctl(self.poll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Take the private set's events (so the next one wakes the worker
+    /// again) and accept whoever is waiting; the newest peer wins.
+    fn refresh(&self, peer: &mut Option<OwnedFd>) -> bool {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: epoll_wait writes at most 4 events into `evs`.
+        unsafe { libc::epoll_wait(self.poll.as_raw_fd(), evs.as_mut_ptr(), 4, 0) };
+        let mut accepted = false;
+        loop {
+            // SAFETY: accept on our listener; the result is checked.
+            let fd = unsafe {
+                libc::accept4(
+                    self.listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                break;
+            }
+            // SAFETY: a fresh descriptor owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            if let Err(e) = self.watch(fd.as_raw_fd(), (libc::EPOLLIN | libc::EPOLLET) as u32) {
+                tracing::warn!(error = %e, "cannot watch the new peer");
+                continue;
+            }
+            tracing::info!(link = %self.name, "a peer connected");
+            *peer = Some(fd);
+            accepted = true;
+        }
+        accepted
+    }
+}
+
+impl Link for SeqpacketListener {
+    fn fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.poll.as_raw_fd(), self.listener.as_raw_fd()]
+    }
+    fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let mut peer = self.peer.lock().unwrap_or_else(|e| e.into_inner());
+        if peer.is_none() {
+            self.refresh(&mut peer);
+        }
+        let Some(fd) = peer.as_ref().map(|p| p.as_raw_fd()) else {
             return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "frame larger than the buffers",
+                io::ErrorKind::NotConnected,
+                "no peer is connected",
             ));
+        };
+        let r = send_frame(fd, iov);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::NotConnected) {
+            *peer = None;
         }
-        Ok(n)
+        r
+    }
+    fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let mut peer = self.peer.lock().unwrap_or_else(|e| e.into_inner());
+        for attempt in 0..2 {
+            if let Some(fd) = peer.as_ref().map(|p| p.as_raw_fd()) {
+                match recv_frame(fd, iov) {
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                        tracing::info!(link = %self.name, "the peer went away");
+                        *peer = None;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    r => return r,
+                }
+            }
+            // Nothing to read: take the pending events, then look once
+            // more, so a frame that came in between is not left behind.
+            if attempt == 0 && !self.refresh(&mut peer) && peer.is_none() {
+                break;
+            }
+        }
+        Err(io::Error::from(io::ErrorKind::WouldBlock))
     }
     fn name(&self) -> &str {
         &self.name

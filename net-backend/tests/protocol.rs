@@ -338,3 +338,76 @@ fn the_sandbox_leaves_only_the_link_and_sockets() {
         0
     );
 }
+
+/// A net-backend that listens on `link` for its peer.
+fn listening(link: &Path) -> BackendProcess {
+    let argv = [
+        env!("CARGO_BIN_EXE_net-backend").to_string(),
+        "--fd={fd}".into(),
+        format!("--socket-listen={}", link.display()),
+        "--mac=52:54:00:aa:bb:01".into(),
+    ];
+    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts")
+}
+
+/// A net-backend that connects to the one listening at `link`.
+fn connecting(link: &Path) -> BackendProcess {
+    let argv = [
+        env!("CARGO_BIN_EXE_net-backend").to_string(),
+        "--fd={fd}".into(),
+        format!("--socket={}", link.display()),
+        "--mac=52:54:00:aa:bb:02".into(),
+    ];
+    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts")
+}
+
+/// One frame from `from` arrives at `to`, intact.
+fn crosses(from: &mut NetClient, to: &mut NetClient, seed: u8) {
+    let f = frame(1200, seed);
+    from.send(0, NetHdr::default(), &f).unwrap();
+    let (_, got) = to.recv(0).unwrap();
+    assert_eq!(got, f);
+}
+
+#[test]
+fn two_backends_joined_by_a_socket_pass_frames_and_survive_a_peer_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("join.sock");
+    let mut a = listening(&link);
+    // Before any peer: frames from A's guest are dropped, not queued forever.
+    let mut ca = client(&mut a);
+    ca.send(0, NetHdr::default(), &frame(100, 9)).unwrap();
+    ca.post_rx(0, 16, 4096).unwrap();
+
+    let mut b = connecting(&link);
+    let mut cb = client(&mut b);
+    cb.post_rx(0, 16, 4096).unwrap();
+    for i in 0..5 {
+        crosses(&mut ca, &mut cb, i);
+        crosses(&mut cb, &mut ca, 100 + i);
+    }
+
+    // B goes away and a new B connects: A takes the new peer.
+    drop(cb);
+    b.kill();
+    let mut b = connecting(&link);
+    let mut cb = client(&mut b);
+    cb.post_rx(0, 16, 4096).unwrap();
+    crosses(&mut cb, &mut ca, 50);
+    crosses(&mut ca, &mut cb, 51);
+    assert!(a.is_running(), "{}", a.output());
+    assert!(a.output().contains("a peer connected"), "{}", a.output());
+
+    // A connecting backend with nobody listening says what to do.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_net-backend"))
+        .args(["--socket-path", dir.path().join("x.sock").to_str().unwrap()])
+        .arg(format!(
+            "--socket={}",
+            dir.path().join("nobody.sock").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--socket-listen"), "{err}");
+}

@@ -40,6 +40,8 @@ pub enum NetError {
     Short(usize),
     #[error(transparent)]
     Ring(#[from] RingError),
+    #[error("the device was set up without a control queue (CTRL_VQ)")]
+    NoControlQueue,
     #[error(transparent)]
     Frontend(#[from] FrontendError),
 }
@@ -129,6 +131,8 @@ pub struct NetClient {
     pub dev: VuDevice,
     pub rx: Vec<ReqQueue>,
     pub tx: Vec<ReqQueue>,
+    /// The control queue, when `features` asked for CTRL_VQ.
+    pub ctrl: Option<ReqQueue>,
     pub shape: Shape,
 }
 
@@ -141,8 +145,9 @@ impl NetClient {
         buf_len: u32,
         features: u64,
     ) -> Result<Self, NetError> {
+        let with_ctrl = features & feature::CTRL_VQ != 0;
         let opts = DeviceOptions {
-            queues: 2 * pairs,
+            queues: 2 * pairs + usize::from(with_ctrl),
             queue_size: (depth * 2).next_power_of_two().clamp(64, 1024) as u16,
             device_features: features,
             region_size: (u64::from(buf_len) * depth as u64 * 2 * pairs as u64 + (16 << 20))
@@ -151,10 +156,12 @@ impl NetClient {
         };
         let mut dev = backend.device(&opts)?;
         let rings = std::mem::take(&mut dev.queues);
-        let (mut rx, mut tx) = (Vec::new(), Vec::new());
+        let (mut rx, mut tx, mut ctrl) = (Vec::new(), Vec::new(), None);
         for (i, r) in rings.into_iter().enumerate() {
             let q = ReqQueue::new(r, &mut dev.mem, depth, buf_len, buf_len)?;
-            if i % 2 == 0 {
+            if i == 2 * pairs {
+                ctrl = Some(q);
+            } else if i % 2 == 0 {
                 rx.push(q);
             } else {
                 tx.push(q);
@@ -164,8 +171,17 @@ impl NetClient {
             dev,
             rx,
             tx,
+            ctrl,
             shape: Shape::DIRECT,
         })
+    }
+
+    /// Send a control command (class, command, data) and return the ack
+    /// byte the device wrote.
+    pub fn command(&mut self, class: u8, command: u8, data: &[u8]) -> Result<u8, NetError> {
+        let q = self.ctrl.as_mut().ok_or(NetError::NoControlQueue)?;
+        let c = q.call(&[&[class, command], data], &[1], self.shape)?;
+        Ok(c.written().first().copied().unwrap_or(0xff))
     }
 
     pub fn config(&mut self) -> Result<NetConfig, NetError> {
