@@ -116,6 +116,10 @@ pub struct NetBackend {
     acked: AtomicU64,
     /// Pairs the driver asked for on the control queue.
     active_pairs: AtomicUsize,
+    /// Whether this frontend passed us the control queue. QEMU keeps it
+    /// (and acknowledges MQ all the same), turning pairs on and off with
+    /// SET_VRING_ENABLE instead.
+    ctrl_here: AtomicBool,
     pub counters: Counters,
 }
 
@@ -145,6 +149,7 @@ impl NetBackend {
             event_idx: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             active_pairs: AtomicUsize::new(1),
+            ctrl_here: AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -178,6 +183,7 @@ impl NetBackend {
         handlers: &[Arc<VringEpollHandler<Arc<NetBackend>>>],
     ) -> io::Result<()> {
         self.active_pairs.store(self.pairs.len(), Ordering::Relaxed);
+        self.ctrl_here.store(false, Ordering::Relaxed);
         for (pair, h) in self.pairs.iter().zip(handlers) {
             pair.ring_enabled.store(true, Ordering::Relaxed);
             h.register_listener(
@@ -194,7 +200,10 @@ impl NetBackend {
     /// The frontend turned ring `index` on or off (SET_VRING_ENABLE).
     pub fn ring_enabled(&self, index: u32, enabled: bool) {
         let index = index as usize;
-        if index % 2 == RX {
+        if index == 2 * self.pairs.len() {
+            self.ctrl_here.store(enabled, Ordering::Relaxed);
+            self.steer();
+        } else if index % 2 == RX {
             if let Some(p) = self.pairs.get(index / 2) {
                 p.ring_enabled.store(enabled, Ordering::Relaxed);
                 self.steer();
@@ -203,15 +212,16 @@ impl NetBackend {
     }
 
     /// Whether pair `p` takes frames: pair 0 always; another when its
-    /// receive ring is on and, if the driver speaks on the control queue,
-    /// it asked for that many pairs.
+    /// receive ring is on and, if the control queue is ours, the driver
+    /// asked for that many pairs.
     pub fn pair_active(&self, p: usize) -> bool {
         let Some(pair) = self.pairs.get(p) else {
             return false;
         };
         p == 0
             || (pair.ring_enabled.load(Ordering::Relaxed)
-                && p < self.active_pairs.load(Ordering::Relaxed))
+                && (!self.ctrl_here.load(Ordering::Relaxed)
+                    || p < self.active_pairs.load(Ordering::Relaxed)))
     }
 
     /// Attach the tap queues of active pairs and detach the others.
@@ -773,6 +783,10 @@ impl NetBackend {
             },
             CTRL if p == 0 => {
                 if let Some(c) = vrings.get(CTRL).filter(|c| ready(c)) {
+                    // A frontend without ring enables still hands it over.
+                    if !self.ctrl_here.swap(true, Ordering::Relaxed) {
+                        self.steer();
+                    }
                     loop {
                         let _ = c.disable_notification();
                         self.process_ctrl(c)?;

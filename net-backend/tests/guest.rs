@@ -84,10 +84,11 @@ fn md5(bytes: &[u8]) -> String {
         .to_string()
 }
 
-/// A two-request HTTP server: POST stores the body, GET sends `data`.
-fn serve_http(listener: TcpListener, data: Vec<u8>) -> Vec<u8> {
+/// An HTTP server for `requests` requests: POST stores the body, GET
+/// sends `data`.
+fn serve_http(listener: TcpListener, data: Vec<u8>, requests: usize) -> Vec<u8> {
     let mut posted = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..requests {
         let (s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
@@ -123,28 +124,29 @@ fn serve_http(listener: TcpListener, data: Vec<u8>) -> Vec<u8> {
     posted
 }
 
-#[test]
-fn a_guest_on_a_tap_pings_and_moves_64_mib_each_way() {
-    if tests::require(guest::qemu_available()).is_none() {
-        return;
-    }
+/// net-backend on a new tap with `pairs` queue pairs, the tap moved into a
+/// new network namespace as 10.77.0.1/24. None (with the reason printed)
+/// where that cannot be done here.
+fn backend_on_tap_in_netns(tag: &str, pairs: u16) -> Option<(Netns, BackendProcess)> {
+    tests::require(guest::qemu_available())?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         tests::require::<()>(Err("a tap and a network namespace need root".into()));
-        return;
+        return None;
     }
     let id = std::process::id() % 100_000;
-    let Some(ns) = Netns::new(&format!("vmmt{id}")) else {
+    let Some(ns) = Netns::new(&format!("vmm{tag}{id}")) else {
         tests::require::<()>(Err(
             "`ip netns add` failed (apt-get install iproute2)".into()
         ));
-        return;
+        return None;
     };
-    let tap = format!("vmt{id}");
+    let tap = format!("vm{tag}{id}");
     let argv = [
         env!("CARGO_BIN_EXE_net-backend").to_string(),
         "--fd={fd}".into(),
         format!("--tap={tap}"),
+        format!("--num-queue-pairs={pairs}"),
     ];
     let b = BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts");
     // The socket is bound by the test, so the backend may still be opening
@@ -171,13 +173,21 @@ fn a_guest_on_a_tap_pings_and_moves_64_mib_each_way() {
     ns.exec(&["ip", "link", "set", &tap, "up"]);
     ns.exec(&["ip", "link", "set", "lo", "up"]);
 
+    Some((ns, b))
+}
+
+#[test]
+fn a_guest_on_a_tap_pings_and_moves_64_mib_each_way() {
+    let Some((ns, b)) = backend_on_tap_in_netns("t", 1) else {
+        return;
+    };
     let sent = data();
     let want_down = md5(&sent);
     let server = {
         let sent = sent.clone();
         ns.spawn(move || {
             let l = TcpListener::bind("10.77.0.1:8080").unwrap();
-            serve_http(l, sent)
+            serve_http(l, sent, 2)
         })
     };
     let script = "ping -c 3 -W 5 10.77.0.1 && echo PING=ok; \
@@ -214,4 +224,156 @@ fn a_guest_on_a_tap_pings_and_moves_64_mib_each_way() {
     assert!(posted.len() >= SIZE, "{}", posted.len());
     assert_eq!(md5(&posted), line("UP="), "guest to host");
     assert_eq!(line("DOWN="), want_down, "host to guest");
+}
+
+/// The `queue pair counters` line net-backend logs for pair `p` when its
+/// frontend goes: (rx_frames, tx_frames).
+fn pair_counters(log: &str, p: usize) -> Option<(u64, u64)> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("queue pair counters") && l.contains(&format!("pair={p} ")))?;
+    let field = |k: &str| -> Option<u64> {
+        let v = line.split(&format!("{k}=")).nth(1)?;
+        v.split_whitespace().next()?.parse().ok()
+    };
+    Some((field("rx_frames")?, field("tx_frames")?))
+}
+
+#[test]
+fn a_two_vcpu_guest_uses_both_queue_pairs() {
+    let Some((ns, mut b)) = backend_on_tap_in_netns("q", 2) else {
+        return;
+    };
+    let sent: Vec<u8> = data().into_iter().take(8 << 20).collect();
+    let want = md5(&sent);
+    let server = ns.spawn(move || {
+        let l = TcpListener::bind("10.77.0.1:8080").unwrap();
+        serve_http(l, sent, 2)
+    });
+    // One download pinned to each vCPU: the guest transmits each flow on
+    // its CPU's queue (XPS), and the tap answers on the queue it came from.
+    let script = "ping -c 2 -W 5 10.77.0.1 && echo PING=ok; \
+        taskset 1 wget -q -O /tmp/d0 http://10.77.0.1:8080/a & \
+        taskset 2 wget -q -O /tmp/d1 http://10.77.0.1:8080/b & \
+        wait; \
+        echo \"D0=$(md5sum /tmp/d0 | cut -d' ' -f1)\"; \
+        echo \"D1=$(md5sum /tmp/d1 | cut -d' ' -f1)\"; \
+        echo \"QUEUES=$(ls /sys/class/net/eth0/queues | tr '\\n' ' ')\"";
+    let run = match Qemu::new()
+        .memory_mib(512)
+        .cpus(2)
+        .net_queues(b.socket(), "52:54:00:12:34:56", 2)
+        .kernel_arg("testbed.ip=10.77.0.2/24")
+        .run(script, Duration::from_secs(600))
+    {
+        Ok(r) => r,
+        Err(e) => panic!("{e}\n--- net-backend ---\n{}", b.output()),
+    };
+    let out = run.script_output();
+    let line = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in:\n{out}\n--- net-backend ---\n{}", b.output()))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(line("PING="), "ok");
+    assert_eq!(line("D0="), want);
+    assert_eq!(line("D1="), want);
+    assert!(line("QUEUES=").contains("rx-1"), "{out}");
+    server.join().unwrap();
+    // QEMU has gone: the backend logs what each pair moved.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pair_counters(&b.output(), 1).is_none() {
+        assert!(std::time::Instant::now() < deadline, "{}", b.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = b.output();
+    for p in 0..2 {
+        let (rx, tx) = pair_counters(&log, p).unwrap();
+        assert!(rx > 20 && tx > 20, "pair {p}: rx {rx} tx {tx}\n{log}");
+    }
+    assert!(b.is_running(), "{log}");
+}
+
+#[test]
+fn two_guests_joined_by_a_socket_ping_each_other_and_move_data() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("join.sock");
+    let spawn = |link_flag: String, mac: &str| {
+        let argv = [
+            env!("CARGO_BIN_EXE_net-backend").to_string(),
+            "--fd={fd}".into(),
+            link_flag,
+            format!("--mac={mac}"),
+        ];
+        BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts")
+    };
+    let a = spawn(
+        format!("--socket-listen={}", link.display()),
+        "52:54:00:00:00:0a",
+    );
+    let b = spawn(format!("--socket={}", link.display()), "52:54:00:00:00:0b");
+    // A serves a file over HTTP and stays up until B has gone; B pings A,
+    // fetches the file, and both print its MD5.
+    let script_a = "mkdir -p /www && dd if=/dev/urandom of=/www/f bs=1M count=16 2>/dev/null; \
+        echo \"SUM=$(md5sum /www/f | cut -d' ' -f1)\"; \
+        httpd -p 8080 -h /www; \
+        for i in $(seq 300); do ping -c 1 -W 1 10.78.0.2 >/dev/null && { echo PEER=up; break; }; done; \
+        while ping -c 1 -W 2 10.78.0.2 >/dev/null; do sleep 1; done; echo PEER=gone";
+    let script_b = "for i in $(seq 300); do ping -c 1 -W 1 10.78.0.1 >/dev/null && break; done; \
+        ping -c 3 -W 5 10.78.0.1 && echo PING=ok; \
+        for i in $(seq 30); do wget -q -O /tmp/f http://10.78.0.1:8080/f && break; sleep 1; done; \
+        echo \"SUM=$(md5sum /tmp/f | cut -d' ' -f1)\"";
+    let guest = |socket: &Path, mac: &str, ip: &str| {
+        Qemu::new()
+            .memory_mib(512)
+            .net_with_mac(socket, mac)
+            .kernel_arg(format!("testbed.ip={ip}/24"))
+    };
+    let mut runs = Qemu::run_together(
+        vec![
+            (
+                guest(a.socket(), "52:54:00:00:00:0a", "10.78.0.1"),
+                script_a.to_string(),
+            ),
+            (
+                guest(b.socket(), "52:54:00:00:00:0b", "10.78.0.2"),
+                script_b.to_string(),
+            ),
+        ],
+        Duration::from_secs(600),
+    );
+    let (rb, ra) = (runs.pop().unwrap(), runs.pop().unwrap());
+    let logs = || {
+        format!(
+            "--- backend A ---\n{}\n--- backend B ---\n{}",
+            a.output(),
+            b.output()
+        )
+    };
+    let (ra, rb) = match (ra, rb) {
+        (Ok(ra), Ok(rb)) => (ra, rb),
+        (ra, rb) => panic!("A: {:?}\nB: {:?}\n{}", ra.err(), rb.err(), logs()),
+    };
+    let (out_a, out_b) = (ra.script_output(), rb.script_output());
+    let line = |out: &str, k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in:\n{out}\n{}", logs()))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(line(&out_b, "PING="), "ok");
+    assert_eq!(line(&out_a, "PEER="), "up");
+    assert_eq!(
+        line(&out_a, "SUM="),
+        line(&out_b, "SUM="),
+        "the file crossed intact"
+    );
+    assert_eq!(line(&out_a, "SUM=").len(), 32);
 }

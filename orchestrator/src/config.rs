@@ -103,7 +103,9 @@ pub struct Blk {
 pub struct Net {
     pub tap: Option<String>,
     pub socket: Option<PathBuf>,
+    pub listen: Option<PathBuf>,
     pub mac: Option<String>,
+    pub queues: Option<u16>,
 }
 
 /// A config error, located.
@@ -138,12 +140,16 @@ pub enum NetLink {
     Tap(String),
     /// A SOCK_SEQPACKET peer listening at this path.
     Socket(PathBuf),
+    /// Listen at this path for a peer (another VM's `socket`).
+    Listen(PathBuf),
 }
 
 #[derive(Debug, Clone)]
 pub struct NetDevice {
     pub link: NetLink,
     pub mac: String,
+    /// Queue pairs (a tap only).
+    pub queues: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -303,25 +309,39 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
     let mut net = Vec::new();
     for (i, n) in raw.net.iter().enumerate() {
         let v = n.get_ref();
-        let link = match (&v.tap, &v.socket) {
-            (Some(_), Some(_)) => {
-                return Err(loc.at(
-                    n.span(),
-                    format!("net[{i}]: either tap or socket, not both"),
-                ))
-            }
-            (Some(t), None) if t.is_empty() || t.len() > 15 => {
+        let link = match (&v.tap, &v.socket, &v.listen) {
+            (Some(t), None, None) if t.is_empty() || t.len() > 15 => {
                 return Err(loc.at(n.span(), format!("net[{i}].tap: 1 to 15 bytes")))
             }
-            (Some(t), None) => NetLink::Tap(t.clone()),
-            (None, Some(p)) => NetLink::Socket(expand(p, base)),
-            (None, None) => NetLink::Tap(
+            (Some(t), None, None) => NetLink::Tap(t.clone()),
+            (None, Some(p), None) => NetLink::Socket(expand(p, base)),
+            (None, None, Some(p)) => NetLink::Listen(expand(p, base)),
+            (None, None, None) => NetLink::Tap(
                 format!("vmm{}n{i}", raw.vm.name.as_deref().unwrap_or(""))
                     .chars()
                     .take(15)
                     .collect(),
             ),
+            _ => {
+                return Err(loc.at(
+                    n.span(),
+                    format!("net[{i}]: one of tap, socket or listen, not several"),
+                ))
+            }
         };
+        let queues = v.queues.unwrap_or(1);
+        if !(1..=16).contains(&queues) {
+            return Err(loc.at(
+                n.span(),
+                format!("net[{i}].queues: {queues} queue pairs; 1 to 16"),
+            ));
+        }
+        if queues > 1 && !matches!(link, NetLink::Tap(_)) {
+            return Err(loc.at(
+                n.span(),
+                format!("net[{i}].queues: more than one queue pair needs a tap"),
+            ));
+        }
         let mac = match &v.mac {
             Some(m) => {
                 if m.split(':').count() != 6
@@ -336,7 +356,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
             }
             None => format!("52:54:00:12:34:{:02x}", 0x56 + i),
         };
-        net.push(NetDevice { link, mac });
+        net.push(NetDevice { link, mac, queues });
     }
     Ok(VmConfig {
         name: raw.vm.name.clone().unwrap_or_else(|| "default".into()),
@@ -462,8 +482,17 @@ mod tests {
         assert_eq!(c.net[0].link, NetLink::Tap("tap7".into()));
         assert_eq!(c.net[0].mac, "52:54:00:00:00:07");
         assert_eq!(c.net[1].link, NetLink::Socket("/run/peer.sock".into()));
+        let c =
+            check("[vm]\n[[net]]\nlisten = \"/run/j.sock\"\n[[net]]\ntap = \"t\"\nqueues = 4\n")
+                .unwrap();
+        assert_eq!(c.net[0].link, NetLink::Listen("/run/j.sock".into()));
+        assert_eq!((c.net[0].queues, c.net[1].queues), (1, 4));
+        let e = check("[vm]\n[[net]]\nsocket = \"/a\"\nqueues = 2\n").unwrap_err();
+        assert!(e.message.contains("needs a tap"), "{e}");
+        let e = check("[vm]\n[[net]]\nqueues = 17\n").unwrap_err();
+        assert!(e.message.contains("1 to 16"), "{e}");
         let e = check("[vm]\n[[net]]\ntap = \"a\"\nsocket = \"/b\"\n").unwrap_err();
-        assert!(e.message.contains("either tap or socket"), "{e}");
+        assert!(e.message.contains("one of tap, socket or listen"), "{e}");
         let e = check("[vm]\n[[net]]\nmac = \"nope\"\n").unwrap_err();
         assert!(e.message.contains("net[0].mac"), "{e}");
     }

@@ -125,6 +125,18 @@ pub fn escape_commas(path: &Path) -> OsString {
 }
 
 /// Whether a guest can be booted here; `Err` says what is missing and how to get it.
+/// Guests of one process boot one at a time: on a small machine,
+/// parallel TCG guests starve each other and turn timing checks (such as a
+/// coherence window) into noise.
+fn guest_turn() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_GUEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked while holding the lock poisoned it; the guest it
+    // ran is gone, so the lock is still good.
+    ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn qemu_available() -> Result<(), String> {
     match qemu_binary() {
         Some(q) if q.is_file() => {}
@@ -320,10 +332,39 @@ impl Qemu {
     }
 
     /// A vhost-user-net NIC served at `socket`, with MAC address `mac`.
-    pub fn net_with_mac(mut self, socket: &Path, mac: &str) -> Self {
+    pub fn net_with_mac(self, socket: &Path, mac: &str) -> Self {
+        self.net_queues(socket, mac, 1)
+    }
+
+    /// A vhost-user-net NIC served at `socket`, with MAC address `mac` and
+    /// `pairs` queue pairs (the guest uses as many as it has vCPUs).
+    pub fn net_queues(self, socket: &Path, mac: &str, pairs: u16) -> Self {
+        self.net_nic(socket, mac, pairs, false)
+    }
+
+    /// [`Qemu::net_queues`], reconnecting (once a second) when the backend
+    /// restarts; the guest sees the link go down and up.
+    pub fn net_reconnecting(self, socket: &Path, mac: &str, pairs: u16) -> Self {
+        self.net_nic(socket, mac, pairs, true)
+    }
+
+    fn net_nic(mut self, socket: &Path, mac: &str, pairs: u16, reconnect: bool) -> Self {
         let chardev = self.chardev(socket);
+        if reconnect {
+            if let Some(spec) = self.devices.last_mut() {
+                spec.push(",reconnect=1");
+            }
+        }
         let id = self.id("n");
-        self.device("-netdev", format!("vhost-user,id={id},chardev={chardev}"));
+        let (queues, mq) = if pairs > 1 {
+            (format!(",queues={pairs}"), ",mq=on")
+        } else {
+            (String::new(), "")
+        };
+        self.device(
+            "-netdev",
+            format!("vhost-user,id={id},chardev={chardev}{queues}"),
+        );
         // QEMU 7.2 under TCG crashes in vhost_net_start while setting up
         // MSI-X vector notifiers (a NULL dereference in
         // msix_set_vector_notifiers); legacy interrupts avoid that path.
@@ -334,7 +375,7 @@ impl Qemu {
         };
         self.device(
             "-device",
-            format!("virtio-net-pci,netdev={id},mac={mac},romfile={vectors}"),
+            format!("virtio-net-pci,netdev={id},mac={mac},romfile={vectors}{mq}"),
         );
         self
     }
@@ -427,18 +468,33 @@ impl Qemu {
     }
 
     /// Boots the guest, runs `script` as `/test.sh` and returns once the guest reports its
-    /// exit code, or fails after `timeout` (QEMU is killed then).
-    ///
-    /// Guests of one process boot one at a time: on a small machine,
-    /// parallel TCG guests starve each other and turn timing checks (such
-    /// as a coherence window) into noise.
+    /// exit code, or fails after `timeout` (QEMU is killed then). Guests of
+    /// one process boot one at a time (see [`Qemu::run_together`]).
     pub fn run(&self, script: &str, timeout: Duration) -> Result<GuestRun, GuestError> {
-        static ONE_GUEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        // A test that panicked while holding the lock poisoned it; the guest
-        // it ran is gone, so the lock is still good.
-        let _turn = ONE_GUEST_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _turn = guest_turn();
+        self.run_now(script, timeout)
+    }
+
+    /// Boots several guests at once (each with its script), for work that
+    /// needs them side by side, such as two VMs on one link; returns their
+    /// runs in order.
+    pub fn run_together(
+        guests: Vec<(Qemu, String)>,
+        timeout: Duration,
+    ) -> Vec<Result<GuestRun, GuestError>> {
+        let _turn = guest_turn();
+        std::thread::scope(|s| {
+            let runs: Vec<_> = guests
+                .iter()
+                .map(|(q, script)| s.spawn(move || q.run_now(script, timeout)))
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
+    fn run_now(&self, script: &str, timeout: Duration) -> Result<GuestRun, GuestError> {
         let start = Instant::now();
         let img = image::build(&self.image)?;
         let dir = tempfile::tempdir().map_err(|source| GuestError::Scratch {

@@ -39,8 +39,9 @@ pub struct DeviceSpec {
     pub args: Vec<String>,
     /// Descriptors handed over too: (ours, the number the child sees).
     pub pass_fds: Vec<(std::sync::Arc<std::os::fd::OwnedFd>, RawFd)>,
-    /// A tap the supervisor opens and hands over as fd 4 (`--tap-fd=4`).
-    pub open_tap: Option<String>,
+    /// A tap the supervisor opens, with this many queues, and hands over
+    /// as fds 4, 5, ... (`--tap-fd=4,5,...`).
+    pub open_tap: Option<(String, u16)>,
 }
 
 impl DeviceSpec {

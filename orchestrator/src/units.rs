@@ -105,7 +105,7 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
                 w.extend(spec.args.iter().map(|a| {
                     match (&spec.open_tap, a.starts_with("--tap-fd=")) {
                         // systemd cannot hand over a tap: the backend opens it.
-                        (Some(t), true) => format!("--tap={t}"),
+                        (Some((t, _)), true) => format!("--tap={t}"),
                         _ => a.clone(),
                     }
                 }));

@@ -83,7 +83,7 @@ pub fn device_specs(cfg: &VmConfig) -> Result<Vec<DeviceSpec>, VmError> {
     Ok(v)
 }
 
-/// Where a net backend finds its tap.
+/// Where a net backend finds its tap: one queue per fd from here on.
 const TAP_FD: std::os::fd::RawFd = 4;
 
 fn net_spec(i: usize, n: &NetDevice) -> Result<DeviceSpec, VmError> {
@@ -91,10 +91,17 @@ fn net_spec(i: usize, n: &NetDevice) -> Result<DeviceSpec, VmError> {
     let mut open_tap = None;
     match &n.link {
         NetLink::Tap(name) => {
-            open_tap = Some(name.clone());
-            args.push(format!("--tap-fd={TAP_FD}"));
+            open_tap = Some((name.clone(), n.queues));
+            let fds: Vec<String> = (0..n.queues)
+                .map(|q| (TAP_FD + i32::from(q)).to_string())
+                .collect();
+            args.push(format!("--tap-fd={}", fds.join(",")));
+            if n.queues > 1 {
+                args.push(format!("--num-queue-pairs={}", n.queues));
+            }
         }
         NetLink::Socket(p) => args.push(format!("--socket={}", p.display())),
+        NetLink::Listen(p) => args.push(format!("--socket-listen={}", p.display())),
     }
     Ok(DeviceSpec {
         name: format!("net{i}"),
@@ -212,7 +219,8 @@ pub fn qemu_for(cfg: &VmConfig, sockets: &[PathBuf]) -> Qemu {
         q = q.blk_reconnecting(socket);
     }
     for (n, socket) in cfg.net.iter().zip(net_sockets) {
-        q = q.net_with_mac(socket, &n.mac);
+        // QEMU reconnects a vhost-user NIC to a restarted backend.
+        q = q.net_reconnecting(socket, &n.mac, n.queues);
     }
     if let Some(c) = &cfg.cmdline {
         for a in c.split_whitespace() {
@@ -247,13 +255,15 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
     let mut sup = Supervisor::new(state, vmm, verbose);
     let mut sockets = Vec::new();
     for mut spec in device_specs(cfg)? {
-        if let Some(name) = spec.open_tap.clone() {
+        if let Some((name, queues)) = spec.open_tap.clone() {
             // Opened here, so the backend needs no CAP_NET_ADMIN, and kept
             // here, so the tap outlives a backend restart.
-            let fd = net_backend::link::Tap::open(&name)
-                .map_err(|source| VmError::Tap { name, source })?
-                .into_fd();
-            spec.pass_fds.push((Arc::new(fd), TAP_FD));
+            let taps = net_backend::link::Tap::open_queues(&name, usize::from(queues))
+                .map_err(|source| VmError::Tap { name, source })?;
+            for (q, tap) in taps.into_iter().enumerate() {
+                spec.pass_fds
+                    .push((Arc::new(tap.into_fd()), TAP_FD + q as i32));
+            }
         }
         eprintln!(
             "orchestrator: starting {}: {}",

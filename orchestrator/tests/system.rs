@@ -401,7 +401,7 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
 }
 
 #[test]
-fn a_nic_on_a_tap_the_orchestrator_opens() {
+fn a_two_queue_nic_on_a_tap_the_orchestrator_opens_survives_a_killed_backend() {
     if !backends_built() {
         return;
     }
@@ -440,15 +440,21 @@ fn a_nic_on_a_tap_the_orchestrator_opens() {
     std::fs::write(
         &cfg,
         format!(
-            "[vm]\nname = \"nic\"\ncmdline = \"testbed.ip=10.78.0.2/24\"\n\
+            "[vm]\nname = \"nic\"\ncpus = 2\ncmdline = \"testbed.ip=10.78.0.2/24\"\n\
              [[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
-             [[net]]\ntap = \"{tap}\"\nmac = \"52:54:00:00:78:02\"\n",
+             [[net]]\ntap = \"{tap}\"\nmac = \"52:54:00:00:78:02\"\nqueues = 2\n",
             dir.path().display()
         ),
     )
     .unwrap();
+    // The guest pings, then waits while the host kills its NIC's backend,
+    // then pings through the restarted one (QEMU reconnects).
     let script = "while [ ! -e /mnt/host/go ]; do sleep 0.2; done; \
-        cat /sys/class/net/eth0/address; ping -c 3 -W 5 10.78.0.1 && echo PING=ok";
+        cat /sys/class/net/eth0/address; ls /sys/class/net/eth0/queues; \
+        ping -c 3 -W 5 10.78.0.1 && echo PING=ok; echo PHASE1; \
+        while [ ! -e /mnt/host/go2 ]; do sleep 0.2; done; \
+        for i in $(seq 60); do ping -c 1 -W 1 10.78.0.1 >/dev/null && break; done; \
+        ping -c 3 -W 5 10.78.0.1 && echo PING2=ok";
     let mut vm = Command::new("ip")
         .args(["netns", "exec", &ns, ORCH, "run", "-f"])
         .arg(&cfg)
@@ -491,11 +497,36 @@ fn a_nic_on_a_tap_the_orchestrator_opens() {
         assert!(st.success(), "{args:?}");
     }
     std::fs::write(dir.path().join("go"), b"").unwrap();
+    out.wait_for("PHASE1", 120, &|| err.text());
+    let net0 = || {
+        VmStatus::read_in(runtime.path(), "nic")
+            .expect("status file")
+            .devices
+            .into_iter()
+            .find(|d| d.device == "net0")
+            .unwrap()
+    };
+    let pid = net0().pid.expect("net0 runs");
+    // SAFETY: killing the backend the orchestrator started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = net0();
+        if now.restarts == 1 && now.pid.is_some_and(|p| p != pid) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "net0 was not restarted: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(dir.path().join("go2"), b"").unwrap();
     let code = vm.wait().unwrap();
     // The exit and the last lines read from its stdout race: wait for them.
-    out.wait_for("PING=", 20, &|| err.text());
+    out.wait_for("PING2=", 20, &|| err.text());
     let text = out.text();
     assert!(text.contains("52:54:00:00:78:02"), "{text}\n{}", err.text());
+    assert!(text.contains("rx-1"), "two queue pairs: {text}");
     assert!(text.contains("PING=ok"), "{text}\n{}", err.text());
+    assert!(text.contains("PING2=ok"), "{text}\n{}", err.text());
     assert!(code.success(), "{text}\n{}", err.text());
+    assert!(err.text().contains("net0 exited"), "{}", err.text());
 }
