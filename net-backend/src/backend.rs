@@ -22,7 +22,7 @@ use backend_common::FaultCounter;
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
 };
@@ -293,17 +293,15 @@ impl NetBackend {
         let mut state = vring.get_mut();
         let mut used = false;
         let (mut frames, mut bytes) = (0u64, 0u64);
+        let mut iov = Vec::with_capacity(16);
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
             used = true;
             let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
-            let iov = match tx_frame(&mem, descs) {
-                Ok(v) => v,
-                Err(why) => {
-                    self.bad_chain(&mut state, head, why);
-                    continue;
-                }
-            };
+            if let Err(why) = tx_frame_into(&mem, descs, &mut iov) {
+                self.bad_chain(&mut state, head, why);
+                continue;
+            }
             match pair.link.send(&iov) {
                 Ok(n) => {
                     frames += 1;
@@ -347,82 +345,79 @@ impl NetBackend {
         let mut used_any = false;
         let mut starved = false;
         let (mut frames, mut bytes) = (0u64, 0u64);
+        // Reused for every frame: the chains taken (head, capacity, first
+        // buffer) and all their buffers.
+        let mut heads: Vec<(u16, usize, libc::iovec)> = Vec::with_capacity(4);
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(64);
         loop {
             // Buffers for one frame: one chain, or with mergeable buffers as
             // many as it takes to hold the largest frame.
-            let mut chains: Vec<(u16, Vec<libc::iovec>, usize)> = Vec::new();
+            heads.clear();
+            iov.clear();
             let mut room = 0usize;
             while room < MAX_FRAME {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
                 let head = chain.head_index();
-                match buffers(&mem, chain, true) {
-                    Ok(iov) => {
-                        let cap: usize = iov.iter().map(|v| v.iov_len).sum();
-                        if cap < VNET_HDR_LEN && chains.is_empty() {
-                            self.bad_chain(
-                                &mut state,
-                                head,
-                                "receive buffer shorter than a header",
-                            );
-                            used_any = true;
-                            continue;
-                        }
-                        room += cap;
-                        chains.push((head, iov, cap));
-                    }
-                    Err(why) => {
-                        self.bad_chain(&mut state, head, why);
-                        used_any = true;
-                        continue;
-                    }
+                let mark = iov.len();
+                let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+                if let Err(why) = buffers_into(&mem, descs, true, &mut iov) {
+                    self.bad_chain(&mut state, head, why);
+                    used_any = true;
+                    continue;
                 }
+                let cap: usize = iov[mark..].iter().map(|v| v.iov_len).sum();
+                if cap < VNET_HDR_LEN && heads.is_empty() {
+                    iov.truncate(mark);
+                    self.bad_chain(&mut state, head, "receive buffer shorter than a header");
+                    used_any = true;
+                    continue;
+                }
+                room += cap;
+                heads.push((head, cap, iov[mark]));
                 if !mergeable {
                     break;
                 }
             }
-            if chains.is_empty() {
+            if heads.is_empty() {
                 starved = true;
                 break;
             }
-            let mut all: Vec<libc::iovec> = Vec::new();
-            for (_, iov, _) in &chains {
-                all.extend_from_slice(iov);
-            }
-            all.truncate(MAX_IOVECS);
-            match pair.link.recv(&all) {
+            let n_iov = iov.len().min(MAX_IOVECS);
+            match pair.link.recv(&iov[..n_iov]) {
                 Ok(n) => {
+                    // The chains the frame filled; the rest go back.
                     let mut left = n;
-                    let mut parts = Vec::new();
-                    for (head, iov, cap) in &chains {
+                    let mut taken = 0;
+                    for (_, cap, _) in &heads {
                         if left == 0 {
                             break;
                         }
-                        let take = left.min(*cap);
-                        parts.push((*head, take, iov[0]));
-                        left -= take;
+                        left -= left.min(*cap);
+                        taken += 1;
                     }
-                    // Hand back what this frame did not need.
-                    for _ in parts.len()..chains.len() {
+                    let taken = taken.max(1);
+                    for _ in taken..heads.len() {
                         state.get_queue_mut().go_to_previous_position();
                     }
                     if mergeable {
                         // num_buffers, the header's last field, before the
                         // used entries make the frame visible.
-                        let first = parts[0].2;
-                        let count = (parts.len() as u16).to_le_bytes();
-                        write_at(first, 10, &count);
+                        write_at(heads[0].2, 10, &(taken as u16).to_le_bytes());
                     }
-                    for (head, len, _) in parts {
-                        let _ = state.add_used(head, len as u32);
+                    let mut left = n;
+                    for (head, cap, _) in &heads[..taken] {
+                        let len = left.min(*cap);
+                        left -= len;
+                        let _ = state.add_used(*head, len as u32);
                     }
                     used_any = true;
                     frames += 1;
                     bytes += n as u64;
                 }
                 Err(e) => {
-                    for _ in 0..chains.len() {
+                    for _ in 0..heads.len() {
                         state.get_queue_mut().go_to_previous_position();
                     }
                     match e.kind() {
@@ -562,48 +557,57 @@ fn write_at(v: libc::iovec, offset: usize, bytes: &[u8]) {
 
 /// The buffers of a chain as iovecs: the writable ones for receive, the
 /// readable ones for transmit; a chain with the other kind is refused.
-fn buffers(
-    mem: &Mem,
-    chain: DescriptorChain<Mem>,
-    writable: bool,
-) -> Result<Vec<libc::iovec>, &'static str> {
-    buffers_of(
-        mem,
-        chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
-        writable,
-    )
-}
-
-/// [`buffers`] over any descriptor list: (address, length, device-writable).
+/// [`buffers_into`] over any descriptor list, into a new vector.
 pub fn buffers_of(
     mem: &GuestMemoryMmap,
     descs: impl IntoIterator<Item = (vm_memory::GuestAddress, u32, bool)>,
     writable: bool,
 ) -> Result<Vec<libc::iovec>, &'static str> {
     let mut v = Vec::new();
-    for (addr, len, write_only) in descs {
-        if write_only != writable {
-            return Err(if writable {
-                "a readable buffer on the receive queue"
-            } else {
-                "a writable buffer on the transmit queue"
-            });
-        }
-        for slice in mem.get_slices(addr, len as usize) {
-            let slice = slice.map_err(|_| "a buffer outside guest memory")?;
-            v.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-        if v.len() > MAX_IOVECS {
-            return Err("too many buffers");
-        }
-    }
-    if v.is_empty() {
-        return Err("no buffers");
-    }
+    buffers_into(mem, descs, writable, &mut v)?;
     Ok(v)
+}
+
+/// Append the buffers of a chain, (address, length, device-writable) each,
+/// to `v` as iovecs: the writable ones for receive, the readable ones for
+/// transmit; a chain with the other kind, outside guest memory, empty or
+/// with too many buffers is refused (and `v` left as it was).
+pub fn buffers_into(
+    mem: &GuestMemoryMmap,
+    descs: impl IntoIterator<Item = (vm_memory::GuestAddress, u32, bool)>,
+    writable: bool,
+    v: &mut Vec<libc::iovec>,
+) -> Result<(), &'static str> {
+    let mark = v.len();
+    let r = (|| {
+        for (addr, len, write_only) in descs {
+            if write_only != writable {
+                return Err(if writable {
+                    "a readable buffer on the receive queue"
+                } else {
+                    "a writable buffer on the transmit queue"
+                });
+            }
+            for slice in mem.get_slices(addr, len as usize) {
+                let slice = slice.map_err(|_| "a buffer outside guest memory")?;
+                v.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
+            if v.len() - mark > MAX_IOVECS {
+                return Err("too many buffers");
+            }
+        }
+        if v.len() == mark {
+            return Err("no buffers");
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        v.truncate(mark);
+    }
+    r
 }
 
 /// The transmit path's checks on a chain: its buffers, and a length that
@@ -612,12 +616,25 @@ pub fn tx_frame(
     mem: &GuestMemoryMmap,
     descs: impl IntoIterator<Item = (vm_memory::GuestAddress, u32, bool)>,
 ) -> Result<Vec<libc::iovec>, &'static str> {
-    let iov = buffers_of(mem, descs, false)?;
-    let len: usize = iov.iter().map(|v| v.iov_len).sum();
+    let mut v = Vec::new();
+    tx_frame_into(mem, descs, &mut v)?;
+    Ok(v)
+}
+
+/// [`tx_frame`] into a reused vector (cleared first).
+pub fn tx_frame_into(
+    mem: &GuestMemoryMmap,
+    descs: impl IntoIterator<Item = (vm_memory::GuestAddress, u32, bool)>,
+    v: &mut Vec<libc::iovec>,
+) -> Result<(), &'static str> {
+    v.clear();
+    buffers_into(mem, descs, false, v)?;
+    let len: usize = v.iter().map(|i| i.iov_len).sum();
     if !(VNET_HDR_LEN + 14..=MAX_FRAME).contains(&len) {
+        v.clear();
         return Err("frame too short or too long");
     }
-    Ok(iov)
+    Ok(())
 }
 
 impl VhostUserBackend for NetBackend {

@@ -22,7 +22,7 @@ pub use args::{Args, Config};
 /// Errors that stop the backend.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("opening the link {what}: {source}{hint}")]
+    #[error("opening the link {what}{hint}")]
     Link {
         what: String,
         hint: &'static str,
@@ -84,10 +84,10 @@ fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
         LinkChoice::Tap(name) => as_links(link::Tap::open_queues(name, cfg.queue_pairs).map_err(|source| {
             RunError::Link {
                 what: format!("tap {name}"),
-                hint: if source.raw_os_error() == Some(libc::EPERM) {
-                    " (creating a tap needs CAP_NET_ADMIN; or let a supervisor open it and pass --tap-fd)"
-                } else {
-                    ""
+                hint: match source.raw_os_error() {
+                    Some(libc::EPERM) => " (creating a tap needs CAP_NET_ADMIN; or let a supervisor open it and pass --tap-fd)",
+                    Some(libc::EBUSY) => " (another process has it open; is another net-backend still running on it?)",
+                    _ => "",
                 },
                 source,
             }

@@ -19,7 +19,15 @@ pub enum Command {
     /// the current directory shared at /mnt/host, a scratch disk and a
     /// network interface, on the default guest image.
     Run(RunArgs),
-    /// Print each device's process, state and restarts.
+    /// Boot a VM and keep it running: with -d in the background (its
+    /// console on a socket: `orchestrator console`), else with its console
+    /// here. `orchestrator down` stops it.
+    Up(UpArgs),
+    /// Connect this terminal to the serial console of a VM started with
+    /// `up -d` (Ctrl-] detaches).
+    Console(NameArgs),
+    /// Print each device's process, state and restarts, and the VMM's own
+    /// state.
     Status(NameArgs),
     /// Print a device's log (its stdout and stderr).
     Logs(LogsArgs),
@@ -73,6 +81,23 @@ pub struct RunArgs {
     /// The command to run in the guest (from /mnt/host); none: a console.
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The VM config (TOML). Without it, the default VM.
+    #[arg(short = 'f', long = "file", value_name = "VM.TOML")]
+    pub file: Option<PathBuf>,
+    /// Run in the background; the orchestrator's own log goes to the VM's
+    /// state directory.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Also print every backend's log lines, prefixed with the device.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The detached orchestrator itself (started by `up -d`).
+    #[arg(long, hide = true)]
+    pub daemon: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,12 +1,13 @@
 //! Starts, wires and supervises the device processes and the VMM from one config file.
 //!
 //! - [`image`]: the default guest image (host kernel, modules, busybox).
-//! - [`qemu`]: QEMU as the compatibility VMM.
+//! - [`qemu`]: QEMU as the compatibility VMM; [`qmp`]: asking it how the VM is.
 
 pub mod config;
 pub mod control;
 pub mod image;
 pub mod qemu;
+pub mod qmp;
 pub mod state;
 pub mod supervisor;
 pub mod units;
@@ -26,4 +27,21 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// For a child between fork and exec: unblock every signal. The
+/// orchestrator blocks SIGINT and SIGTERM in all its threads (one thread
+/// waits for them), and a child inherits that mask, so a backend or QEMU
+/// would never see the SIGTERM that asks it to stop. Async-signal-safe.
+pub fn unblock_signals_in_child() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigset_t is valid for sigemptyset to initialize;
+    // sigprocmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

@@ -31,6 +31,8 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(a) => run_vm(a),
+        Command::Up(a) => up(a),
+        Command::Console(a) => console(&a.name),
         Command::Status(a) => status(&a.name),
         Command::Logs(a) => logs(&a),
         Command::ShowCmd(a) => {
@@ -87,20 +89,43 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Attach(a) => attach(&a),
-        Command::Down(a) => {
-            let st = VmStatus::read(&a.name)
-                .with_context(|| format!("VM `{}` is not running", a.name))?;
-            // SAFETY: kill with a pid read from our own status file.
-            if unsafe { libc::kill(st.orchestrator_pid as libc::pid_t, libc::SIGTERM) } != 0 {
-                bail!(
-                    "VM `{}`: its orchestrator (pid {}) is gone",
-                    a.name,
-                    st.orchestrator_pid
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Down(a) => down(&a.name),
     }
+}
+
+/// Ask a VM's orchestrator to stop it (SIGTERM: the VMM, then the
+/// backends, each given time to stop cleanly), wait, and force it if it
+/// takes too long.
+fn down(name: &str) -> anyhow::Result<ExitCode> {
+    let st = VmStatus::read(name).with_context(|| format!("VM `{name}` is not running"))?;
+    let pid = st.orchestrator_pid;
+    // SAFETY: kill with a pid read from our own status file.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
+        bail!("VM `{name}`: its orchestrator (pid {pid}) is gone; the status file is stale");
+    }
+    eprintln!("orchestrator: stopping VM `{name}` (orchestrator pid {pid})");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while alive_not_zombie(pid) {
+        if std::time::Instant::now() > deadline {
+            eprintln!("orchestrator: VM `{name}` did not stop within 30 s; killing it");
+            // SAFETY: as above; its children die with it (PDEATHSIG).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("VM `{name}` is down");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `pid` runs (a zombie waiting to be reaped does not).
+fn alive_not_zombie(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
 }
 
 /// The VM of `file`, or the default one (whose scratch disk lives in the
@@ -141,7 +166,16 @@ fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
             std::process::exit(128 + sig);
         });
     }
-    let q = running.qemu.clone();
+    let qmp_path: Result<std::path::PathBuf, ()> = running
+        .supervisor
+        .lock()
+        .map(|s| s.state().root.join("qmp.sock"))
+        .map_err(|_| ());
+    let mut q = running.qemu.clone();
+    if let Ok(p) = &qmp_path {
+        let _ = std::fs::remove_file(p);
+        q = q.qmp(p);
+    }
     let code = if a.cmd.is_empty() {
         let status = q.interactive()?;
         status.code().unwrap_or(1)
@@ -156,7 +190,234 @@ fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
         run.exit_code
     };
     running.down();
+    if let Ok(p) = &qmp_path {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the pid exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// `up`: in the foreground it is `run` without a command; with -d it
+/// starts the orchestrator again in the background (`--daemon`), waits
+/// until QEMU reports the VM running, and returns.
+fn up(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
+    if a.daemon {
+        return up_daemon(a);
+    }
+    if !a.detach {
+        return run_vm(cli::RunArgs {
+            file: a.file,
+            verbose: a.verbose,
+            timeout: 0,
+            cmd: Vec::new(),
+        });
+    }
+    // The config is checked here, so its errors reach this terminal.
+    let cfg = a.file.as_ref().map(|f| config::load(f)).transpose()?;
+    let name = cfg
+        .as_ref()
+        .map_or("default".to_string(), |c| c.name.clone());
+    if let Some(st) = VmStatus::read(&name) {
+        if alive(st.orchestrator_pid) {
+            bail!(
+                "VM `{name}` is already up (orchestrator pid {}); `orchestrator down --name {name}` stops it",
+                st.orchestrator_pid
+            );
+        }
+    }
+    let dir = state::dir_of(&name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = dir.join("orchestrator.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["up", "--daemon"]);
+    if let Some(f) = &a.file {
+        cmd.arg("-f").arg(std::path::absolute(f)?);
+    }
+    if a.verbose {
+        cmd.arg("-v");
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid and sigprocmask are async-signal-safe; the daemon leaves this
+    // terminal's session, so closing the terminal does not stop the VM.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            orchestrator::unblock_signals_in_child()
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .context("starting the background orchestrator")?;
+    eprintln!(
+        "orchestrator: starting VM `{name}` in the background (its log: {})",
+        log_path.display()
+    );
+    let qmp = dir.join("qmp.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(code) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the VM's orchestrator exited ({code}) before the VM was up:\n{}",
+                tail.join("\n")
+            );
+        }
+        let vmm = VmStatus::read(&name).and_then(|s| s.vmm_pid);
+        if let (Some(pid), Ok(state)) = (vmm, orchestrator::qmp::run_state(&qmp)) {
+            println!("VM `{name}` is up: VMM pid {pid}, {state}");
+            println!("  console: orchestrator console --name {name}   (Ctrl-] detaches)");
+            println!("  status:  orchestrator status --name {name}");
+            println!("  stop:    orchestrator down --name {name}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "VM `{name}` is not up after 180 s; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The background orchestrator of `up -d`: backends, then QEMU with its
+/// console and QMP on sockets; until QEMU exits or a signal comes.
+fn up_daemon(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
+    let cfg_file = a.file.as_ref().map(|f| config::load(f)).transpose()?;
+    let name = cfg_file
+        .as_ref()
+        .map_or("default".to_string(), |c| c.name.clone());
+    let state = StateDir::acquire(&name)?;
+    let cfg = match cfg_file {
+        Some(c) => c,
+        None => vm::default_config(&state.root)?,
+    };
+    let signals = block_signals();
+    let root = state.root.clone();
+    let running = vm::start(&cfg, state, a.verbose)?;
+    let console = root.join("console.sock");
+    let qmp = root.join("qmp.sock");
+    for p in [&console, &qmp] {
+        let _ = std::fs::remove_file(p);
+    }
+    let mut qemu = match running
+        .qemu
+        .clone()
+        .console_socket(&console)
+        .qmp(&qmp)
+        .spawn()
+    {
+        Ok(q) => q,
+        Err(e) => {
+            running.down();
+            return Err(e.into());
+        }
+    };
+    let pid = qemu.id();
+    eprintln!("orchestrator: VMM started, pid {pid}");
+    if let Ok(mut s) = running.supervisor.lock() {
+        s.set_vmm_pid(Some(pid));
+    }
+    // A signal stops QEMU (gracefully, then for good); the VM's end below
+    // then brings the backends down.
+    std::thread::spawn(move || {
+        let sig = wait_signal(&signals);
+        eprintln!("orchestrator: signal {sig}: stopping the VM");
+        // SAFETY: signalling the QEMU we started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_secs(10));
+        // SAFETY: as above; it did not stop in time.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    });
+    let status = qemu.wait()?;
+    eprintln!("orchestrator: VMM exited ({status}); stopping the backends");
+    running.down();
+    for p in [&console, &qmp] {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Relay this terminal to and from a VM's console socket until Ctrl-]
+/// or the VM goes.
+fn console(name: &str) -> anyhow::Result<ExitCode> {
+    use std::os::fd::AsRawFd;
+    let path = state::dir_of(name).join("console.sock");
+    let sock = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "VM `{name}` has no console socket at {} (is it up with `orchestrator up -d`?)",
+            path.display()
+        )
+    })?;
+    eprintln!("orchestrator: console of VM `{name}`; Ctrl-] detaches");
+    let _raw = RawTerminal::enter(std::io::stdin().as_raw_fd());
+    let mut from_vm = sock.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_vm, &mut std::io::stdout());
+        // The VM went away: end the session.
+        std::process::exit(0);
+    });
+    let mut to_vm = sock;
+    let mut stdin = std::io::stdin();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stdin.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buf[..n];
+        if let Some(at) = chunk.iter().position(|&b| b == 0x1d) {
+            to_vm.write_all(&chunk[..at])?;
+            break;
+        }
+        to_vm.write_all(chunk)?;
+    }
+    drop(_raw);
+    eprintln!("\r\norchestrator: detached from VM `{name}`");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The terminal in raw mode (keys go to the guest as typed) until dropped;
+/// nothing when stdin is not a terminal.
+struct RawTerminal(Option<(i32, libc::termios)>);
+
+impl RawTerminal {
+    fn enter(fd: i32) -> Self {
+        // SAFETY: isatty/tcgetattr/tcsetattr on stdin with a termios we own.
+        unsafe {
+            if libc::isatty(fd) != 1 {
+                return RawTerminal(None);
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(fd, &mut t) != 0 {
+                return RawTerminal(None);
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+            RawTerminal(Some((fd, saved)))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some((fd, t)) = self.0 {
+            // SAFETY: restoring the settings read in `enter`.
+            unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
+        }
+    }
 }
 
 fn attach(a: &cli::AttachArgs) -> anyhow::Result<ExitCode> {
@@ -191,6 +452,7 @@ fn attach(a: &cli::AttachArgs) -> anyhow::Result<ExitCode> {
     unsafe {
         cmd.pre_exec(move || {
             libc::signal(libc::SIGINT, libc::SIG_DFL);
+            orchestrator::unblock_signals_in_child()?;
             let target = orchestrator::supervisor::LISTEN_FD;
             if raw == target {
                 let flags = libc::fcntl(raw, libc::F_GETFD);
@@ -258,6 +520,14 @@ fn status(name: &str) -> anyhow::Result<ExitCode> {
         },
         st.vmm
     );
+    // The VMM's own word on the VM, through its API.
+    let qmp = state::dir_of(name).join("qmp.sock");
+    let vmm_pid = st.vmm_pid.map_or(String::new(), |p| format!(" pid {p},"));
+    match orchestrator::qmp::run_state(&qmp) {
+        Ok(s) => println!("VMM:{vmm_pid} {s} (QMP)"),
+        Err(e) if qmp.exists() => println!("VMM:{vmm_pid} not answering on QMP: {e}"),
+        Err(_) => println!("VMM:{vmm_pid} no QMP socket"),
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -169,6 +169,8 @@ pub struct Qemu {
     next_id: usize,
     extra: Vec<image::ExtraFile>,
     stream: bool,
+    console: Option<PathBuf>,
+    qmp: Option<PathBuf>,
 }
 
 impl Default for Qemu {
@@ -191,7 +193,47 @@ impl Qemu {
             next_id: 0,
             extra: Vec::new(),
             stream: false,
+            console: None,
+            qmp: None,
         }
+    }
+
+    /// Put the guest's serial console on a Unix socket QEMU listens on
+    /// (`orchestrator console` connects to it), and keep what it prints in
+    /// `PATH.log`; without this it is QEMU's stdio.
+    pub fn console_socket(mut self, path: &Path) -> Self {
+        self.console = Some(path.to_path_buf());
+        self
+    }
+
+    /// Serve QMP, QEMU's control protocol, on a Unix socket (what
+    /// `orchestrator status` asks for the VMM's own state).
+    pub fn qmp(mut self, path: &Path) -> Self {
+        self.qmp = Some(path.to_path_buf());
+        self
+    }
+
+    /// Start the guest as it is configured (no script; its console where
+    /// [`Qemu::console_socket`] put it) and return QEMU's process, which
+    /// dies with the thread that started it.
+    pub fn spawn(&self) -> Result<std::process::Child, GuestError> {
+        let img = image::build(&self.image)?;
+        let mut cmd = self.command(&img.kernel, &img.initramfs);
+        cmd.stdin(Stdio::null());
+        // SAFETY: only prctl and sigprocmask, async-signal-safe, between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                crate::unblock_signals_in_child()
+            });
+        }
+        cmd.spawn().map_err(|source| GuestError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })
     }
 
     /// Print the script's output on stdout as the guest prints it (for
@@ -439,7 +481,7 @@ impl Qemu {
             "none",
             "-no-reboot",
         ])
-        .args(["-serial", "stdio", "-monitor", "none"])
+        .args(["-monitor", "none"])
         .args(["-m", &mem, "-smp", &self.cpus.to_string()])
         // Backends map guest memory through the fds QEMU sends them: it must be shared.
         .args([
@@ -463,6 +505,28 @@ impl Qemu {
             .arg(initrd)
             .arg("-append")
             .arg(append.join(" "));
+        match &self.console {
+            Some(path) => {
+                let mut spec = OsString::from("socket,id=console,server=on,wait=off,path=");
+                spec.push(escape_commas(path));
+                spec.push(",logfile=");
+                let mut log = path.as_os_str().to_owned();
+                log.push(".log");
+                spec.push(escape_commas(Path::new(&log)));
+                cmd.arg("-chardev")
+                    .arg(spec)
+                    .args(["-serial", "chardev:console"]);
+            }
+            None => {
+                cmd.args(["-serial", "stdio"]);
+            }
+        }
+        if let Some(path) = &self.qmp {
+            let mut spec = OsString::from("unix:");
+            spec.push(escape_commas(path));
+            spec.push(",server=on,wait=off");
+            cmd.arg("-qmp").arg(spec);
+        }
         cmd.args(&self.devices);
         cmd
     }
@@ -512,15 +576,15 @@ impl Qemu {
             program: self.binary.display().to_string(),
             source,
         };
-        // SAFETY: the hook runs between fork and exec and only calls prctl,
-        // which is async-signal-safe: QEMU dies with the thread that started
+        // SAFETY: the hook runs between fork and exec and only calls prctl
+        // and sigprocmask, which are async-signal-safe: QEMU dies with the thread that started
         // it, so an aborted test or a killed `testbed` leaves no guest behind.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                crate::unblock_signals_in_child()
             });
         }
         let mut qemu = cmd.spawn().map_err(spawn_err)?;

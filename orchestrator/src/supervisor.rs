@@ -381,9 +381,10 @@ fn spawn(d: &mut Device, echo: bool) -> Result<(), SuperviseError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec only async-signal-safe calls (dup2,
-    // fcntl, prctl) on descriptors this process owns.
+    // fcntl, prctl, sigprocmask) on descriptors this process owns.
     unsafe {
         cmd.pre_exec(move || {
+            crate::unblock_signals_in_child()?;
             if listen == LISTEN_FD {
                 let flags = libc::fcntl(listen, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(listen, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {

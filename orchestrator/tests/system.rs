@@ -530,3 +530,113 @@ fn a_two_queue_nic_on_a_tap_the_orchestrator_opens_survives_a_killed_backend() {
     assert!(code.success(), "{text}\n{}", err.text());
     assert!(err.text().contains("net0 exited"), "{}", err.text());
 }
+
+#[test]
+fn up_detached_serves_a_console_and_status_and_goes_down_leaving_nothing() {
+    if !backends_built() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"bg\"\nvmm = \"qemu\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
+             [[blk]]\nimage = \"{}\"\n",
+            dir.path().display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("marker.txt"), b"from the host\n").unwrap();
+    let up = orch(runtime.path(), dir.path())
+        .args(["up", "-d", "-f"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let state = runtime.path().join("vmm/bg");
+    let log = || std::fs::read_to_string(state.join("orchestrator.log")).unwrap_or_default();
+    let said = String::from_utf8_lossy(&up.stdout).into_owned();
+    assert!(
+        up.status.success() && said.contains("is up"),
+        "{said}\n{}\n{}",
+        String::from_utf8_lossy(&up.stderr),
+        log()
+    );
+    // `up -d` returned; the VM runs on without it.
+    let st = VmStatus::read_in(runtime.path(), "bg").expect("status file");
+    let vmm_pid = st.vmm_pid.expect("the VMM's pid");
+    let pids: Vec<u32> = st.devices.iter().filter_map(|d| d.pid).collect();
+    assert_eq!(pids.len(), 2, "{st:?}");
+    let table = orch(runtime.path(), dir.path())
+        .args(["status", "--name", "bg"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.contains("running (QMP)"), "{table}");
+    assert!(table.contains("fs0") && table.contains("blk0"), "{table}");
+
+    // The console: a shell in the guest, reading the shared folder.
+    let sock = std::os::unix::net::UnixStream::connect(state.join("console.sock")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut w = sock.try_clone().unwrap();
+    let mut r = sock;
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut next_try = Instant::now();
+    while !seen.contains("GOT-from the host") {
+        assert!(
+            Instant::now() < deadline,
+            "no answer on the console:\n{seen}"
+        );
+        if Instant::now() >= next_try {
+            // The shell may not be up yet: ask again now and then.
+            std::io::Write::write_all(&mut w, b"echo GOT-$(cat /mnt/host/marker.txt)\n").unwrap();
+            next_try = Instant::now() + Duration::from_secs(3);
+        }
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = std::io::Read::read(&mut r, &mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    drop((w, r));
+
+    // `down`: everything stops, and nothing is left behind.
+    let down = orch(runtime.path(), dir.path())
+        .args(["down", "--name", "bg"])
+        .status()
+        .unwrap();
+    assert!(down.success());
+    // Gone, or a zombie waiting for whoever adopted it to reap it.
+    let gone = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for pid in [st.orchestrator_pid, vmm_pid].iter().chain(&pids) {
+        while !gone(*pid) {
+            assert!(Instant::now() < deadline, "pid {pid} still runs\n{}", log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    for f in ["console.sock", "qmp.sock", "control.sock", "status.json"] {
+        assert!(!state.join(f).exists(), "{f} left behind\n{}", log());
+    }
+    let sockets: Vec<_> = std::fs::read_dir(state.join("sockets")).unwrap().collect();
+    assert!(sockets.is_empty(), "{sockets:?}");
+    assert!(log().contains("stopping the backends"), "{}", log());
+    // The console's log kept what the guest printed.
+    let console_log = std::fs::read_to_string(state.join("console.sock.log")).unwrap();
+    assert!(console_log.contains("GOT-from the host"));
+}

@@ -53,6 +53,12 @@ impl Stats {
         self.bytes += bytes;
     }
 
+    /// The wall time the measurement took (drivers other than
+    /// [`closed_loop`] set it themselves).
+    pub fn set_elapsed(&mut self, d: Duration) {
+        self.elapsed = d;
+    }
+
     pub fn report(mut self, name: &str, cmd: &str) -> Report {
         self.lat_ns.sort_unstable();
         let pct = |p: f64| -> f64 {

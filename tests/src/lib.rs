@@ -6,7 +6,7 @@
 //! - [`fs`], [`blk`], [`net`]: device requests on top (FUSE over virtio-fs,
 //!   virtio-blk, virtio-net frames).
 //! - [`hostile`]: requests a well-behaved guest never sends.
-//! - [`bench`]: the workloads behind the `vu-bench` binary.
+//! - [`bench`], [`netbench`]: the workloads behind the `vu-bench` binary.
 
 pub mod bench;
 pub mod blk;
@@ -16,6 +16,7 @@ pub mod guest;
 pub mod hostile;
 pub mod memory;
 pub mod net;
+pub mod netbench;
 pub mod queue;
 pub mod ring;
 

@@ -22,6 +22,7 @@ pub mod feature {
     pub const STATUS: u64 = 1 << 16;
     pub const CTRL_VQ: u64 = 1 << 17;
     pub const MQ: u64 = 1 << 22;
+    pub const EVENT_IDX: u64 = 1 << 29;
 }
 
 /// sizeof(struct virtio_net_hdr_v1).

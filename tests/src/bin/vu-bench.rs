@@ -6,6 +6,7 @@
 //!   vu-bench fs-lookup-getattr --backend virtiofsd
 //!   vu-bench fs-lookup-getattr --backend virtiofsd-fast --backend virtiofsd --rounds 3
 //!   vu-bench blk-randread --qd 32 --backend qsd --backend 'mine=blk-backend --fd={fd} --image={image}'
+//!   vu-bench net-tx --frame-size 64 --backend raw-tap --backend net-backend   (root: makes a tap)
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use tests::bench::{self, BlkPattern, Limit, Report};
 use tests::frontend::{find_program, BackendProcess};
+use tests::netbench;
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -34,9 +36,18 @@ enum Workload {
     BlkSeqread,
     /// Sequential writes of --bs bytes (virtio-blk).
     BlkSeqwrite,
+    /// Frames of --frame-size bytes from the guest into a tap (virtio-net).
+    NetTx,
+    /// Frames of --frame-size bytes from the host side of a tap into the
+    /// guest (virtio-net).
+    NetRx,
 }
 
 impl Workload {
+    fn is_net(self) -> bool {
+        matches!(self, Workload::NetTx | Workload::NetRx)
+    }
+
     fn is_fs(self) -> bool {
         matches!(
             self,
@@ -54,9 +65,11 @@ struct Args {
     /// The workload to run.
     workload: Workload,
     /// A backend: a preset (virtiofsd, virtiofsd-fast, qsd, qsd-buffered,
-    /// blk-backend, blk-backend-buffered) or
+    /// blk-backend, blk-backend-buffered, net-backend, and raw-tap: no
+    /// backend, a plain loop on the tap) or
     /// NAME=COMMAND LINE with {fd} (or {socket}), {dir}, {image}, {cache},
-    /// {queues} placeholders. Repeat to compare; ratios are against the first.
+    /// {queues}, {tap} placeholders. Repeat to compare; ratios are against
+    /// the first.
     #[arg(long = "backend", required = true)]
     backends: Vec<String>,
     /// Seconds per backend per round.
@@ -92,6 +105,14 @@ struct Args {
     /// blk: queues the device is set up with (load goes to queue 0).
     #[arg(long, default_value_t = 1)]
     queues: usize,
+    /// net: Ethernet frame size in bytes; above 1514 the frames are TCP
+    /// segments sent whole with TSO (up to 65535, the largest the kernel
+    /// passes whole).
+    #[arg(long, default_value_t = 1514)]
+    frame_size: usize,
+    /// net: the tap to create for the run.
+    #[arg(long, default_value = "vubench0")]
+    tap: String,
     /// Where the tree and the image live (a real disk, not tmpfs).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -122,6 +143,8 @@ fn preset(name: &str) -> Option<String> {
         ),
         "blk-backend" => format!("{} --fd={{fd}} --image={{image}} --num-queues={{queues}} --direct", bin("blk-backend")?),
         "blk-backend-buffered" => format!("{} --fd={{fd}} --image={{image}} --num-queues={{queues}}", bin("blk-backend")?),
+        "net-backend" => format!("{} --fd={{fd}} --tap={{tap}}", bin("net-backend")?),
+        "raw-tap" => "raw-tap".into(),
         _ => return None,
     })
 }
@@ -144,11 +167,12 @@ fn parse_backend(spec: &str, subst: &[(&str, String)]) -> Result<Backend> {
                     | "qsd-buffered"
                     | "blk-backend"
                     | "blk-backend-buffered"
+                    | "net-backend"
             ) =>
             {
                 bail!("preset `{spec}`: its program is not installed or built (see README's set-up)")
             }
-            None => bail!("`{spec}` is neither a preset (virtiofsd, virtiofsd-fast, qsd, qsd-buffered, blk-backend, blk-backend-buffered) nor NAME=COMMAND"),
+            None => bail!("`{spec}` is neither a preset (virtiofsd, virtiofsd-fast, qsd, qsd-buffered, blk-backend, blk-backend-buffered) net-backend, raw-tap) nor NAME=COMMAND"),
         },
     };
     let argv = cmd
@@ -175,9 +199,23 @@ struct Output {
 }
 
 fn run_one(w: Workload, a: &Args, b: &Backend, limit: Limit) -> Result<Report> {
+    let dir = if w == Workload::NetTx {
+        netbench::Direction::Tx
+    } else {
+        netbench::Direction::Rx
+    };
+    let cmd = b.argv.join(" ");
+    if b.argv == ["raw-tap"] {
+        anyhow::ensure!(w.is_net(), "raw-tap is a baseline for the net workloads");
+        return netbench::raw_tap(&a.tap, dir, a.frame_size, limit)
+            .map(|s| s.report(&b.name, "plain loop on the tap"))
+            .context("the raw tap loop");
+    }
+    if w.is_net() {
+        netbench::wait_tap_gone(&a.tap);
+    }
     let mut proc = BackendProcess::spawn(&b.argv, Duration::from_secs(20))
         .with_context(|| format!("starting backend {}", b.name))?;
-    let cmd = b.argv.join(" ");
     let pattern = |write, random| BlkPattern {
         write,
         random,
@@ -214,6 +252,10 @@ fn run_one(w: Workload, a: &Args, b: &Backend, limit: Limit) -> Result<Report> {
             bench::blk_io(&mut proc, a.queues, pattern(true, false), a.qd, limit)
                 .map(|s| s.report(&b.name, &cmd))
         }
+        Workload::NetTx | Workload::NetRx => {
+            netbench::backend(&mut proc, &a.tap, dir, a.frame_size, a.qd, limit)
+                .map(|s| s.report(&b.name, &cmd))
+        }
     };
     result.with_context(|| format!("backend {} output:\n{}", b.name, proc.output()))
 }
@@ -239,7 +281,7 @@ fn main() -> Result<()> {
                 std::fs::write(&big, vec![0x5au8; (a.file_mib << 20) as usize])?;
             }
         }
-    } else {
+    } else if !w.is_net() {
         std::fs::create_dir_all(&dir)?;
         if std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0) != a.image_mib << 20 {
             // Filled, not sparse: reads of holes would not touch the disk.
@@ -261,6 +303,7 @@ fn main() -> Result<()> {
         ("{image}", image.to_string_lossy().into_owned()),
         ("{cache}", a.cache.clone()),
         ("{queues}", a.queues.to_string()),
+        ("{tap}", a.tap.clone()),
     ];
     let backends: Vec<Backend> = a
         .backends
@@ -293,11 +336,12 @@ fn main() -> Result<()> {
             );
             let rep = run_one(w, &a, b, limit)?;
             eprintln!(
-                "vu-bench:   {:>12.0} req/s  p50 {:>8.1} us  p99 {:>8.1} us  {:>8.1} MB/s",
+                "vu-bench:   {:>12.0} req/s  p50 {:>8.1} us  p99 {:>8.1} us  {:>8.1} MB/s  {:>6.2} Gbit/s",
                 rep.requests_per_s,
                 rep.p50_us,
                 rep.p99_us,
-                rep.bytes_per_s / 1e6
+                rep.bytes_per_s / 1e6,
+                rep.bytes_per_s * 8.0 / 1e9
             );
             this.push((i, rep));
         }
@@ -326,6 +370,7 @@ fn main() -> Result<()> {
         params: serde_json::json!({
             "seconds": a.seconds, "qd": a.qd, "rounds": a.rounds, "dirs": a.dirs, "files": a.files,
             "cache": a.cache, "bs": a.bs, "queues": a.queues, "image_mib": a.image_mib,
+            "frame_size": a.frame_size,
         }),
         results,
         rounds,
