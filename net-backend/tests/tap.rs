@@ -352,3 +352,55 @@ fn two_pairs_in_the_sandbox_hold_two_tap_queues_and_nothing_else() {
     }
     assert_eq!(taps, 2);
 }
+
+#[test]
+fn oversized_and_nonsense_frames_are_dropped_and_counted() {
+    if !root() {
+        return;
+    }
+    let tap = tap_name("b");
+    let _guard = TapGuard(tap.clone());
+    let mut b = start(&tap, 1);
+    let mut c = NetClient::connect(&mut b, 1, 16, 128 << 10, feature::MAC | feature::CSUM)
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+    // Larger than any frame (64 KiB + Ethernet + VLAN headers).
+    let huge = vec![0x11u8; 70_000];
+    c.send(0, NetHdr::default(), &huge).unwrap();
+    // Offload fields that make no sense: an unknown GSO type, a checksum
+    // start past the frame, a GSO size of zero; the tap refuses them.
+    for hdr in [
+        NetHdr {
+            gso_type: 0x55,
+            gso_size: 1400,
+            ..Default::default()
+        },
+        NetHdr {
+            flags: net::F_NEEDS_CSUM,
+            csum_start: 60_000,
+            csum_offset: 6,
+            ..Default::default()
+        },
+        NetHdr {
+            gso_type: net::GSO_TCPV4,
+            gso_size: 0,
+            hdr_len: 54,
+            ..Default::default()
+        },
+    ] {
+        c.send(0, hdr, &udp_frame(9)).unwrap();
+    }
+    // A good frame still goes out, and the device still answers.
+    c.send(0, NetHdr::default(), &udp_frame(10)).unwrap();
+    assert_eq!(c.config().unwrap().status, 1);
+    assert!(b.is_running(), "{}", b.output());
+    let out = b.output();
+    assert!(
+        out.contains("frame too short or too long"),
+        "the oversized frame is refused:\n{out}"
+    );
+    assert_eq!(
+        out.matches("frame not sent").count(),
+        3,
+        "each nonsense header is refused by the tap and counted:\n{out}"
+    );
+}
