@@ -26,6 +26,7 @@ packages=(
     e2fsprogs util-linux # e2fsck/debugfs check guest-made filesystems; blkdiscard, fallocate
     systemd              # systemd-analyze verifies the generated units
     xz-utils zstd        # compressed kernel modules, where the kernel has them
+    lz4                  # unpacks the ELF kernel from a bzImage for vmm-core's boot test
 )
 echo "setup: apt-get update"
 apt-get update -qq

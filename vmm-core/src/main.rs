@@ -1,11 +1,194 @@
-//! A thin KVM VMM whose virtio devices are all vhost-user backend processes.
-//!
-//! Not implemented yet: this binary only reports that, so nothing can mistake
-//! it for a working device. The work is tracked in issue #6.
+//! vmm-core: boot a Linux kernel (or a raw program) under KVM. See the
+//! library docs for what exists so far.
 
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Parser;
+use vmm_core::boot;
+use vmm_core::machine::{Machine, Stop};
+use vmm_core::memory::GuestRam;
+
+/// A thin KVM VMM whose virtio devices are vhost-user backend processes.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The kernel: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// An initramfs (cpio, compressed or not).
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+    cmdline: String,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    cpus: u8,
+    /// Guest memory: a number of MiB, or with a K, M or G suffix.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// Where the serial console goes: stdio, file:PATH or off.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    serial: Serial,
+    /// A virtio-fs device: socket=PATH,tag=TAG[,queues=N] (not yet).
+    #[arg(long, value_name = "SPEC")]
+    fs: Vec<String>,
+    /// A virtio-blk device: socket=PATH (not yet).
+    #[arg(long, value_name = "SPEC")]
+    blk: Vec<String>,
+    /// A virtio-net device: socket=PATH[,mac=MAC] (not yet).
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
+    /// The JSON control API's socket (not yet).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Log filter (error, warn, info, debug, trace).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+#[derive(Debug, Clone)]
+enum Serial {
+    Stdio,
+    File(PathBuf),
+    Off,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("`{s}`: use a K, M or G suffix (or none for MiB)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1 << 20),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512M or 2G"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn parse_serial(s: &str) -> Result<Serial, String> {
+    match s {
+        "stdio" => Ok(Serial::Stdio),
+        "off" => Ok(Serial::Off),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(Serial::File(PathBuf::from(p))),
+            _ => Err(format!("`{s}`: use stdio, file:PATH or off")),
+        },
+    }
+}
+
+/// An error and its causes, each said once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 fn main() -> ExitCode {
-    eprintln!("vmm-core: not implemented yet (tracked in issue #6); nothing was started");
-    ExitCode::from(2)
+    let a = Args::parse();
+    if let Err(e) = backend_common::init_logging(&a.log_level) {
+        eprintln!("vmm-core: {e}");
+        return ExitCode::from(2);
+    }
+    match run(a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm-core: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(a: Args) -> Result<ExitCode, String> {
+    if !a.fs.is_empty() || !a.blk.is_empty() || !a.net.is_empty() || a.api_socket.is_some() {
+        return Err(
+            "virtio devices and the control API are not implemented in vmm-core yet \
+                    (issue 6); run the VM with the orchestrator's vmm = \"qemu\""
+                .into(),
+        );
+    }
+    let err = |e: &dyn std::error::Error| chain(e);
+    let ram = GuestRam::new(a.memory).map_err(|e| err(&e))?;
+    let console: Box<dyn Write + Send> = match &a.serial {
+        Serial::Stdio => Box::new(std::io::stdout()),
+        Serial::Off => Box::new(std::io::sink()),
+        Serial::File(p) => Box::new(
+            std::fs::File::create(p).map_err(|e| format!("serial file {}: {e}", p.display()))?,
+        ),
+    };
+    let m = Machine::new(ram, a.cpus, console).map_err(|e| err(&e))?;
+    let entry = boot::load_linux(m.ram(), &a.kernel, a.initramfs.as_deref(), &a.cmdline)
+        .map_err(|e| err(&e))?;
+    m.start_long_mode(entry.rip, entry.rsi)
+        .map_err(|e| err(&e))?;
+    if matches!(a.serial, Serial::Stdio) {
+        let input = m.console_input();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                input(&b[..n]);
+            }
+        });
+    }
+    let stop = m.run();
+    let _ = std::io::stdout().flush();
+    Ok(match stop {
+        Stop::Reset => ExitCode::SUCCESS,
+        Stop::DebugExit(c) => ExitCode::from(c),
+        Stop::Halted => {
+            eprintln!("vmm-core: the guest halted");
+            ExitCode::SUCCESS
+        }
+        Stop::Shutdown => {
+            eprintln!("vmm-core: the guest triple-faulted");
+            ExitCode::from(1)
+        }
+        Stop::Failed(why) => {
+            eprintln!("vmm-core: {why}");
+            ExitCode::from(1)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_serial_specs() {
+        assert_eq!(parse_size("512").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5T").is_err());
+        assert!(matches!(
+            parse_serial("file:/tmp/x").unwrap(),
+            Serial::File(_)
+        ));
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp").is_err());
+    }
 }

@@ -1,0 +1,18 @@
+//! vmm-core: a thin KVM VMM whose virtio devices are vhost-user backend
+//! processes.
+//!
+//! What exists so far (issue 6 tracks the rest):
+//! - [`memory`]: memfd-backed shared guest RAM with the 32-bit MMIO hole;
+//! - [`cpu`]: real-mode and 64-bit long-mode vCPU set-up, CPUID;
+//! - [`boot`]: direct boot of an ELF vmlinux or a bzImage with command
+//!   line, initramfs and e820 map;
+//! - [`machine`]: the KVM VM, one thread per vCPU, the 8250 UART, the
+//!   i8042 reset and a debug-exit port.
+//!
+//! Not yet: virtio-mmio and the vhost-user frontend, ACPI tables, the
+//! control API, reconnect, seccomp.
+
+pub mod boot;
+pub mod cpu;
+pub mod machine;
+pub mod memory;

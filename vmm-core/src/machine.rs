@@ -1,0 +1,280 @@
+//! The KVM VM: memory slots, the in-kernel irqchip and PIT, one thread per
+//! vCPU, and the few port-I/O devices vmm-core emulates itself (the 8250
+//! UART on 0x3f8, the i8042's reset line, and a debug-exit port for test
+//! programs). Everything else will be a vhost-user device.
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use tracing::{debug, info, warn};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryRegion};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::cpu;
+use crate::memory::GuestRam;
+
+/// The COM1 UART's ports and interrupt.
+pub const COM1: u16 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+/// i8042 command port: 0xfe there pulses the CPU reset line.
+const I8042_COMMAND: u16 = 0x64;
+/// A write of byte N here ends the VM with exit code N (like QEMU's
+/// isa-debug-exit): how small test programs report.
+pub const DEBUG_EXIT_PORT: u16 = 0x501;
+/// Where the VM's TSS goes (three pages below 4 GiB, out of RAM's way).
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// Errors creating or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("opening /dev/kvm: {0} (is KVM available here, and may this user open it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("{what}: {source}")]
+    Ioctl {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("creating the serial port's interrupt: {0}")]
+    Event(#[source] std::io::Error),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Ioctl { what, source }
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// A program wrote this code to [`DEBUG_EXIT_PORT`].
+    DebugExit(u8),
+    /// The guest reset the machine through the i8042 (Linux's `reboot=k`
+    /// power-off and reboot) or a KVM system event.
+    Reset,
+    /// A triple fault.
+    Shutdown,
+    /// A vCPU halted with no in-kernel irqchip to wait in.
+    Halted,
+    /// KVM could not go on (an entry failure, an emulation error).
+    Failed(String),
+}
+
+/// The UART's interrupt line: an eventfd bound to IRQ 4 by an irqfd.
+struct IrqLine(EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+type Uart = Serial<IrqLine, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
+/// A VM ready to be set up and run.
+pub struct Machine {
+    _kvm: Kvm,
+    vm: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<VcpuFd>,
+    uart: Arc<Mutex<Uart>>,
+}
+
+impl Machine {
+    /// A VM with `ram`, `cpus` vCPUs and its console written to `console`.
+    pub fn new(
+        ram: GuestRam,
+        cpus: u8,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, MachineError> {
+        let kvm = Kvm::new().map_err(MachineError::Kvm)?;
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        vm.set_tss_address(TSS_ADDR)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(ioctl("KVM_CREATE_PIT2"))?;
+        for (slot, region) in ram.mem.iter().enumerate() {
+            let host = ram.mem.get_host_address(region.start_addr()).map_err(|_| {
+                MachineError::Event(std::io::Error::other("a region with no mapping"))
+            })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping is valid for the region's length and
+            // lives as long as `ram`, which the Machine owns with the VM.
+            unsafe { vm.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for i in 0..cpus {
+            let v = vm
+                .create_vcpu(u64::from(i))
+                .map_err(ioctl("KVM_CREATE_VCPU"))?;
+            v.set_cpuid2(&cpu::cpuid_for(&supported, i, cpus))
+                .map_err(ioctl("KVM_SET_CPUID2"))?;
+            vcpus.push(v);
+        }
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Event)?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(ioctl("KVM_IRQFD"))?;
+        let uart = Arc::new(Mutex::new(Serial::new(IrqLine(irq), console)));
+        Ok(Machine {
+            _kvm: kvm,
+            vm,
+            ram,
+            vcpus,
+            uart,
+        })
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The boot vCPU, to set up before [`Machine::run`].
+    pub fn boot_vcpu(&self) -> &VcpuFd {
+        &self.vcpus[0]
+    }
+
+    /// Start the boot vCPU in 64-bit mode at `rip` with `rsi`.
+    pub fn start_long_mode(&self, rip: u64, rsi: u64) -> Result<(), MachineError> {
+        Ok(cpu::setup_long_mode(
+            self.boot_vcpu(),
+            &self.ram.mem,
+            rip,
+            rsi,
+        )?)
+    }
+
+    /// Feed bytes to the UART, as if typed on the console.
+    pub fn console_input(&self) -> impl Fn(&[u8]) + Send + 'static {
+        let uart = Arc::clone(&self.uart);
+        move |b: &[u8]| {
+            if let Ok(mut u) = uart.lock() {
+                let _ = u.enqueue_raw_bytes(b);
+            }
+        }
+    }
+
+    /// Run every vCPU on a thread of its own until the first one stops the
+    /// VM, and say why. (The others are left in KVM_RUN: the VM is over.)
+    pub fn run(self) -> Stop {
+        let (tx, rx) = mpsc::channel();
+        let _vm = &self.vm;
+        let mut threads = Vec::new();
+        for (i, vcpu) in self.vcpus.into_iter().enumerate() {
+            let uart = Arc::clone(&self.uart);
+            let tx = tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    let stop = vcpu_loop(i, vcpu, &uart);
+                    let _ = tx.send(stop);
+                });
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => return Stop::Failed(format!("starting vCPU {i}: {e}")),
+            }
+        }
+        drop(tx);
+        let stop = rx
+            .recv()
+            .unwrap_or_else(|_| Stop::Failed("every vCPU thread ended".into()));
+        if let Ok(mut u) = self.uart.lock() {
+            let _ = u.writer_mut().flush();
+        }
+        std::mem::forget(self.ram);
+        stop
+    }
+}
+
+fn vcpu_loop(index: usize, mut vcpu: VcpuFd, uart: &Mutex<Uart>) -> Stop {
+    loop {
+        let exit = match vcpu.run() {
+            Ok(e) => e,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return Stop::Failed(format!("KVM_RUN on vCPU {index}: {e}")),
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                let v = data.first().copied().unwrap_or(0);
+                match port {
+                    p if (COM1..COM1 + 8).contains(&p) => {
+                        if let Ok(mut u) = uart.lock() {
+                            if let Err(e) = u.write((p - COM1) as u8, v) {
+                                debug!(error = ?e, "UART write");
+                            }
+                        }
+                    }
+                    DEBUG_EXIT_PORT => return Stop::DebugExit(v),
+                    I8042_COMMAND if v == 0xfe => {
+                        info!(vcpu = index, "the guest reset the machine (i8042)");
+                        return Stop::Reset;
+                    }
+                    _ => {}
+                }
+            }
+            VcpuExit::IoIn(port, data) => {
+                let v = match port {
+                    p if (COM1..COM1 + 8).contains(&p) => uart
+                        .lock()
+                        .map(|mut u| u.read((p - COM1) as u8))
+                        .unwrap_or(0xff),
+                    // The i8042's status: no data, input buffer empty.
+                    I8042_COMMAND => 0,
+                    _ => 0xff,
+                };
+                data.fill(v);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                debug!(addr, len = data.len(), "MMIO read of nothing");
+                data.fill(0xff);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                debug!(addr, len = data.len(), "MMIO write to nothing");
+            }
+            VcpuExit::Hlt => return Stop::Halted,
+            VcpuExit::Shutdown => return Stop::Shutdown,
+            VcpuExit::SystemEvent(kind, _) => {
+                info!(vcpu = index, kind, "system event");
+                return Stop::Reset;
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Stop::Failed(format!("KVM entry failure {reason:#x} on CPU {cpu}"))
+            }
+            VcpuExit::InternalError => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Stop::Failed(format!(
+                    "KVM internal error on vCPU {index} at rip {rip:#x} (an instruction KVM could not emulate?)"
+                ));
+            }
+            other => warn!(vcpu = index, exit = ?other, "unhandled exit"),
+        }
+    }
+}
+
+/// Load `code` at `addr` (tests and tools).
+pub fn load_program(ram: &GuestRam, addr: u64, code: &[u8]) -> Result<(), String> {
+    use vm_memory::Bytes;
+    ram.mem
+        .write_slice(code, GuestAddress(addr))
+        .map_err(|e| e.to_string())
+}
