@@ -7,12 +7,15 @@
 //! - [`boot`]: direct boot of an ELF vmlinux or a bzImage with command
 //!   line, initramfs and e820 map;
 //! - [`machine`]: the KVM VM, one thread per vCPU, the 8250 UART, the
-//!   i8042 reset and a debug-exit port.
+//!   i8042 reset and a debug-exit port;
+//! - [`virtio_mmio`]: the virtio-mmio (version 2) register file, turned
+//!   into calls on a device.
 //!
-//! Not yet: virtio-mmio and the vhost-user frontend, ACPI tables, the
+//! Not yet: the vhost-user frontend behind virtio-mmio, its MMIO dispatch, ACPI tables, the
 //! control API, reconnect, seccomp.
 
 pub mod boot;
 pub mod cpu;
 pub mod machine;
 pub mod memory;
+pub mod virtio_mmio;
