@@ -18,4 +18,5 @@ pub mod boot;
 pub mod cpu;
 pub mod machine;
 pub mod memory;
+pub mod vhost_user;
 pub mod virtio_mmio;

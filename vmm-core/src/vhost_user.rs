@@ -1,0 +1,262 @@
+//! A virtio device whose implementation is a vhost-user backend process:
+//! the [`VirtioDevice`] the virtio-mmio transport drives, translated into
+//! vhost-user messages. The data path never comes back here: each queue's
+//! kick and call are eventfds the VMM binds to KVM (an ioeventfd on the
+//! queue's notify register, an irqfd on the device's interrupt).
+
+use std::path::{Path, PathBuf};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio_mmio::{QueueConfig, VirtioDevice, VERSION_1};
+
+/// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never the driver's.
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Errors connecting to a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VuError {
+    #[error("{socket}: {step}: {detail} (is a vhost-user backend serving there?)")]
+    Protocol {
+        socket: PathBuf,
+        step: &'static str,
+        detail: String,
+    },
+    #[error(
+        "{socket}: the backend offers no VIRTIO_F_VERSION_1; vmm-core drives modern devices only"
+    )]
+    NotModern { socket: PathBuf },
+    #[error("creating an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// One vhost-user device.
+pub struct VhostUserDevice {
+    socket: PathBuf,
+    frontend: Frontend,
+    device_type: u32,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    queue_max: u16,
+    mem: GuestMemoryMmap,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    started: bool,
+    /// The queues the last activation started.
+    running: Vec<usize>,
+    /// The last activation's failure, for the VMM to report.
+    pub last_error: Option<String>,
+}
+
+impl VhostUserDevice {
+    /// Connect to the backend at `socket` and learn what it offers. Queues:
+    /// what the backend says with MQ, else `default_queues`.
+    pub fn connect(
+        socket: &Path,
+        device_type: u32,
+        mem: &GuestMemoryMmap,
+        default_queues: usize,
+        queue_max: u16,
+    ) -> Result<Self, VuError> {
+        let err = |step: &'static str| {
+            let socket = socket.to_path_buf();
+            move |e: vhost::Error| VuError::Protocol {
+                socket,
+                step,
+                detail: e.to_string(),
+            }
+        };
+        let mut fe = Frontend::connect(socket, 64).map_err(err("connecting"))?;
+        fe.set_owner().map_err(err("SET_OWNER"))?;
+        let backend_features = fe.get_features().map_err(err("GET_FEATURES"))?;
+        if backend_features & VERSION_1 == 0 {
+            return Err(VuError::NotModern {
+                socket: socket.to_path_buf(),
+            });
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        let mut queues = default_queues;
+        if backend_features & PROTOCOL_FEATURES != 0 {
+            let offered = fe
+                .get_protocol_features()
+                .map_err(err("GET_PROTOCOL_FEATURES"))?;
+            protocol = offered
+                & (VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::RESET_DEVICE);
+            fe.set_protocol_features(protocol)
+                .map_err(err("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::MQ) {
+                queues = fe.get_queue_num().map_err(err("GET_QUEUE_NUM"))? as usize;
+            }
+        }
+        let ev = || EventFd::new(libc::EFD_NONBLOCK).map_err(VuError::EventFd);
+        let kicks = (0..queues).map(|_| ev()).collect::<Result<_, _>>()?;
+        let calls = (0..queues).map(|_| ev()).collect::<Result<_, _>>()?;
+        Ok(VhostUserDevice {
+            socket: socket.to_path_buf(),
+            frontend: fe,
+            device_type,
+            backend_features,
+            protocol,
+            queue_max,
+            mem: mem.clone(),
+            kicks,
+            calls,
+            started: false,
+            running: Vec::new(),
+            last_error: None,
+        })
+    }
+
+    /// The eventfd the backend waits on for queue `q` (bind it to the
+    /// queue's notify register with a KVM ioeventfd).
+    pub fn kick(&self, q: usize) -> Option<&EventFd> {
+        self.kicks.get(q)
+    }
+
+    /// The eventfd the backend signals for queue `q` (bind it to the
+    /// device's interrupt with a KVM irqfd).
+    pub fn call(&self, q: usize) -> Option<&EventFd> {
+        self.calls.get(q)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn start(&mut self, features: u64, queues: &[(usize, QueueConfig)]) -> Result<(), String> {
+        let step = |s: &'static str| move |e: vhost::Error| format!("{s}: {e}");
+        let fe = &mut self.frontend;
+        fe.set_features(features | (self.backend_features & PROTOCOL_FEATURES))
+            .map_err(step("SET_FEATURES"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = self
+            .mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        fe.set_mem_table(&regions).map_err(step("SET_MEM_TABLE"))?;
+        for &(i, q) in queues {
+            let (Some(kick), Some(call)) = (self.kicks.get(i), self.calls.get(i)) else {
+                return Err(format!(
+                    "queue {i}: the backend has {} queues",
+                    self.kicks.len()
+                ));
+            };
+            // vhost-user ring addresses are this process's virtual
+            // addresses; the backend maps them through the memory table.
+            let va = |g: u64, what: &str| {
+                self.mem
+                    .get_host_address(GuestAddress(g))
+                    .map(|p| p as u64)
+                    .map_err(|_| {
+                        format!("queue {i}: the {what} ring at {g:#x} is outside guest memory")
+                    })
+            };
+            let cfg = VringConfigData {
+                queue_max_size: self.queue_max,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: va(q.desc, "descriptor")?,
+                used_ring_addr: va(q.device, "used")?,
+                avail_ring_addr: va(q.driver, "available")?,
+                log_addr: None,
+            };
+            fe.set_vring_num(i, q.size).map_err(step("SET_VRING_NUM"))?;
+            fe.set_vring_addr(i, &cfg).map_err(step("SET_VRING_ADDR"))?;
+            fe.set_vring_base(i, 0).map_err(step("SET_VRING_BASE"))?;
+            fe.set_vring_call(i, call).map_err(step("SET_VRING_CALL"))?;
+            fe.set_vring_kick(i, kick).map_err(step("SET_VRING_KICK"))?;
+            if self.backend_features & PROTOCOL_FEATURES != 0 {
+                fe.set_vring_enable(i, true)
+                    .map_err(step("SET_VRING_ENABLE"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn features(&self) -> u64 {
+        self.backend_features & !PROTOCOL_FEATURES
+    }
+
+    fn num_queues(&self) -> usize {
+        self.kicks.len()
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        self.queue_max
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return;
+        }
+        let buf = vec![0u8; data.len()];
+        match self.frontend.get_config(
+            offset as u32,
+            data.len() as u32,
+            VhostUserConfigFlags::WRITABLE,
+            &buf,
+        ) {
+            Ok((_, got)) => {
+                let n = got.len().min(data.len());
+                data[..n].copy_from_slice(&got[..n]);
+            }
+            Err(e) => tracing::warn!(socket = %self.socket.display(), error = %e, "GET_CONFIG"),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return;
+        }
+        if let Err(e) =
+            self.frontend
+                .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+        {
+            tracing::warn!(socket = %self.socket.display(), error = %e, "SET_CONFIG");
+        }
+    }
+
+    fn activate(&mut self, features: u64, queues: &[(usize, QueueConfig)]) -> Result<(), String> {
+        let r = self.start(features, queues);
+        self.started = r.is_ok();
+        self.running = queues.iter().map(|&(i, _)| i).collect();
+        if let Err(e) = &r {
+            self.last_error = Some(e.clone());
+        }
+        r
+    }
+
+    fn reset(&mut self) {
+        if !self.started {
+            return;
+        }
+        self.started = false;
+        for i in std::mem::take(&mut self.running) {
+            if self.backend_features & PROTOCOL_FEATURES != 0 {
+                let _ = self.frontend.set_vring_enable(i, false);
+            }
+            // Stops the ring (the backend answers once it is idle).
+            let _ = self.frontend.get_vring_base(i);
+        }
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::RESET_DEVICE)
+        {
+            let _ = self.frontend.reset_device();
+        }
+    }
+}
