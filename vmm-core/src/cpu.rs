@@ -10,10 +10,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// The GDT and an empty IDT.
 pub const GDT_ADDR: u64 = 0x500;
 pub const IDT_ADDR: u64 = 0x520;
-/// Identity page tables: PML4, one PDPT, one PD of 2 MiB pages (1 GiB).
+/// Identity page tables: PML4, one PDPT, four PDs of 2 MiB pages: the
+/// first 4 GiB, so the MMIO hole is reachable too.
 pub const PML4_ADDR: u64 = 0x9000;
 pub const PDPT_ADDR: u64 = 0xa000;
 pub const PD_ADDR: u64 = 0xb000;
+const PD_COUNT: u64 = 4;
 /// The initial stack of a 64-bit entry.
 pub const BOOT_STACK: u64 = 0x8ff0;
 
@@ -83,7 +85,7 @@ pub fn setup_real_mode(vcpu: &VcpuFd, entry: u16) -> Result<(), CpuError> {
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
 }
 
-/// 64-bit long mode at `entry` with the first GiB identity-mapped, flat
+/// 64-bit long mode at `entry` with the first 4 GiB identity-mapped, flat
 /// segments, and `rsi` (the boot_params address for Linux).
 pub fn setup_long_mode(
     vcpu: &VcpuFd,
@@ -106,8 +108,10 @@ pub fn setup_long_mode(
     }
     w(0, IDT_ADDR)?;
     w(PDPT_ADDR | 0x03, PML4_ADDR)?;
-    w(PD_ADDR | 0x03, PDPT_ADDR)?;
-    for i in 0..512u64 {
+    for d in 0..PD_COUNT {
+        w((PD_ADDR + 0x1000 * d) | 0x03, PDPT_ADDR + 8 * d)?;
+    }
+    for i in 0..512 * PD_COUNT {
         w((i << 21) | 0x83, PD_ADDR + 8 * i)?;
     }
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;

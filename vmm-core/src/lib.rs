@@ -9,10 +9,13 @@
 //! - [`machine`]: the KVM VM, one thread per vCPU, the 8250 UART, the
 //!   i8042 reset and a debug-exit port;
 //! - [`virtio_mmio`]: the virtio-mmio (version 2) register file, turned
-//!   into calls on a device.
+//!   into calls on a device;
+//! - [`vhost_user`]: that device as a vhost-user backend, with each queue's
+//!   notify an ioeventfd and each interrupt an irqfd.
 //!
-//! Not yet: the vhost-user frontend behind virtio-mmio, its MMIO dispatch, ACPI tables, the
-//! control API, reconnect, seccomp.
+//! Not yet: ACPI tables (so a stock kernel finds CPUs and devices),
+//! reconnect, ACPI tables, the
+//! the control API, seccomp.
 
 pub mod boot;
 pub mod cpu;

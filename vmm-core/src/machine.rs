@@ -18,6 +18,24 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::cpu;
 use crate::memory::GuestRam;
+use crate::vhost_user::VhostUserDevice;
+use crate::virtio_mmio::{self, MmioTransport};
+
+/// Where virtio-mmio devices go (in the 32-bit hole), one 4 KiB window each.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Their interrupts: GSI 5 upwards on the in-kernel IOAPIC.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// The IOAPIC's last GSI.
+const LAST_IRQ: u32 = 23;
+
+/// A virtio-mmio device in the machine: its window and interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub irq: u32,
+}
+
+type MmioDevices = Arc<Vec<(MmioSlot, Mutex<MmioTransport<VhostUserDevice>>)>>;
 
 /// The COM1 UART's ports and interrupt.
 pub const COM1: u16 = 0x3f8;
@@ -45,6 +63,10 @@ pub enum MachineError {
     Cpu(#[from] cpu::CpuError),
     #[error("creating the serial port's interrupt: {0}")]
     Event(#[source] std::io::Error),
+    #[error(
+        "no room for another virtio device (interrupts {VIRTIO_FIRST_IRQ} to {LAST_IRQ} are taken)"
+    )]
+    TooManyDevices,
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
@@ -86,6 +108,7 @@ pub struct Machine {
     ram: GuestRam,
     vcpus: Vec<VcpuFd>,
     uart: Arc<Mutex<Uart>>,
+    mmio: Vec<(MmioSlot, Mutex<MmioTransport<VhostUserDevice>>)>,
 }
 
 impl Machine {
@@ -142,7 +165,38 @@ impl Machine {
             ram,
             vcpus,
             uart,
+            mmio: Vec::new(),
         })
+    }
+
+    /// Put a vhost-user device on the next virtio-mmio window. Each
+    /// queue's notify register becomes a KVM ioeventfd on the backend's
+    /// kick fd, and each call fd a KVM irqfd on the device's interrupt, so
+    /// the data path never leaves the kernel and the backend.
+    pub fn add_virtio_mmio(&mut self, dev: VhostUserDevice) -> Result<MmioSlot, MachineError> {
+        let n = self.mmio.len() as u32;
+        let irq = VIRTIO_FIRST_IRQ + n;
+        if irq > LAST_IRQ {
+            return Err(MachineError::TooManyDevices);
+        }
+        let slot = MmioSlot {
+            base: VIRTIO_MMIO_BASE + u64::from(n) * virtio_mmio::WINDOW,
+            irq,
+        };
+        let notify = kvm_ioctls::IoEventAddress::Mmio(slot.base + virtio_mmio::reg::QUEUE_NOTIFY);
+        for q in 0..virtio_mmio::VirtioDevice::num_queues(&dev) {
+            if let (Some(kick), Some(call)) = (dev.kick(q), dev.call(q)) {
+                self.vm
+                    .register_ioevent(kick, &notify, q as u32)
+                    .map_err(ioctl("KVM_IOEVENTFD"))?;
+                self.vm
+                    .register_irqfd(call, irq)
+                    .map_err(ioctl("KVM_IRQFD"))?;
+            }
+        }
+        info!(base = slot.base, irq, socket = %dev.socket().display(), "virtio-mmio device");
+        self.mmio.push((slot, Mutex::new(MmioTransport::new(dev))));
+        Ok(slot)
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -180,13 +234,15 @@ impl Machine {
         let (tx, rx) = mpsc::channel();
         let _vm = &self.vm;
         let mut threads = Vec::new();
+        let mmio: MmioDevices = Arc::new(self.mmio);
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
             let uart = Arc::clone(&self.uart);
+            let mmio = Arc::clone(&mmio);
             let tx = tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
-                    let stop = vcpu_loop(i, vcpu, &uart);
+                    let stop = vcpu_loop(i, vcpu, &uart, &mmio);
                     let _ = tx.send(stop);
                 });
             match t {
@@ -206,7 +262,15 @@ impl Machine {
     }
 }
 
-fn vcpu_loop(index: usize, mut vcpu: VcpuFd, uart: &Mutex<Uart>) -> Stop {
+/// The virtio-mmio device whose window holds `addr`, and the offset.
+fn mmio_at(mmio: &MmioDevices, addr: u64) -> Option<(&Mutex<MmioTransport<VhostUserDevice>>, u64)> {
+    mmio.iter().find_map(|(slot, dev)| {
+        (addr >= slot.base && addr < slot.base + virtio_mmio::WINDOW)
+            .then(|| (dev, addr - slot.base))
+    })
+}
+
+fn vcpu_loop(index: usize, mut vcpu: VcpuFd, uart: &Mutex<Uart>, mmio: &MmioDevices) -> Stop {
     loop {
         let exit = match vcpu.run() {
             Ok(e) => e,
@@ -244,13 +308,25 @@ fn vcpu_loop(index: usize, mut vcpu: VcpuFd, uart: &Mutex<Uart>) -> Stop {
                 };
                 data.fill(v);
             }
-            VcpuExit::MmioRead(addr, data) => {
-                debug!(addr, len = data.len(), "MMIO read of nothing");
-                data.fill(0xff);
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                debug!(addr, len = data.len(), "MMIO write to nothing");
-            }
+            VcpuExit::MmioRead(addr, data) => match mmio_at(mmio, addr) {
+                Some((dev, off)) => {
+                    if let Ok(mut d) = dev.lock() {
+                        d.read(off, data);
+                    }
+                }
+                None => {
+                    debug!(addr, len = data.len(), "MMIO read of nothing");
+                    data.fill(0xff);
+                }
+            },
+            VcpuExit::MmioWrite(addr, data) => match mmio_at(mmio, addr) {
+                Some((dev, off)) => {
+                    if let Ok(mut d) = dev.lock() {
+                        d.write(off, data);
+                    }
+                }
+                None => debug!(addr, len = data.len(), "MMIO write to nothing"),
+            },
             VcpuExit::Hlt => return Stop::Halted,
             VcpuExit::Shutdown => return Stop::Shutdown,
             VcpuExit::SystemEvent(kind, _) => {

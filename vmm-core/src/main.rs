@@ -9,6 +9,7 @@ use clap::Parser;
 use vmm_core::boot;
 use vmm_core::machine::{Machine, Stop};
 use vmm_core::memory::GuestRam;
+use vmm_core::vhost_user::VhostUserDevice;
 
 /// A thin KVM VMM whose virtio devices are vhost-user backend processes.
 #[derive(Debug, Parser)]
@@ -32,21 +33,53 @@ struct Args {
     /// Where the serial console goes: stdio, file:PATH or off.
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
     serial: Serial,
-    /// A virtio-fs device: socket=PATH,tag=TAG[,queues=N] (not yet).
-    #[arg(long, value_name = "SPEC")]
-    fs: Vec<String>,
-    /// A virtio-blk device: socket=PATH (not yet).
-    #[arg(long, value_name = "SPEC")]
-    blk: Vec<String>,
-    /// A virtio-net device: socket=PATH[,mac=MAC] (not yet).
-    #[arg(long, value_name = "SPEC")]
-    net: Vec<String>,
+    /// A virtio-fs device served by a vhost-user backend:
+    /// socket=PATH[,queues=N] (the tag is the backend's config space).
+    #[arg(long, value_name = "SPEC", value_parser = parse_device)]
+    fs: Vec<DeviceSpec>,
+    /// A virtio-blk device served by a vhost-user backend: socket=PATH.
+    #[arg(long, value_name = "SPEC", value_parser = parse_device)]
+    blk: Vec<DeviceSpec>,
+    /// A virtio-net device served by a vhost-user backend:
+    /// socket=PATH[,queues=N] (the MAC is the backend's config space).
+    #[arg(long, value_name = "SPEC", value_parser = parse_device)]
+    net: Vec<DeviceSpec>,
     /// The JSON control API's socket (not yet).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "warn")]
     log_level: String,
+}
+
+/// `socket=PATH[,queues=N]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DeviceSpec {
+    socket: PathBuf,
+    queues: Option<usize>,
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    let mut socket = None;
+    let mut queues = None;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("socket", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+            Some(("queues", n)) => {
+                queues = Some(
+                    n.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| format!("queues={n}: 1 to 64"))?,
+                )
+            }
+            _ => return Err(format!("`{part}`: expected socket=PATH or queues=N")),
+        }
+    }
+    Ok(DeviceSpec {
+        socket: socket.ok_or("socket=PATH is required")?,
+        queues,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -119,12 +152,8 @@ fn main() -> ExitCode {
 }
 
 fn run(a: Args) -> Result<ExitCode, String> {
-    if !a.fs.is_empty() || !a.blk.is_empty() || !a.net.is_empty() || a.api_socket.is_some() {
-        return Err(
-            "virtio devices and the control API are not implemented in vmm-core yet \
-                    (issue 6); run the VM with the orchestrator's vmm = \"qemu\""
-                .into(),
-        );
+    if a.api_socket.is_some() {
+        return Err("the control API is not implemented in vmm-core yet (issue 6)".into());
     }
     let err = |e: &dyn std::error::Error| chain(e);
     let ram = GuestRam::new(a.memory).map_err(|e| err(&e))?;
@@ -135,8 +164,28 @@ fn run(a: Args) -> Result<ExitCode, String> {
             std::fs::File::create(p).map_err(|e| format!("serial file {}: {e}", p.display()))?,
         ),
     };
-    let m = Machine::new(ram, a.cpus, console).map_err(|e| err(&e))?;
-    let entry = boot::load_linux(m.ram(), &a.kernel, a.initramfs.as_deref(), &a.cmdline)
+    let mem = ram.mem.clone();
+    let mut m = Machine::new(ram, a.cpus, console).map_err(|e| err(&e))?;
+    // Device types (virtio 1.2, 5): net 1, blk 2, fs 26; default queues.
+    let devices = a
+        .net
+        .iter()
+        .map(|d| (1, 2, d))
+        .chain(a.blk.iter().map(|d| (2, 1, d)))
+        .chain(a.fs.iter().map(|d| (26, 2, d)));
+    let mut cmdline = a.cmdline.clone();
+    for (kind, queues, d) in devices {
+        let dev = VhostUserDevice::connect(&d.socket, kind, &mem, d.queues.unwrap_or(queues), 256)
+            .map_err(|e| err(&e))?;
+        let slot = m.add_virtio_mmio(dev).map_err(|e| err(&e))?;
+        // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; others will
+        // find the devices in ACPI (not written yet).
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            slot.base, slot.irq
+        ));
+    }
+    let entry = boot::load_linux(m.ram(), &a.kernel, a.initramfs.as_deref(), &cmdline)
         .map_err(|e| err(&e))?;
     m.start_long_mode(entry.rip, entry.rsi)
         .map_err(|e| err(&e))?;
@@ -190,5 +239,23 @@ mod tests {
         ));
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp").is_err());
+    }
+
+    #[test]
+    fn device_specs() {
+        assert_eq!(
+            parse_device("socket=/run/b.sock,queues=2").unwrap(),
+            DeviceSpec {
+                socket: "/run/b.sock".into(),
+                queues: Some(2)
+            }
+        );
+        assert!(parse_device("queues=2")
+            .unwrap_err()
+            .contains("socket=PATH"));
+        assert!(parse_device("socket=/s,queues=0").is_err());
+        assert!(parse_device("socket=/s,tag=x")
+            .unwrap_err()
+            .contains("tag=x"));
     }
 }

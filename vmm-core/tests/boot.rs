@@ -151,8 +151,15 @@ fn bad_kernels_memory_and_devices_are_clear_errors() {
         &["--kernel", junk, "--serial", "tcp:1"],
         "stdio, file:PATH or off",
     );
+    if std::fs::metadata("/dev/kvm").is_ok() {
+        fails_with(
+            &["--kernel", junk, "--blk", "socket=/nonexistent/b.sock"],
+            "/nonexistent/b.sock",
+        );
+    }
+    fails_with(&["--kernel", junk, "--blk", "path=/x"], "socket=PATH");
     fails_with(
-        &["--kernel", junk, "--blk", "socket=/tmp/b.sock"],
+        &["--kernel", junk, "--api-socket", "/tmp/api.sock"],
         "not implemented in vmm-core yet",
     );
 }
