@@ -228,6 +228,12 @@ impl Machine {
         }
     }
 
+    /// The virtio-mmio devices' transports, to inspect (shared with the
+    /// vCPU threads once the VM runs).
+    pub fn mmio_devices(&self) -> &[(MmioSlot, Mutex<MmioTransport<VhostUserDevice>>)] {
+        &self.mmio
+    }
+
     /// Run every vCPU on a thread of its own until the first one stops the
     /// VM, and say why. (The others are left in KVM_RUN: the VM is over.)
     pub fn run(self) -> Stop {

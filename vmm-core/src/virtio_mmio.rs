@@ -97,6 +97,9 @@ pub struct MmioTransport<D> {
     config_generation: u32,
     /// Bad accesses, counted (a driver bug, not ours): logged rarely.
     pub bad_accesses: u64,
+    /// QueueNotify writes that reached the VMM: none while the queue's
+    /// ioeventfd is in place (kicks go to the backend by the kernel).
+    pub notify_exits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -113,6 +116,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupt_status: 0,
             config_generation: 0,
             bad_accesses: 0,
+            notify_exits: Default::default(),
         }
     }
 
@@ -245,7 +249,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 None => self.bad_accesses += 1,
             },
             // Reaches here only when no ioeventfd took it.
-            reg::QUEUE_NOTIFY => {}
+            reg::QUEUE_NOTIFY => {
+                self.notify_exits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
             _ => self.bad_accesses += 1,

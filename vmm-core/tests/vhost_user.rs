@@ -210,6 +210,7 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
     let dev = VhostUserDevice::connect(&sock, 2, &ram.mem, 1, 256).expect("connects");
     let mut m = Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
     let slot = m.add_virtio_mmio(dev).unwrap();
+    let notify_exits = std::sync::Arc::clone(&m.mmio_devices()[0].1.lock().unwrap().notify_exits);
     prepare_read(&mem);
     // The program: the driver's register writes (MMIO exits into
     // vmm-core), the kick (an ioeventfd: no exit), a poll of the used
@@ -253,6 +254,12 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
         .recv_timeout(Duration::from_secs(30))
         .expect("the program finishes");
     assert_eq!(stop, Stop::DebugExit(0x40), "VIRTIO_BLK_S_OK");
+    // The kick went by the ioeventfd, not through vmm-core.
+    assert_eq!(
+        notify_exits.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "QueueNotify exited to the VMM"
+    );
     let mut got = vec![0u8; 512];
     mem.read_slice(&mut got, GuestAddress(0x21000)).unwrap();
     let want: Vec<u8> = (8 * 512..9 * 512).map(|i: u32| (i % 251) as u8).collect();
