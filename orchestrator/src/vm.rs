@@ -43,13 +43,13 @@ pub fn choose_vmm(choice: VmmChoice) -> Result<(&'static str, String), VmError> 
     match choice {
         VmmChoice::Qemu => Ok(("qemu", "vmm = \"qemu\" in the config".into())),
         VmmChoice::Core => Err(VmError::Choice(
-            "vmm = \"core\": vmm-core has no ACPI tables yet, so a stock kernel cannot find its devices (issue 6); use vmm = \"qemu\" or \"auto\""
+            "vmm = \"core\": vmm-core cannot boot a full guest yet (issue 6); use vmm = \"qemu\" or \"auto\""
                 .into(),
         )),
         VmmChoice::Auto => Ok((
             "qemu",
             if hw {
-                "auto: vmm-core cannot present its devices to a stock kernel yet (issue 6), so QEMU with KVM".into()
+                "auto: vmm-core cannot boot a full guest yet (issue 6), so QEMU with KVM".into()
             } else {
                 "auto: this CPU has no hardware virtualization (no vmx/svm), so QEMU with TCG".into()
             },

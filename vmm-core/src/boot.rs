@@ -74,12 +74,14 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
     })
 }
 
-/// Load `kernel` (and `initramfs`) into `ram` with `cmdline`.
+/// Load `kernel` (and `initramfs`) into `ram` with `cmdline`, pointing
+/// the kernel at the ACPI tables' RSDP when there are tables.
 pub fn load_linux(
     ram: &GuestRam,
     kernel: &Path,
     initramfs: Option<&Path>,
     cmdline: &str,
+    acpi_rsdp: Option<u64>,
 ) -> Result<Entry, BootError> {
     let mem = &ram.mem;
     let mut f = open("the kernel", kernel)?;
@@ -113,6 +115,9 @@ pub fn load_linux(
         }
     };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
 
     if cmdline.len() + 1 > CMDLINE_MAX {
         return Err(BootError::Cmdline(cmdline.len()));

@@ -11,12 +11,13 @@
 //! - [`virtio_mmio`]: the virtio-mmio (version 2) register file, turned
 //!   into calls on a device;
 //! - [`vhost_user`]: that device as a vhost-user backend, with each queue's
-//!   notify an ioeventfd and each interrupt an irqfd.
+//!   notify an ioeventfd and each interrupt an irqfd;
+//! - [`acpi`]: RSDP, XSDT, FADT, MADT and a DSDT with the virtio devices.
 //!
-//! Not yet: ACPI tables (so a stock kernel finds CPUs and devices),
-//! reconnect, ACPI tables, the
+//! Not yet: reconnect, ACPI tables, the
 //! the control API, seccomp.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod machine;

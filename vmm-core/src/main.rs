@@ -174,19 +174,28 @@ fn run(a: Args) -> Result<ExitCode, String> {
         .chain(a.blk.iter().map(|d| (2, 1, d)))
         .chain(a.fs.iter().map(|d| (26, 2, d)));
     let mut cmdline = a.cmdline.clone();
+    let mut slots = Vec::new();
     for (kind, queues, d) in devices {
         let dev = VhostUserDevice::connect(&d.socket, kind, &mem, d.queues.unwrap_or(queues), 256)
             .map_err(|e| err(&e))?;
         let slot = m.add_virtio_mmio(dev).map_err(|e| err(&e))?;
-        // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; others will
-        // find the devices in ACPI (not written yet).
+        slots.push(slot);
+        // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; the others
+        // find the devices in the DSDT.
         cmdline.push_str(&format!(
             " virtio_mmio.device=4K@{:#x}:{}",
             slot.base, slot.irq
         ));
     }
-    let entry = boot::load_linux(m.ram(), &a.kernel, a.initramfs.as_deref(), &cmdline)
-        .map_err(|e| err(&e))?;
+    let rsdp = vmm_core::acpi::write_tables(&mem, a.cpus, &slots)?;
+    let entry = boot::load_linux(
+        m.ram(),
+        &a.kernel,
+        a.initramfs.as_deref(),
+        &cmdline,
+        Some(rsdp),
+    )
+    .map_err(|e| err(&e))?;
     m.start_long_mode(entry.rip, entry.rsi)
         .map_err(|e| err(&e))?;
     if matches!(a.serial, Serial::Stdio) {

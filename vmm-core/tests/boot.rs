@@ -2,7 +2,8 @@
 //!
 //! Debian's kernel, extracted from its bzImage as an ELF vmlinux, loaded
 //! and entered at its 64-bit entry with boot_params: the banner, the
-//! command line and the e820 map appear on the emulated 8250. Where KVM is
+//! command line, the e820 map, vmm-core's ACPI tables and the CPUs its MADT
+//! lists appear on the emulated 8250. Where KVM is
 //! software virtualization (PVM) the kernel runs under instruction
 //! emulation, so the test stops at the early console; a full boot needs
 //! the virtio devices that are not written yet.
@@ -80,7 +81,7 @@ fn debians_kernel_prints_its_banner_command_line_and_e820_map() {
     let mut child = Command::new(VMM)
         .arg("--kernel")
         .arg(&kernel)
-        .args(["--memory", "256M", "--cmdline"])
+        .args(["--memory", "256M", "--cpus", "2", "--cmdline"])
         .arg("console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 vmmcore.test=42")
         .arg(format!("--serial=file:{}", log.display()))
         .stdin(Stdio::null())
@@ -92,6 +93,16 @@ fn debians_kernel_prints_its_banner_command_line_and_e820_map() {
         "Command line: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 vmmcore.test=42",
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
         "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+        // vmm-core's ACPI tables, found through boot_params.
+        "ACPI: RSDP 0x00000000000E0000 000024 (v02 VMMCOR)",
+        "ACPI: XSDT",
+        "ACPI: FACP",
+        "ACPI: DSDT",
+        "ACPI: APIC",
+        // The MADT: both vCPUs, and the PIT's interrupt override.
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
     ];
     let deadline = Instant::now() + Duration::from_secs(120);
     let text = loop {
