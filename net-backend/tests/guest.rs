@@ -57,6 +57,16 @@ impl Drop for Netns {
     }
 }
 
+/// The value a guest script printed as `KEY=value` (`key` includes the
+/// `=`); a missing one fails the test with the output and `also()`.
+fn value(out: &str, key: &str, also: &dyn Fn() -> String) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in:\n{out}\n{}", also()))
+        .trim()
+        .to_string()
+}
+
 fn data() -> Vec<u8> {
     let mut x: u32 = 0x1234_5678;
     (0..SIZE)
@@ -212,13 +222,7 @@ fn a_guest_on_a_tap_pings_and_moves_64_mib_each_way() {
         Err(e) => panic!("{e}\n--- net-backend ---\n{}", b.output()),
     };
     let out = run.script_output();
-    let line = |k: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or_else(|| panic!("no {k} in:\n{out}\n--- net-backend ---\n{}", b.output()))
-            .trim()
-            .to_string()
-    };
+    let line = |k: &str| value(&out, k, &|| format!("--- net-backend ---\n{}", b.output()));
     assert_eq!(line("PING="), "ok");
     assert_eq!(line("POST="), "ok");
     assert_eq!(line("GET="), "ok");
@@ -284,13 +288,7 @@ fn a_two_vcpu_guest_uses_both_queue_pairs() {
         Err(e) => panic!("{e}\n--- net-backend ---\n{}", b.output()),
     };
     let out = run.script_output();
-    let line = |k: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or_else(|| panic!("no {k} in:\n{out}\n--- net-backend ---\n{}", b.output()))
-            .trim()
-            .to_string()
-    };
+    let line = |k: &str| value(&out, k, &|| format!("--- net-backend ---\n{}", b.output()));
     assert_eq!(line("PING="), "ok");
     assert_eq!(line("D0="), want);
     assert_eq!(line("D1="), want);
@@ -374,13 +372,7 @@ fn two_guests_joined_by_a_socket_ping_each_other_and_move_data() {
         (ra, rb) => panic!("A: {:?}\nB: {:?}\n{}", ra.err(), rb.err(), logs()),
     };
     let (out_a, out_b) = (ra.script_output(), rb.script_output());
-    let line = |out: &str, k: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or_else(|| panic!("no {k} in:\n{out}\n{}", logs()))
-            .trim()
-            .to_string()
-    };
+    let line = |out: &str, k: &str| value(out, k, &logs);
     assert_eq!(line(&out_b, "PING="), "ok");
     assert_eq!(line(&out_a, "PEER="), "up");
     assert_eq!(

@@ -141,8 +141,12 @@ fn load_or_default(file: Option<&std::path::Path>) -> anyhow::Result<config::VmC
     })
 }
 
-fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
-    let cfg_file = a.file.as_ref().map(|f| config::load(f)).transpose()?;
+/// The VM of `file` (or the default one, whose scratch disk lives in its
+/// state directory) and its state directory, locked.
+fn config_and_state(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<(config::VmConfig, StateDir)> {
+    let cfg_file = file.map(config::load).transpose()?;
     let name = cfg_file
         .as_ref()
         .map_or("default".to_string(), |c| c.name.clone());
@@ -151,6 +155,11 @@ fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
         Some(c) => c,
         None => vm::default_config(&state.root)?,
     };
+    Ok((cfg, state))
+}
+
+fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, state) = config_and_state(a.file.as_deref())?;
     // SIGINT and SIGTERM go to one thread that brings everything down;
     // blocked here, before any thread starts, so every thread inherits it.
     let signals = block_signals();
@@ -294,15 +303,7 @@ fn up(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
 /// The background orchestrator of `up -d`: backends, then QEMU with its
 /// console and QMP on sockets; until QEMU exits or a signal comes.
 fn up_daemon(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
-    let cfg_file = a.file.as_ref().map(|f| config::load(f)).transpose()?;
-    let name = cfg_file
-        .as_ref()
-        .map_or("default".to_string(), |c| c.name.clone());
-    let state = StateDir::acquire(&name)?;
-    let cfg = match cfg_file {
-        Some(c) => c,
-        None => vm::default_config(&state.root)?,
-    };
+    let (cfg, state) = config_and_state(a.file.as_deref())?;
     let signals = block_signals();
     let root = state.root.clone();
     let running = vm::start(&cfg, state, a.verbose)?;
