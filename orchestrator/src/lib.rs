@@ -45,3 +45,14 @@ pub fn unblock_signals_in_child() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether process `pid` runs: it exists and is not a zombie waiting for
+/// whoever adopted it to reap it.
+pub fn process_runs(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+}

@@ -105,7 +105,7 @@ fn down(name: &str) -> anyhow::Result<ExitCode> {
     }
     eprintln!("orchestrator: stopping VM `{name}` (orchestrator pid {pid})");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while alive_not_zombie(pid) {
+    while orchestrator::process_runs(pid) {
         if std::time::Instant::now() > deadline {
             eprintln!("orchestrator: VM `{name}` did not stop within 30 s; killing it");
             // SAFETY: as above; its children die with it (PDEATHSIG).
@@ -116,16 +116,6 @@ fn down(name: &str) -> anyhow::Result<ExitCode> {
     }
     println!("VM `{name}` is down");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Whether `pid` runs (a zombie waiting to be reaped does not).
-fn alive_not_zombie(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty()
-        && !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
 }
 
 /// The VM of `file`, or the default one (whose scratch disk lives in the

@@ -40,6 +40,28 @@ fn orchestrator_tests_require(r: Result<(), String>) -> bool {
     }
 }
 
+/// A config for VM `name` under QEMU sharing `dir` as `host`, with a
+/// `disk_mib` MiB disk image made there; returns the config's path.
+fn share_and_disk_vm(dir: &Path, name: &str, disk_mib: u64) -> std::path::PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(disk_mib << 20)
+        .unwrap();
+    let cfg = dir.join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"{name}\"\nvmm = \"qemu\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
+             [[blk]]\nimage = \"{}\"\n",
+            dir.display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 fn orch(runtime: &Path, cwd: &Path) -> Command {
     let mut c = Command::new(ORCH);
     c.env("XDG_RUNTIME_DIR", runtime).current_dir(cwd);
@@ -143,22 +165,7 @@ fn a_killed_disk_backend_is_restarted_and_the_guest_keeps_its_disk() {
     }
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let cfg = dir.path().join("vm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[vm]\nname = \"restart\"\nvmm = \"qemu\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
-             [[blk]]\nimage = \"{}\"\n",
-            dir.path().display(),
-            img.display()
-        ),
-    )
-    .unwrap();
+    let cfg = share_and_disk_vm(dir.path(), "restart", 64);
     // The guest writes, waits while the host kills the disk's backend,
     // then reads back and writes again through the restarted one.
     let script = "dd if=/dev/urandom of=/tmp/a bs=64k count=64 2>/dev/null; \
@@ -538,22 +545,7 @@ fn up_detached_serves_a_console_and_status_and_goes_down_leaving_nothing() {
     }
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let cfg = dir.path().join("vm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[vm]\nname = \"bg\"\nvmm = \"qemu\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
-             [[blk]]\nimage = \"{}\"\n",
-            dir.path().display(),
-            img.display()
-        ),
-    )
-    .unwrap();
+    let cfg = share_and_disk_vm(dir.path(), "bg", 16);
     std::fs::write(dir.path().join("marker.txt"), b"from the host\n").unwrap();
     let up = orch(runtime.path(), dir.path())
         .args(["up", "-d", "-f"])
@@ -614,15 +606,7 @@ fn up_detached_serves_a_console_and_status_and_goes_down_leaving_nothing() {
         .status()
         .unwrap();
     assert!(down.success());
-    // Gone, or a zombie waiting for whoever adopted it to reap it.
-    let gone = |pid: u32| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-    };
+    let gone = |pid: u32| !orchestrator::process_runs(pid);
     let deadline = Instant::now() + Duration::from_secs(30);
     for pid in [st.orchestrator_pid, vmm_pid].iter().chain(&pids) {
         while !gone(*pid) {
