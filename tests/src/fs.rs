@@ -348,7 +348,13 @@ impl FuseClient {
     pub fn lookup(&mut self, parent: u64, name: &str) -> Result<Entry, FsError> {
         let n = cstr(name);
         let body = self.call(op::LOOKUP, parent, &[&n], 128)?;
-        parse_entry(&mut Rd(&body, 0))
+        let e = parse_entry(&mut Rd(&body, 0))?;
+        // Node ID 0 is a negative entry: "no such name", which the guest
+        // may cache for the entry timeout.
+        if e.nodeid == 0 {
+            return Err(FsError::Errno(libc::ENOENT));
+        }
+        Ok(e)
     }
 
     pub fn getattr(&mut self, node: u64) -> Result<Attr, FsError> {

@@ -112,8 +112,10 @@ pub struct Args {
     /// Tell the guest about submounts in the share.
     #[arg(long)]
     pub announce_submounts: bool,
-    /// Name inodes by file handle instead of keeping an O_PATH fd each, so
-    /// the daemon holds no descriptor per inode the guest knows.
+    /// File handles for inodes: `prefer` keeps an O_PATH descriptor per
+    /// inode the guest holds up to half the open-file limit, then swaps the
+    /// least recently used for file handles; `never` keeps a descriptor per
+    /// inode without bound; `mandatory` refuses files that cannot have one.
     #[arg(long, value_enum, default_value_t = InodeFileHandles::Prefer)]
     pub inode_file_handles: InodeFileHandles,
     /// Raise RLIMIT_NOFILE to this (default: the hard limit).
@@ -195,9 +197,6 @@ impl TryFrom<Args> for Config {
         }
         if a.thread_pool_size > 0 {
             return Err(ArgsError::Unsupported("thread-pool-size"));
-        }
-        if a.inode_file_handles == InodeFileHandles::Mandatory {
-            return Err(ArgsError::Unsupported("inode-file-handles=mandatory"));
         }
         // Accepted by the parser so virtiofsd command lines give a clear
         // message, refused until they do what they say.

@@ -1,8 +1,10 @@
 //! virtiofsd-fast: a vhost-user virtio-fs backend.
 //!
 //! - [`args`]: the virtiofsd-compatible command line, turned into a [`Config`].
-//! - [`share`]: the shared directory as a FUSE filesystem (passthrough plus
-//!   our boundary and cache policy).
+//! - [`share`]: the shared directory as a FUSE filesystem: each request as
+//!   syscalls relative to descriptors, with our boundary and cache policy.
+//! - [`store`]: the inode store behind it (node IDs to host files, bounded
+//!   descriptors, file handles).
 //! - [`backend`]: virtqueues to FUSE requests and back.
 
 pub mod args;
@@ -10,6 +12,7 @@ pub mod backend;
 pub mod fuzz;
 pub mod seccomp;
 pub mod share;
+pub mod store;
 
 use std::sync::Arc;
 
@@ -41,10 +44,9 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     let listener = cfg.socket.listen()?;
     let notifier = backend_common::notify::Notifier::from_env();
     raise_nofile(cfg.rlimit_nofile.unwrap_or(DEFAULT_NOFILE));
-    // The filesystem opens /proc/self/fd and /proc/self/mountinfo when it is
-    // made, so it is made where it will run: inside the jail, or before the
-    // chroot (whose mountinfo paths would not resolve inside, which is why
-    // chroot mode names inodes by descriptor, not file handle).
+    // The filesystem opens /proc/self/fd when it is made, so it is made
+    // where it will run: inside the jail (whose /proc is this pid
+    // namespace's), or before the chroot (which has no /proc).
     let fs = match cfg.sandbox {
         SandboxMode::Namespace => {
             sandbox::enter_namespaces()?;

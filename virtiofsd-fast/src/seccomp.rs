@@ -1,12 +1,11 @@
 //! The syscalls virtiofsd-fast makes once it serves: the shared backend
-//! runtime plus what fuse-backend-rs's passthrough filesystem does on the
-//! guest's behalf. Found by tracing the daemon under the protocol and guest
-//! tests and by reading the passthrough code for paths a root guest does not
-//! take (credential switches, CAP_FSETID juggling, xattrs), then widened
-//! only to the calls a different libc picks for the same function (`*v2`
-//! I/O, the fd-based xattr calls). fuse-backend-rs 0.14's passthrough does
-//! not implement ioctl, locks or copy_file_range, so `flock` and
-//! `copy_file_range` are left out until it does.
+//! runtime plus what the filesystem ([`crate::share`]) and its inode store
+//! call on the guest's behalf. Read off the code (every host call there is a
+//! named libc function or raw syscall), then checked by tracing the daemon
+//! under the protocol and guest tests, and widened only to the calls a
+//! different libc picks for the same function (`*v2` I/O, `faccessat2`).
+//! Locks, ioctls and copy_file_range are not served, so `flock`, `fcntl`
+//! locking and `copy_file_range` stay out.
 //!
 //! x86_64 syscall numbers.
 
@@ -15,23 +14,25 @@ use libc::c_long;
 /// The full allowlist for [`backend_common::seccomp::install`].
 pub fn allowlist() -> Vec<c_long> {
     let mut v = backend_common::seccomp::COMMON.to_vec();
-    v.extend_from_slice(PASSTHROUGH);
+    v.extend_from_slice(FILESYSTEM);
     v.sort_unstable();
     v.dedup();
     v
 }
 
-const PASSTHROUGH: &[c_long] = &[
-    // Naming inodes: by O_PATH descriptor, or by file handle on the mount
-    // found in /proc/self/mountinfo.
+const FILESYSTEM: &[c_long] = &[
+    // Naming inodes: O_PATH descriptors, swapped for file handles past the
+    // descriptor bound and reopened by handle.
     libc::SYS_openat,
     libc::SYS_open_by_handle_at,
     libc::SYS_name_to_handle_at,
     libc::SYS_statx,
     libc::SYS_newfstatat,
+    libc::SYS_fstat,
     libc::SYS_fstatfs,
     libc::SYS_readlinkat,
     libc::SYS_getdents64,
+    libc::SYS_lseek,
     libc::SYS_dup,
     // Data.
     libc::SYS_pread64,
@@ -56,25 +57,16 @@ const PASSTHROUGH: &[c_long] = &[
     libc::SYS_unlinkat,
     libc::SYS_renameat2,
     libc::SYS_umask,
-    // Extended attributes: fuse-backend-rs uses the path calls on
-    // /proc/self/fd/N, since an O_PATH descriptor refuses the f* calls.
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    // Extended attributes, on real (not O_PATH) descriptors.
     libc::SYS_fgetxattr,
     libc::SYS_fsetxattr,
     libc::SYS_flistxattr,
     libc::SYS_fremovexattr,
-    libc::SYS_getxattr,
-    libc::SYS_setxattr,
-    libc::SYS_listxattr,
-    libc::SYS_removexattr,
-    // Acting as the guest's user: per-thread credential switches (raw
-    // syscalls, not glibc's process-wide ones), and CAP_FSETID dropped and
-    // raised around writes so they clear setuid bits as the guest expects.
-    libc::SYS_setresuid,
-    libc::SYS_setresgid,
-    libc::SYS_getuid,
-    libc::SYS_getgid,
-    libc::SYS_capget,
-    libc::SYS_capset,
+    // Acting as the guest's user: this thread's filesystem IDs only.
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
 ];
 
 #[cfg(test)]

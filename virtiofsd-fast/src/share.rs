@@ -1,148 +1,400 @@
-//! The filesystem the guest sees: fuse-backend-rs's passthrough filesystem
-//! behind a guard that owns our policy decisions.
+//! The filesystem the guest sees: FUSE requests (decoded by fuse-backend-rs)
+//! turned into syscalls on the shared directory, through our own inode store
+//! ([`crate::store`]).
 //!
-//! The guard is where the share's boundary is enforced beyond what the
-//! passthrough layer does (it answers LOOKUP of ".." for NFS export, which
-//! would walk out of a directory that the host moved outside the share), and
-//! where the cache mode turns into FUSE init flags.
+//! Every host call is made relative to a descriptor the store holds, one
+//! path component at a time, never following a symlink: the guest cannot
+//! name anything outside the share even without the sandbox. Names are
+//! checked here too (no `/`, no `..` except at the root, where it is the
+//! root). Guest permission checks are the guest kernel's (virtio-fs mounts
+//! use default_permissions); files, directories, nodes and symlinks are
+//! created with the guest caller's uid and gid as filesystem IDs, so the
+//! host kernel gives them the right owner.
 
-use std::ffi::CStr;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::fs::File;
 use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
     stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
 };
 use fuse_backend_rs::api::filesystem::{
-    Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, IoctlData, ListxattrReply,
-    ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter, ROOT_ID,
 };
-use fuse_backend_rs::passthrough::{CachePolicy, Config as PtConfig, PassthroughFs};
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
-use crate::args::{CacheMode, Config, InodeFileHandles, SandboxMode};
+use crate::args::{CacheMode, Config, InodeFileHandles};
+use crate::store::{self, cvt, openat, statx, to_stat, Handles, Node, Store};
 
 type Inode = u64;
 type Handle = u64;
 
-/// The shared directory as a FUSE filesystem.
-pub struct ShareFs {
-    inner: PassthroughFs<()>,
-    coherent: bool,
-    /// Inodes are named by file handle (see `create_as_root`).
-    file_handles: bool,
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
 }
 
-/// What a cache mode means for guest-side timeouts and data caching.
-/// `root` is the share as this process will see it once sandboxed.
-pub fn passthrough_config(cfg: &Config, root: &str) -> PtConfig {
-    let (policy, timeout) = match cfg.cache {
-        CacheMode::Never => (CachePolicy::Never, Duration::ZERO),
-        CacheMode::Metadata => (CachePolicy::Metadata, cfg.coherence),
-        CacheMode::Auto => (CachePolicy::Auto, cfg.coherence),
-        // virtiofsd's `always`: a day, so host changes may never show.
-        CacheMode::Always => (CachePolicy::Always, Duration::from_secs(86400)),
-        // Keep data across opens; AUTO_INVAL_DATA (see `init`) drops it as
-        // soon as a refreshed attribute shows a new mtime or size, and the
-        // attribute is refreshed at least every coherence window.
-        CacheMode::Coherent => (CachePolicy::Always, cfg.coherence),
+/// How the guest may cache what it is told.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Policy {
+    /// Nothing: data goes straight through (DIRECT_IO).
+    Never,
+    /// Metadata only: file data uncached, listings cached.
+    Metadata,
+    /// Data kept while a file is open (the kernel's default).
+    Auto,
+    /// Data kept across opens; listings cached.
+    Always,
+}
+
+/// An open file or directory.
+struct OpenFile {
+    inode: Inode,
+    file: File,
+    /// Held across lseek + getdents on a directory.
+    dir_pos: Mutex<()>,
+}
+
+/// The shared directory as a FUSE filesystem.
+pub struct ShareFs {
+    root_path: CString,
+    store: Store,
+    /// /proc/self/fd, for reopening O_PATH descriptors with real flags.
+    proc_self_fd: OwnedFd,
+    handles: RwLock<HashMap<Handle, Arc<OpenFile>>>,
+    next_handle: AtomicU64,
+    policy: Policy,
+    timeout: Duration,
+    coherent: bool,
+    xattr: bool,
+    writeback_wanted: bool,
+    writeback: AtomicBool,
+    no_opendir_wanted: bool,
+    no_opendir: AtomicBool,
+}
+
+/// Descriptors the store may keep before it swaps the least recently used
+/// for file handles: half the open-file limit (the rest is for open files,
+/// sockets and memory regions), at most a million.
+fn fd_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    PtConfig {
-        root_dir: root.to_string(),
-        cache_policy: policy,
-        entry_timeout: timeout,
-        attr_timeout: timeout,
-        xattr: cfg.xattr,
-        writeback: cfg.writeback,
-        // In a chroot, mountinfo names mounts by host paths that do not
-        // resolve, so file handles could not be reopened there.
-        inode_file_handles: cfg.inode_file_handles != InodeFileHandles::Never
-            && cfg.sandbox != SandboxMode::Chroot,
-        do_import: true,
-        // Where listings may be cached for good, skip OPENDIR/RELEASEDIR
-        // too (FUSE_NO_OPENDIR_SUPPORT): a warm walk then sends nothing.
-        no_opendir: cfg.cache == CacheMode::Always,
-        ..Default::default()
+    // SAFETY: getrlimit writes into `lim`, a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 512;
     }
+    (lim.rlim_cur / 2).min(1_000_000) as usize
 }
 
 impl ShareFs {
-    /// Open the host handles the filesystem keeps (/proc/self/fd and
-    /// mountinfo): this must happen before the sandbox hides /proc. The
-    /// share itself is opened by `import`, from inside the sandbox.
+    /// Open /proc/self/fd, which the filesystem keeps: this must happen
+    /// before the sandbox hides /proc. The share itself is opened by
+    /// `import`, from inside the sandbox. `root` is the share as this
+    /// process will see it once sandboxed.
     pub fn new(cfg: &Config, root: &str) -> io::Result<Self> {
-        let inner = PassthroughFs::new(passthrough_config(cfg, root))?;
+        let (policy, timeout) = match cfg.cache {
+            CacheMode::Never => (Policy::Never, Duration::ZERO),
+            CacheMode::Metadata => (Policy::Metadata, cfg.coherence),
+            CacheMode::Auto => (Policy::Auto, cfg.coherence),
+            // virtiofsd's `always`: a day, so host changes may never show.
+            CacheMode::Always => (Policy::Always, Duration::from_secs(86400)),
+            // Keep data across opens; AUTO_INVAL_DATA (see `init`) drops it
+            // as soon as a refreshed attribute shows a new mtime or size, and
+            // attributes are refreshed at least every coherence window.
+            CacheMode::Coherent => (Policy::Always, cfg.coherence),
+        };
+        let handles = match cfg.inode_file_handles {
+            InodeFileHandles::Never => Handles::Never,
+            InodeFileHandles::Prefer => Handles::Prefer,
+            InodeFileHandles::Mandatory => Handles::Mandatory,
+        };
+        let proc_self_fd = openat(
+            libc::AT_FDCWD,
+            c"/proc/self/fd",
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        // Modes come from the guest, already masked by its umask.
+        // SAFETY: umask cannot fail.
+        unsafe { libc::umask(0) };
         Ok(ShareFs {
-            inner,
+            root_path: CString::new(root).map_err(|_| err(libc::EINVAL))?,
+            store: Store::new(handles, fd_budget()),
+            proc_self_fd,
+            handles: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            policy,
+            timeout,
             coherent: cfg.cache == CacheMode::Coherent,
-            file_handles: cfg.inode_file_handles != InodeFileHandles::Never
-                && cfg.sandbox != SandboxMode::Chroot,
+            xattr: cfg.xattr,
+            writeback_wanted: cfg.writeback,
+            writeback: AtomicBool::new(false),
+            no_opendir_wanted: cfg.cache == CacheMode::Always,
+            no_opendir: AtomicBool::new(false),
         })
     }
 
-    /// Open the share's root (again at each guest INIT).
+    /// Open the share's root (again at each guest INIT) and forget all
+    /// nodes and open files.
     pub fn import(&self) -> io::Result<()> {
-        self.inner.import()
+        let root = openat(
+            libc::AT_FDCWD,
+            &self.root_path,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )?;
+        self.handles.write().unwrap().clear();
+        self.store.reset(root)
+    }
+
+    /// How many nodes the guest holds and how many descriptors they keep.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.store.nodes(), self.store.open_fds())
+    }
+
+    fn node(&self, inode: Inode) -> io::Result<Arc<Node>> {
+        self.store.get(inode)
+    }
+
+    fn node_fd(&self, inode: Inode) -> io::Result<(Arc<Node>, Arc<OwnedFd>)> {
+        let node = self.node(inode)?;
+        let fd = self.store.fd(&node)?;
+        Ok((node, fd))
+    }
+
+    fn dir_fd(&self, inode: Inode) -> io::Result<Arc<OwnedFd>> {
+        let (node, fd) = self.node_fd(inode)?;
+        if !node.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        Ok(fd)
+    }
+
+    fn entry(&self, found: store::Found) -> Entry {
+        Entry {
+            inode: found.node.id,
+            generation: 0,
+            attr: to_stat(&found.st),
+            attr_flags: 0,
+            attr_timeout: self.timeout,
+            entry_timeout: self.timeout,
+        }
+    }
+
+    fn do_lookup(&self, parent: Inode, name: &CStr) -> io::Result<Entry> {
+        let dir = self.dir_fd(parent)?;
+        Ok(self.entry(self.store.lookup(dir.as_raw_fd(), name)?))
+    }
+
+    /// Reopen an O_PATH descriptor with real open flags (through
+    /// /proc/self/fd, which follows the descriptor, not a path).
+    fn reopen(&self, fd: &OwnedFd, flags: libc::c_int) -> io::Result<File> {
+        let name = CString::new(fd.as_raw_fd().to_string()).unwrap();
+        let f = openat(
+            self.proc_self_fd.as_raw_fd(),
+            &name,
+            flags & !libc::O_NOFOLLOW,
+            0,
+        )?;
+        Ok(File::from(f))
+    }
+
+    /// Open flags as the host should see them.
+    fn host_flags(&self, flags: u32) -> libc::c_int {
+        let mut f = flags as libc::c_int & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        if self.writeback.load(Ordering::Relaxed) {
+            // With writeback caching the guest reads pages of files opened
+            // write-only, and does appends itself.
+            if f & libc::O_ACCMODE == libc::O_WRONLY {
+                f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            f &= !libc::O_APPEND;
+        }
+        f
+    }
+
+    fn open_options(&self, dir: bool) -> OpenOptions {
+        match self.policy {
+            Policy::Never if !dir => OpenOptions::DIRECT_IO,
+            Policy::Never => OpenOptions::empty(),
+            Policy::Metadata if !dir => OpenOptions::DIRECT_IO,
+            Policy::Metadata => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
+            Policy::Auto => OpenOptions::empty(),
+            // A cached listing is served without READDIRPLUS, so in the
+            // coherent mode its entries would each need a LOOKUP once their
+            // window is up: keep listings uncached there and let
+            // READDIRPLUS refresh them in bulk.
+            Policy::Always if dir && self.coherent => OpenOptions::empty(),
+            Policy::Always if dir => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
+            Policy::Always => OpenOptions::KEEP_CACHE,
+        }
+    }
+
+    fn add_handle(&self, inode: Inode, file: File) -> Handle {
+        let h = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().unwrap().insert(
+            h,
+            Arc::new(OpenFile {
+                inode,
+                file,
+                dir_pos: Mutex::new(()),
+            }),
+        );
+        h
+    }
+
+    fn handle(&self, inode: Inode, handle: Handle) -> io::Result<Arc<OpenFile>> {
+        match self.handles.read().unwrap().get(&handle) {
+            Some(f) if f.inode == inode => Ok(f.clone()),
+            _ => Err(err(libc::EBADF)),
+        }
+    }
+
+    /// Run `f` with the guest caller's uid and gid as this thread's
+    /// filesystem IDs, so what it creates is theirs.
+    fn as_caller<T>(&self, ctx: &Context, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let _guard = FsIds::set(ctx.uid, ctx.gid)?;
+        f()
+    }
+
+    /// Read a directory from `offset`, one entry at a time into `add`,
+    /// which returns 0 when the reply is full.
+    fn read_dir(
+        &self,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add: &mut dyn FnMut(&OwnedFd, DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        if size == 0 {
+            return Ok(());
+        }
+        let open = if handle == 0 && self.no_opendir.load(Ordering::Relaxed) {
+            None
+        } else {
+            Some(self.handle(inode, handle)?)
+        };
+        let dir = self.dir_fd(inode)?;
+        let temp;
+        let dir_file: &File = match &open {
+            Some(o) => &o.file,
+            None => {
+                // The guest skipped OPENDIR (cache=always): open for this read.
+                temp = self.reopen(&dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+                &temp
+            }
+        };
+        let mut buf = vec![0u8; (size as usize).clamp(1024, 64 * 1024)];
+        let n = {
+            let _pos = open.as_ref().map(|o| o.dir_pos.lock().unwrap());
+            // SAFETY: lseek on a descriptor we own; result checked.
+            let r = unsafe { libc::lseek64(dir_file.as_raw_fd(), offset as i64, libc::SEEK_SET) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: the kernel writes at most buf.len() bytes into buf.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    dir_file.as_raw_fd(),
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            n as usize
+        };
+        let mut at = 0;
+        // struct linux_dirent64: ino u64, off i64, reclen u16, type u8, name.
+        while at + 19 <= n {
+            let ino = u64::from_ne_bytes(buf[at..at + 8].try_into().unwrap());
+            let off = u64::from_ne_bytes(buf[at + 8..at + 16].try_into().unwrap());
+            let reclen = u16::from_ne_bytes(buf[at + 16..at + 18].try_into().unwrap()) as usize;
+            let type_ = u32::from(buf[at + 18]);
+            if reclen == 0 || at + reclen > n {
+                break;
+            }
+            let raw = &buf[at + 19..at + reclen];
+            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            at += reclen;
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let e = DirEntry {
+                ino,
+                offset: off,
+                type_,
+                name,
+            };
+            if add(&dir, e)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// After making `name` in `parent`, take a node for it.
+    fn made(&self, parent_fd: &OwnedFd, name: &CStr) -> io::Result<Entry> {
+        Ok(self.entry(self.store.lookup(parent_fd.as_raw_fd(), name)?))
     }
 }
 
-impl ShareFs {
-    /// With inodes named by file handle, the passthrough layer's mkdir and
-    /// symlink reopen the parent's handle after switching to the guest
-    /// user's credentials, which clears the capability open_by_handle_at
-    /// needs: they fail with EPERM for any non-root guest user.
-    fn needs_root_create(&self, ctx: &Context) -> bool {
-        self.file_handles && (ctx.uid != 0 || ctx.gid != 0)
-    }
+/// This thread's filesystem uid and gid, set to the guest caller's for the
+/// guard's life (setfsuid/setfsgid are per thread, and dropping fsuid 0
+/// also drops the capabilities that would bypass permission checks).
+struct FsIds {
+    uid: bool,
+    gid: bool,
+}
 
-    /// Create as root, then give the new entry to the guest user: the owner
-    /// the kernel would have set had the user created it (the group is the
-    /// parent's when the parent is set-group-ID). Permission to create was
-    /// already checked by the guest kernel (virtio-fs mounts use
-    /// default_permissions). If the hand-over fails, the entry is removed.
-    fn create_as_root(
-        &self,
-        ctx: &Context,
-        parent: Inode,
-        name: &CStr,
-        create: impl FnOnce(&Context) -> io::Result<Entry>,
-    ) -> io::Result<Entry> {
-        let root = Context {
-            uid: 0,
-            gid: 0,
-            pid: ctx.pid,
+impl FsIds {
+    fn set(uid: u32, gid: u32) -> io::Result<FsIds> {
+        let mut g = FsIds {
+            uid: false,
+            gid: false,
         };
-        let (pst, _) = self.inner.getattr(&root, parent, None)?;
-        let mut entry = create(&root)?;
-        // SAFETY: stat64 is plain old data; all-zero is a valid value.
-        let mut attr: stat64 = unsafe { std::mem::zeroed() };
-        attr.st_uid = ctx.uid;
-        attr.st_gid = if pst.st_mode & libc::S_ISGID != 0 {
-            pst.st_gid
-        } else {
-            ctx.gid
-        };
-        match self.inner.setattr(
-            &root,
-            entry.inode,
-            attr,
-            None,
-            SetattrValid::UID | SetattrValid::GID,
-        ) {
-            Ok((st, _)) => {
-                entry.attr = st;
-                Ok(entry)
+        if gid != 0 {
+            // SAFETY: setfsgid only changes this thread's credentials.
+            unsafe { libc::syscall(libc::SYS_setfsgid, gid) };
+            g.gid = true;
+            // SAFETY: as above; an invalid ID reads the current one back.
+            if unsafe { libc::syscall(libc::SYS_setfsgid, u32::MAX) } as u32 != gid {
+                return Err(err(libc::EPERM));
             }
-            Err(e) => {
-                let is_dir = entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                let _ = if is_dir {
-                    self.inner.rmdir(&root, parent, name)
-                } else {
-                    self.inner.unlink(&root, parent, name)
-                };
-                self.inner.forget(&root, entry.inode, 1);
-                Err(e)
+        }
+        if uid != 0 {
+            // SAFETY: setfsuid only changes this thread's credentials.
+            unsafe { libc::syscall(libc::SYS_setfsuid, uid) };
+            g.uid = true;
+            // SAFETY: as above.
+            if unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) } as u32 != uid {
+                return Err(err(libc::EPERM));
             }
+        }
+        Ok(g)
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        if self.uid {
+            // SAFETY: back to root for this thread.
+            unsafe { libc::syscall(libc::SYS_setfsuid, 0) };
+        }
+        if self.gid {
+            // SAFETY: as above.
+            unsafe { libc::syscall(libc::SYS_setfsgid, 0) };
         }
     }
 }
@@ -151,9 +403,29 @@ impl ShareFs {
 fn check_name(name: &CStr) -> io::Result<()> {
     let b = name.to_bytes();
     if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        return Err(err(libc::EINVAL));
     }
     Ok(())
+}
+
+/// A File that borrows a descriptor for an I/O call.
+fn borrowed(fd: RawFd) -> ManuallyDrop<File> {
+    // SAFETY: the File is never dropped (ManuallyDrop), so the descriptor
+    // stays owned by its real owner, who outlives the borrow.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+fn timespec(sec: i64, nsec: i64, set: bool, now: bool) -> libc::timespec {
+    libc::timespec {
+        tv_sec: sec,
+        tv_nsec: if now {
+            libc::UTIME_NOW
+        } else if set {
+            nsec
+        } else {
+            libc::UTIME_OMIT
+        },
+    }
 }
 
 impl FileSystem for ShareFs {
@@ -161,20 +433,28 @@ impl FileSystem for ShareFs {
     type Handle = Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let mut opts = self.inner.init(capable)?;
+        self.import()?;
+        let mut opts = FsOptions::DO_READDIRPLUS;
+        if self.writeback_wanted && capable.contains(FsOptions::WRITEBACK_CACHE) {
+            opts |= FsOptions::WRITEBACK_CACHE;
+            self.writeback.store(true, Ordering::Relaxed);
+        }
+        // Where listings may be cached for good, skip OPENDIR/RELEASEDIR
+        // too: a warm walk then sends nothing.
+        if self.no_opendir_wanted && capable.contains(FsOptions::ZERO_MESSAGE_OPENDIR) {
+            opts |= FsOptions::ZERO_MESSAGE_OPENDIR;
+            self.no_opendir.store(true, Ordering::Relaxed);
+        }
         if self.coherent && capable.contains(FsOptions::AUTO_INVAL_DATA) {
             opts |= FsOptions::AUTO_INVAL_DATA;
         }
-        // READDIRPLUS on every directory read, not only on the ones the
-        // kernel guesses will be stat'ed: each reply refreshes a whole
-        // directory's dentries and attributes, so a walk like `find` or
-        // `git status` revalidates per directory instead of per entry.
-        opts.remove(FsOptions::READDIRPLUS_AUTO);
-        // What the passthrough layer can do but does not ask for (the FUSE
-        // server turns on only what both sides want): reads in parallel and
-        // up to 1 MiB per request, lookups and readdirs of one directory in
-        // parallel, O_TRUNC handled in OPEN. Without them a Linux guest
-        // serialises directory operations and splits I/O into 128 KiB.
+        // READDIRPLUS on every directory read (no READDIRPLUS_AUTO): each
+        // reply refreshes a whole directory's dentries and attributes, so a
+        // walk like `find` or `git status` revalidates per directory instead
+        // of per entry. Reads in parallel and up to 1 MiB per request,
+        // lookups and readdirs of one directory in parallel, O_TRUNC handled
+        // in OPEN: without them a Linux guest serialises directory
+        // operations and splits I/O into 128 KiB.
         opts |= capable
             & (FsOptions::ASYNC_READ
                 | FsOptions::BIG_WRITES
@@ -186,53 +466,174 @@ impl FileSystem for ShareFs {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        self.handles.write().unwrap().clear();
+        self.store.clear();
     }
 
-    fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
+    fn lookup(&self, _ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
         let b = name.to_bytes();
-        if b.is_empty() || b.contains(&b'/') {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        if b.is_empty() || b.contains(&b'/') || b == b"." {
+            return Err(err(libc::EINVAL));
         }
-        // ".." at the root is the root (the passthrough layer maps it). Below
-        // the root it could leave the share if the host moved the directory
-        // out, and Linux only sends it for NFS export: refuse it.
-        if b == b".." && parent != ROOT_ID {
-            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        if b == b".." {
+            // At the root it is the root. Below, it could leave the share if
+            // the host moved the directory out, and Linux only sends it for
+            // NFS export: refuse it.
+            if parent != ROOT_ID {
+                return Err(err(libc::EACCES));
+            }
+            return self.do_lookup(ROOT_ID, c".");
         }
-        self.inner.lookup(ctx, parent, name)
+        match self.do_lookup(parent, name) {
+            // Let the guest cache the absence for the window: builds and
+            // `git status` probe many names that do not exist.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.timeout.is_zero() => {
+                Ok(Entry {
+                    inode: 0,
+                    generation: 0,
+                    // SAFETY: stat64 is plain old data; all-zero is valid.
+                    attr: unsafe { std::mem::zeroed() },
+                    attr_flags: 0,
+                    attr_timeout: self.timeout,
+                    entry_timeout: self.timeout,
+                })
+            }
+            r => r,
+        }
     }
 
-    fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
-        self.inner.forget(ctx, inode, count)
+    fn forget(&self, _ctx: &Context, inode: Inode, count: u64) {
+        self.store.forget(inode, count)
     }
 
-    fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
-        self.inner.batch_forget(ctx, requests)
+    fn batch_forget(&self, _ctx: &Context, requests: Vec<(Inode, u64)>) {
+        for (inode, count) in requests {
+            self.store.forget(inode, count)
+        }
     }
 
     fn getattr(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         handle: Option<Handle>,
     ) -> io::Result<(stat64, Duration)> {
-        self.inner.getattr(ctx, inode, handle)
+        let sx = match handle.and_then(|h| self.handle(inode, h).ok()) {
+            Some(open) => statx(open.file.as_raw_fd(), c"")?,
+            None => statx(self.node_fd(inode)?.1.as_raw_fd(), c"")?,
+        };
+        Ok((to_stat(&sx), self.timeout))
     }
 
     fn setattr(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         attr: stat64,
         handle: Option<Handle>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
-        self.inner.setattr(ctx, inode, attr, handle, valid)
+        let (node, fd) = self.node_fd(inode)?;
+        let open = handle.and_then(|h| self.handle(inode, h).ok());
+        let proc_name = CString::new(fd.as_raw_fd().to_string()).unwrap();
+        let pfd = self.proc_self_fd.as_raw_fd();
+        if valid.contains(SetattrValid::MODE) {
+            // SAFETY: plain syscalls on descriptors we hold; results checked.
+            cvt(unsafe {
+                match &open {
+                    Some(o) => libc::fchmod(o.file.as_raw_fd(), attr.st_mode),
+                    None => libc::fchmodat(pfd, proc_name.as_ptr(), attr.st_mode, 0),
+                }
+            })?;
+        }
+        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+            let uid = if valid.contains(SetattrValid::UID) {
+                attr.st_uid
+            } else {
+                u32::MAX
+            };
+            let gid = if valid.contains(SetattrValid::GID) {
+                attr.st_gid
+            } else {
+                u32::MAX
+            };
+            // SAFETY: as above; the empty path names the descriptor itself.
+            cvt(unsafe {
+                libc::fchownat(
+                    fd.as_raw_fd(),
+                    c"".as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+        }
+        if valid.contains(SetattrValid::SIZE) {
+            let r = match &open {
+                // SAFETY: as above.
+                Some(o) => unsafe { libc::ftruncate(o.file.as_raw_fd(), attr.st_size) },
+                None => {
+                    if !node.is_reg() {
+                        return Err(err(if node.is_dir() {
+                            libc::EISDIR
+                        } else {
+                            libc::EINVAL
+                        }));
+                    }
+                    let f = self.reopen(&fd, libc::O_WRONLY)?;
+                    // SAFETY: as above.
+                    unsafe { libc::ftruncate(f.as_raw_fd(), attr.st_size) }
+                }
+            };
+            cvt(r)?;
+        }
+        let times = SetattrValid::ATIME
+            | SetattrValid::MTIME
+            | SetattrValid::ATIME_NOW
+            | SetattrValid::MTIME_NOW;
+        if valid.intersects(times) {
+            let ts = [
+                timespec(
+                    attr.st_atime,
+                    attr.st_atime_nsec,
+                    valid.contains(SetattrValid::ATIME),
+                    valid.contains(SetattrValid::ATIME_NOW),
+                ),
+                timespec(
+                    attr.st_mtime,
+                    attr.st_mtime_nsec,
+                    valid.contains(SetattrValid::MTIME),
+                    valid.contains(SetattrValid::MTIME_NOW),
+                ),
+            ];
+            // SAFETY: as above; `ts` holds two timespecs.
+            cvt(unsafe {
+                match &open {
+                    Some(o) => libc::futimens(o.file.as_raw_fd(), ts.as_ptr()),
+                    None => libc::utimensat(pfd, proc_name.as_ptr(), ts.as_ptr(), 0),
+                }
+            })?;
+        }
+        Ok((to_stat(&statx(fd.as_raw_fd(), c"")?), self.timeout))
     }
 
-    fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
-        self.inner.readlink(ctx, inode)
+    fn readlink(&self, _ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
+        let (_, fd) = self.node_fd(inode)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: the kernel writes at most buf.len() bytes into buf.
+        let n = unsafe {
+            libc::readlinkat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
     }
 
     fn symlink(
@@ -243,12 +644,12 @@ impl FileSystem for ShareFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         check_name(name)?;
-        if self.needs_root_create(ctx) {
-            return self.create_as_root(ctx, parent, name, |root| {
-                self.inner.symlink(root, linkname, parent, name)
-            });
-        }
-        self.inner.symlink(ctx, linkname, parent, name)
+        let dir = self.dir_fd(parent)?;
+        self.as_caller(ctx, || {
+            // SAFETY: valid C strings and a directory descriptor we hold.
+            cvt(unsafe { libc::symlinkat(linkname.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
+        })?;
+        self.made(&dir, name)
     }
 
     fn mknod(
@@ -261,7 +662,19 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         check_name(name)?;
-        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+        let dir = self.dir_fd(parent)?;
+        self.as_caller(ctx, || {
+            // SAFETY: as above.
+            cvt(unsafe {
+                libc::mknodat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    mode & !umask,
+                    u64::from(rdev),
+                )
+            })
+        })?;
+        self.made(&dir, name)
     }
 
     fn mkdir(
@@ -273,27 +686,31 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         check_name(name)?;
-        if self.needs_root_create(ctx) {
-            return self.create_as_root(ctx, parent, name, |root| {
-                self.inner.mkdir(root, parent, name, mode, umask)
-            });
-        }
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        let dir = self.dir_fd(parent)?;
+        self.as_caller(ctx, || {
+            // SAFETY: as above.
+            cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode & !umask) })
+        })?;
+        self.made(&dir, name)
     }
 
-    fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+    fn unlink(&self, _ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
         check_name(name)?;
-        self.inner.unlink(ctx, parent, name)
+        let dir = self.dir_fd(parent)?;
+        // SAFETY: as above.
+        cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
     }
 
-    fn rmdir(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+    fn rmdir(&self, _ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
         check_name(name)?;
-        self.inner.rmdir(ctx, parent, name)
+        let dir = self.dir_fd(parent)?;
+        // SAFETY: as above.
+        cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
     }
 
     fn rename(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         olddir: Inode,
         oldname: &CStr,
         newdir: Inode,
@@ -302,29 +719,66 @@ impl FileSystem for ShareFs {
     ) -> io::Result<()> {
         check_name(oldname)?;
         check_name(newname)?;
-        self.inner
-            .rename(ctx, olddir, oldname, newdir, newname, flags)
+        let old = self.dir_fd(olddir)?;
+        let new = self.dir_fd(newdir)?;
+        // SAFETY: as above.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                old.as_raw_fd(),
+                oldname.as_ptr(),
+                new.as_raw_fd(),
+                newname.as_ptr(),
+                flags,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn link(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         newparent: Inode,
         newname: &CStr,
     ) -> io::Result<Entry> {
         check_name(newname)?;
-        self.inner.link(ctx, inode, newparent, newname)
+        let (node, fd) = self.node_fd(inode)?;
+        if node.is_dir() {
+            return Err(err(libc::EPERM));
+        }
+        let dir = self.dir_fd(newparent)?;
+        // SAFETY: as above; AT_EMPTY_PATH links the descriptor's own inode.
+        cvt(unsafe {
+            libc::linkat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                dir.as_raw_fd(),
+                newname.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        })?;
+        self.made(&dir, newname)
     }
 
     fn open(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         flags: u32,
-        fuse_flags: u32,
+        _fuse_flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let (node, fd) = self.node_fd(inode)?;
+        if !node.is_reg() && !node.is_dir() {
+            // Devices, fifos and sockets are the guest's own business.
+            return Err(err(libc::ENXIO));
+        }
+        let file = self.reopen(&fd, self.host_flags(flags))?;
+        let h = self.add_handle(inode, file);
+        Ok((Some(h), self.open_options(node.is_dir()), None))
     }
 
     fn create(
@@ -335,168 +789,98 @@ impl FileSystem for ShareFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         check_name(name)?;
-        self.inner.create(ctx, parent, name, args)
+        let dir = self.dir_fd(parent)?;
+        let flags = (self.host_flags(args.flags) & !libc::O_DIRECTORY)
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | (args.flags as libc::c_int & libc::O_EXCL);
+        let file = self.as_caller(ctx, || {
+            openat(dir.as_raw_fd(), name, flags, args.mode & !args.umask)
+        })?;
+        // The node names the file just opened, not whatever the name
+        // points at by now.
+        let path_fd = {
+            let name = CString::new(file.as_raw_fd().to_string()).unwrap();
+            openat(self.proc_self_fd.as_raw_fd(), &name, libc::O_PATH, 0)?
+        };
+        let sx = statx(path_fd.as_raw_fd(), c"")?;
+        let found = self.store.adopt(path_fd, sx)?;
+        let inode = found.node.id;
+        let entry = self.entry(found);
+        let h = self.add_handle(inode, File::from(file));
+        Ok((entry, Some(h), self.open_options(false), None))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         handle: Handle,
         w: &mut dyn ZeroCopyWriter,
         size: u32,
         offset: u64,
-        lock_owner: Option<u64>,
-        flags: u32,
+        _lock_owner: Option<u64>,
+        _flags: u32,
     ) -> io::Result<usize> {
-        self.inner
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        let open = self.handle(inode, handle)?;
+        let mut f = borrowed(open.file.as_raw_fd());
+        w.write_from(&mut *f, size as usize, offset)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         handle: Handle,
         r: &mut dyn ZeroCopyReader,
         size: u32,
         offset: u64,
-        lock_owner: Option<u64>,
-        delayed_write: bool,
-        flags: u32,
-        fuse_flags: u32,
+        _lock_owner: Option<u64>,
+        _delayed_write: bool,
+        _flags: u32,
+        _fuse_flags: u32,
     ) -> io::Result<usize> {
-        self.inner.write(
-            ctx,
-            inode,
-            handle,
-            r,
-            size,
-            offset,
-            lock_owner,
-            delayed_write,
-            flags,
-            fuse_flags,
-        )
+        let open = self.handle(inode, handle)?;
+        let mut f = borrowed(open.file.as_raw_fd());
+        r.read_to(&mut *f, size as usize, offset)
     }
 
     fn flush(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         handle: Handle,
-        lock_owner: u64,
+        _lock_owner: u64,
     ) -> io::Result<()> {
-        self.inner.flush(ctx, inode, handle, lock_owner)
+        let open = self.handle(inode, handle)?;
+        // Closing a duplicate reports delayed write errors (NFS-style) and
+        // drops POSIX locks, as close() in the guest would.
+        // SAFETY: dup of a descriptor we hold; the copy is closed at once.
+        let dup = cvt(unsafe { libc::dup(open.file.as_raw_fd()) })?;
+        // SAFETY: `dup` is ours alone.
+        cvt(unsafe { libc::close(dup) }).map(drop)
     }
 
-    fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
-        self.inner.fsync(ctx, inode, datasync, handle)
-    }
-
-    fn fallocate(
+    fn fsync(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
+        datasync: bool,
         handle: Handle,
-        mode: u32,
-        offset: u64,
-        length: u64,
     ) -> io::Result<()> {
-        self.inner
-            .fallocate(ctx, inode, handle, mode, offset, length)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn release(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        flags: u32,
-        handle: Handle,
-        flush: bool,
-        flock_release: bool,
-        lock_owner: Option<u64>,
-    ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
-    }
-
-    fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
-        self.inner.statfs(ctx, inode)
-    }
-
-    fn setxattr(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        name: &CStr,
-        value: &[u8],
-        flags: u32,
-    ) -> io::Result<()> {
-        self.inner.setxattr(ctx, inode, name, value, flags)
-    }
-
-    fn getxattr(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        name: &CStr,
-        size: u32,
-    ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
-    }
-
-    fn listxattr(&self, ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
-    }
-
-    fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
-        self.inner.removexattr(ctx, inode, name)
-    }
-
-    fn opendir(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        flags: u32,
-    ) -> io::Result<(Option<Handle>, OpenOptions)> {
-        let (h, mut opts) = self.inner.opendir(ctx, inode, flags)?;
-        if self.coherent {
-            // A cached listing is served without READDIRPLUS, so its entries
-            // would each need a LOOKUP once their window is up: keep listings
-            // uncached and let READDIRPLUS refresh them in bulk.
-            opts.remove(OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE);
-        }
-        Ok((h, opts))
-    }
-
-    fn readdir(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        size: u32,
-        offset: u64,
-        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
-    ) -> io::Result<()> {
-        self.inner
-            .readdir(ctx, inode, handle, size, offset, add_entry)
-    }
-
-    fn readdirplus(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        size: u32,
-        offset: u64,
-        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
-    ) -> io::Result<()> {
-        self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+        let open = self.handle(inode, handle)?;
+        let fd = open.file.as_raw_fd();
+        // SAFETY: plain syscalls on a descriptor we hold.
+        cvt(unsafe {
+            if datasync {
+                libc::fdatasync(fd)
+            } else {
+                libc::fsync(fd)
+            }
+        })
+        .map(drop)
     }
 
     fn fsyncdir(
@@ -506,7 +890,187 @@ impl FileSystem for ShareFs {
         datasync: bool,
         handle: Handle,
     ) -> io::Result<()> {
-        self.inner.fsyncdir(ctx, inode, datasync, handle)
+        self.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        let open = self.handle(inode, handle)?;
+        // SAFETY: as above.
+        cvt(unsafe {
+            libc::fallocate64(
+                open.file.as_raw_fd(),
+                mode as libc::c_int,
+                offset as i64,
+                length as i64,
+            )
+        })
+        .map(drop)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        _ctx: &Context,
+        inode: Inode,
+        _flags: u32,
+        handle: Handle,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        let mut handles = self.handles.write().unwrap();
+        match handles.get(&handle) {
+            Some(f) if f.inode == inode => {
+                handles.remove(&handle);
+                Ok(())
+            }
+            _ => Err(err(libc::EBADF)),
+        }
+    }
+
+    fn statfs(&self, _ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
+        let (_, fd) = self.node_fd(inode)?;
+        // SAFETY: statvfs64 is plain old data; all-zero is a valid value.
+        let mut out: statvfs64 = unsafe { std::mem::zeroed() };
+        // SAFETY: `out` is a valid out buffer.
+        cvt(unsafe { libc::fstatvfs64(fd.as_raw_fd(), &mut out) })?;
+        Ok(out)
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        inode: Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        let f = self.xattr_file(inode)?;
+        // SAFETY: valid name and value buffers; result checked.
+        cvt(unsafe {
+            libc::fsetxattr(
+                f.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags as libc::c_int,
+            )
+        })
+        .map(drop)
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        inode: Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let f = self.xattr_file(inode)?;
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: the kernel writes at most `size` bytes into buf.
+        let n = unsafe {
+            libc::fgetxattr(
+                f.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(GetxattrReply::Count(n as u32));
+        }
+        buf.truncate(n as usize);
+        Ok(GetxattrReply::Value(buf))
+    }
+
+    fn listxattr(&self, _ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
+        let f = self.xattr_file(inode)?;
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: the kernel writes at most `size` bytes into buf.
+        let n = unsafe { libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(ListxattrReply::Count(n as u32));
+        }
+        buf.truncate(n as usize);
+        Ok(ListxattrReply::Names(buf))
+    }
+
+    fn removexattr(&self, _ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        let f = self.xattr_file(inode)?;
+        // SAFETY: valid name; result checked.
+        cvt(unsafe { libc::fremovexattr(f.as_raw_fd(), name.as_ptr()) }).map(drop)
+    }
+
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        inode: Inode,
+        _flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions)> {
+        let fd = self.dir_fd(inode)?;
+        let file = self.reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let h = self.add_handle(inode, file);
+        Ok((Some(h), self.open_options(true)))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.read_dir(inode, handle, size, offset, &mut |_, e| add_entry(e))
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut first = true;
+        self.read_dir(inode, handle, size, offset, &mut |dir, e| {
+            let name = match CString::new(e.name) {
+                Ok(n) => n,
+                Err(_) => return Ok(1),
+            };
+            let found = match self.store.lookup(dir.as_raw_fd(), &name) {
+                Ok(f) => f,
+                // Gone since getdents: leave it out.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(1),
+                Err(err) if first => return Err(err),
+                Err(_) => return Ok(0),
+            };
+            first = false;
+            let id = found.node.id;
+            let n = add_entry(e, self.entry(found))?;
+            if n == 0 {
+                // Did not fit: the guest never saw it, so it holds no reference.
+                self.store.forget(id, 1);
+            }
+            Ok(n)
+        })
     }
 
     fn releasedir(
@@ -516,7 +1080,7 @@ impl FileSystem for ShareFs {
         flags: u32,
         handle: Handle,
     ) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.release(ctx, inode, flags, handle, false, false, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -532,72 +1096,54 @@ impl FileSystem for ShareFs {
         _vu_req: &mut dyn FsCacheReqHandler,
     ) -> io::Result<()> {
         // No DAX window: the guest falls back to regular reads.
-        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+        Err(err(libc::ENOSYS))
     }
 
     fn access(&self, ctx: &Context, inode: Inode, mask: u32) -> io::Result<()> {
-        self.inner.access(ctx, inode, mask)
+        let (_, fd) = self.node_fd(inode)?;
+        let name = CString::new(fd.as_raw_fd().to_string()).unwrap();
+        let pfd = self.proc_self_fd.as_raw_fd();
+        self.as_caller(ctx, || {
+            // SAFETY: valid C string; AT_EACCESS checks with the filesystem
+            // IDs just set.
+            cvt(unsafe {
+                libc::faccessat(pfd, name.as_ptr(), mask as libc::c_int, libc::AT_EACCESS)
+            })
+        })
+        .map(drop)
     }
 
     fn lseek(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
         handle: Handle,
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
-        self.inner.lseek(ctx, inode, handle, offset, whence)
+        let open = self.handle(inode, handle)?;
+        // SAFETY: as above.
+        let r = unsafe { libc::lseek64(open.file.as_raw_fd(), offset as i64, whence as i32) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as u64)
     }
+}
 
-    fn getlk(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<FileLock> {
-        self.inner.getlk(ctx, inode, handle, owner, lock, flags)
-    }
-
-    fn setlk(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<()> {
-        self.inner.setlk(ctx, inode, handle, owner, lock, flags)
-    }
-
-    fn setlkw(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<()> {
-        self.inner.setlkw(ctx, inode, handle, owner, lock, flags)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn ioctl(
-        &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        flags: u32,
-        cmd: u32,
-        data: IoctlData,
-        out_size: u32,
-    ) -> io::Result<IoctlData<'_>> {
-        self.inner
-            .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
+impl ShareFs {
+    /// A real descriptor for the xattr calls (which refuse O_PATH ones).
+    fn xattr_file(&self, inode: Inode) -> io::Result<File> {
+        if !self.xattr {
+            return Err(err(libc::ENOSYS));
+        }
+        let (node, fd) = self.node_fd(inode)?;
+        if node.is_dir() {
+            self.reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)
+        } else if node.is_reg() {
+            self.reopen(&fd, libc::O_RDONLY | libc::O_NONBLOCK)
+        } else {
+            Err(err(libc::ENOTSUP))
+        }
     }
 }
