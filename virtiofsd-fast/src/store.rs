@@ -122,22 +122,32 @@ impl PartialEq for FileHandle {
 impl FileHandle {
     /// The handle of the file `fd` refers to.
     pub fn of(fd: RawFd) -> io::Result<Self> {
+        Self::name_to_handle(fd, c"", libc::AT_EMPTY_PATH)
+    }
+
+    /// The handle of `name` in `dir`, not following a final symlink: no
+    /// file is opened.
+    pub fn at(dir: RawFd, name: &CStr) -> io::Result<Self> {
+        Self::name_to_handle(dir, name, 0)
+    }
+
+    fn name_to_handle(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<Self> {
         let mut raw = RawHandle {
             bytes: MAX_HANDLE_SZ as u32,
             kind: 0,
             data: [0; MAX_HANDLE_SZ],
         };
         let mut mount_id: libc::c_int = 0;
-        // SAFETY: the path is an empty C string, `raw` has room for
+        // SAFETY: `name` is a valid C string, `raw` has room for
         // MAX_HANDLE_SZ bytes as its header says, and `mount_id` is valid.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_name_to_handle_at,
-                fd,
-                c"".as_ptr(),
+                dir,
+                name.as_ptr(),
                 &mut raw as *mut RawHandle,
                 &mut mount_id as *mut libc::c_int,
-                libc::AT_EMPTY_PATH,
+                flags,
             )
         };
         if r < 0 {
@@ -231,7 +241,7 @@ pub struct Store {
     fd_limit: usize,
     handles: Handles,
     /// One open directory per host filesystem, for `open_by_handle_at`.
-    mounts: Mutex<HashMap<u64, Arc<OwnedFd>>>,
+    mounts: RwLock<HashMap<u64, Arc<OwnedFd>>>,
     sweeping: Mutex<()>,
 }
 
@@ -253,7 +263,7 @@ impl Store {
                 fd_limit.max(64)
             },
             handles,
-            mounts: Mutex::new(HashMap::new()),
+            mounts: RwLock::new(HashMap::new()),
             sweeping: Mutex::new(()),
         }
     }
@@ -279,7 +289,7 @@ impl Store {
         maps.by_key.insert(key, ROOT_ID);
         self.open_fds.store(1, Ordering::Relaxed);
         drop(maps);
-        let mut mounts = self.mounts.lock().unwrap();
+        let mut mounts = self.mounts.write().unwrap();
         mounts.clear();
         let root = self.get(ROOT_ID)?;
         let fd = root
@@ -336,7 +346,7 @@ impl Store {
         };
         let mount = self
             .mounts
-            .lock()
+            .read()
             .unwrap()
             .get(&node.key.0)
             .cloned()
@@ -350,17 +360,36 @@ impl Store {
 
     /// Look `name` up in `dir` (a descriptor of a directory node) and take
     /// one guest reference on the node it names.
+    ///
+    /// A node already known costs one `statx` by name (plus a
+    /// `name_to_handle_at` to confirm the identity of one that has given its
+    /// descriptor back). A new one costs the same two calls and opens
+    /// nothing: it is named by its handle until a request needs a descriptor.
+    /// Without handles, the new file is opened `O_PATH` and `statx`ed again
+    /// through the descriptor, which cannot race with a rename.
     pub fn lookup(&self, dir: RawFd, name: &CStr) -> io::Result<Found> {
-        // Known and pinned: one statx by name.
         let sx = statx(dir, name)?;
+        let key = key_of(&sx);
+        let mut handle = None;
         {
             let maps = self.maps.read().unwrap();
-            if let Some(node) = maps
-                .by_key
-                .get(&key_of(&sx))
-                .and_then(|id| maps.by_id.get(id))
-            {
-                if node.fd.lock().unwrap().is_some() {
+            if let Some(node) = maps.by_key.get(&key).and_then(|id| maps.by_id.get(id)) {
+                // A descriptor pins the inode: a matching key is this file.
+                let same = node.fd.lock().unwrap().is_some() || {
+                    // Only a handle: the inode number may have been reused.
+                    match &*node.handle.lock().unwrap() {
+                        HandleState::Some(h) => match FileHandle::at(dir, name) {
+                            Ok(ours) => {
+                                let same = *h == ours;
+                                handle = Some(ours);
+                                same
+                            }
+                            Err(_) => false,
+                        },
+                        _ => false,
+                    }
+                };
+                if same {
                     node.refs.fetch_add(1, Ordering::Relaxed);
                     node.used.store(true, Ordering::Relaxed);
                     return Ok(Found {
@@ -370,9 +399,52 @@ impl Store {
                 }
             }
         }
+        if self.handles != Handles::Never && self.mounts.read().unwrap().contains_key(&key.0) {
+            let h = match handle {
+                Some(h) => Ok(h),
+                None => FileHandle::at(dir, name),
+            };
+            match h {
+                Ok(h) => return Ok(self.insert_named(key, h, sx)),
+                Err(e) if self.handles == Handles::Mandatory => return Err(e),
+                // This filesystem makes none: keep a descriptor.
+                Err(_) => {}
+            }
+        }
         let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let sx = statx(fd.as_raw_fd(), c"")?;
         self.adopt(fd, sx)
+    }
+
+    /// Take one reference on the node for `key` named by handle `h`, making
+    /// it if there is none.
+    fn insert_named(&self, key: Key, h: FileHandle, sx: libc::statx) -> Found {
+        let mut maps = self.maps.write().unwrap();
+        if let Some(node) = maps.by_key.get(&key).and_then(|id| maps.by_id.get(id)) {
+            // Made by another request meanwhile?
+            let same = node.fd.lock().unwrap().is_some()
+                || matches!(&*node.handle.lock().unwrap(), HandleState::Some(o) if *o == h);
+            if same {
+                node.refs.fetch_add(1, Ordering::Relaxed);
+                return Found {
+                    node: node.clone(),
+                    st: sx,
+                };
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let node = Arc::new(Node {
+            id,
+            key,
+            kind: u32::from(sx.stx_mode) & libc::S_IFMT,
+            refs: AtomicU64::new(1),
+            fd: Mutex::new(None),
+            handle: Mutex::new(HandleState::Some(h)),
+            used: AtomicBool::new(true),
+        });
+        maps.by_id.insert(id, node.clone());
+        maps.by_key.insert(key, id);
+        Found { node, st: sx }
     }
 
     /// Take one guest reference on the file `fd` (an O_PATH descriptor)
@@ -430,6 +502,19 @@ impl Store {
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
         drop(maps);
+        if node.is_dir() && !self.mounts.read().unwrap().contains_key(&key.0) {
+            // The first directory seen on another filesystem (a submount):
+            // from now on its files can be named by handle too.
+            if let Some(fd) = node.fd.lock().unwrap().as_ref() {
+                if let Ok(m) = openat(fd.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                    self.mounts
+                        .write()
+                        .unwrap()
+                        .entry(key.0)
+                        .or_insert(Arc::new(m));
+                }
+            }
+        }
         self.opened();
         Ok(Found { node, st: sx })
     }
@@ -522,7 +607,7 @@ impl Store {
         if !matches!(*handle, HandleState::Some(_)) {
             return;
         }
-        let mut mounts = self.mounts.lock().unwrap();
+        let mut mounts = self.mounts.write().unwrap();
         if let std::collections::hash_map::Entry::Vacant(v) = mounts.entry(node.key.0) {
             // open_by_handle_at wants a real (not O_PATH) descriptor on the
             // filesystem: open a directory of it for reading.
@@ -589,11 +674,12 @@ mod tests {
             let name = CString::new(format!("f{i}")).unwrap();
             nodes.push(s.lookup(r.as_raw_fd(), &name).unwrap().node);
         }
-        if s.open_fds() > 100 {
+        if FileHandle::of(r.as_raw_fd()).is_err() {
             // This filesystem makes no handles (tmpfs on old kernels does).
             eprintln!("skipped: no file handles on {}", t.path().display());
             return;
         }
+        assert_eq!(s.open_fds(), 1, "new nodes are named by handle, not opened");
         for (i, n) in nodes.iter().enumerate() {
             let fd = s.fd(n).unwrap();
             let sx = statx(fd.as_raw_fd(), c"").unwrap();
@@ -608,6 +694,12 @@ mod tests {
         std::fs::write(t.path().join("f0"), b"new").unwrap();
         let again = s.lookup(r.as_raw_fd(), c"f0").unwrap();
         assert_eq!(again.st.stx_size, 3);
+        assert_ne!(
+            again.node.id, n0.id,
+            "a new file, even on a reused inode number"
+        );
+        let fd = s.fd(&again.node).unwrap();
+        assert_eq!(statx(fd.as_raw_fd(), c"").unwrap().stx_size, 3);
     }
 
     #[test]
