@@ -273,10 +273,8 @@ impl VhostUserBackend for FsBackend {
                 self.process_queue(vring)?;
                 // With kicks still off, watch the ring a little longer: a
                 // guest that sends its next request soon sends it without a
-                // kick, and we take it without a wake-up from epoll. Not the
-                // high-priority queue: FORGETs come in bursts nobody waits
-                // for, and spinning there takes a CPU from the request queue.
-                if device_event != 0 && self.poll_for_more(vring) {
+                // kick, and we take it without a wake-up from epoll.
+                if self.poll_for_more(vring) {
                     continue;
                 }
                 if !vring.enable_notification().map_err(io::Error::other)? {

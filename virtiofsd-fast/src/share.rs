@@ -191,7 +191,7 @@ impl ShareFs {
 
     fn do_lookup(&self, parent: Inode, name: &CStr) -> io::Result<Entry> {
         let dir = self.dir_fd(parent)?;
-        Ok(self.entry(self.store.lookup(dir.as_raw_fd(), name)?))
+        Ok(self.entry(self.store.lookup(parent, dir.as_raw_fd(), name)?))
     }
 
     /// Reopen an O_PATH descriptor with real open flags (through
@@ -273,7 +273,7 @@ impl ShareFs {
         handle: Handle,
         size: u32,
         offset: u64,
-        add: &mut dyn FnMut(&OwnedFd, DirEntry) -> io::Result<usize>,
+        add: &mut dyn FnMut(&OwnedFd, &CStr, DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
         if size == 0 {
             return Ok(());
@@ -289,11 +289,25 @@ impl ShareFs {
             Some(o) => &o.file,
             None => {
                 // The guest skipped OPENDIR (cache=always): open for this read.
-                temp = self.reopen(&dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+                temp = open_dir(&dir)?;
                 &temp
             }
         };
-        let mut buf = vec![0u8; (size as usize).clamp(1024, 64 * 1024)];
+        DIRENT_BUF.with_borrow_mut(|buf| {
+            buf.resize((size as usize).clamp(1024, 64 * 1024), 0);
+            self.parse_dirents(open.as_deref(), dir_file, &dir, buf, offset, add)
+        })
+    }
+
+    fn parse_dirents(
+        &self,
+        open: Option<&OpenFile>,
+        dir_file: &File,
+        dir: &OwnedFd,
+        buf: &mut [u8],
+        offset: u64,
+        add: &mut dyn FnMut(&OwnedFd, &CStr, DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
         let n = {
             let _pos = open.as_ref().map(|o| o.dir_pos.lock().unwrap());
             // SAFETY: lseek on a descriptor we own; result checked.
@@ -325,9 +339,12 @@ impl ShareFs {
             if reclen == 0 || at + reclen > n {
                 break;
             }
-            let raw = &buf[at + 19..at + reclen];
-            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            // The kernel NUL-terminates (and pads) each name.
+            let Ok(cname) = CStr::from_bytes_until_nul(&buf[at + 19..at + reclen]) else {
+                break;
+            };
             at += reclen;
+            let name = cname.to_bytes();
             if name == b"." || name == b".." {
                 continue;
             }
@@ -337,7 +354,7 @@ impl ShareFs {
                 type_,
                 name,
             };
-            if add(&dir, e)? == 0 {
+            if add(dir, cname, e)? == 0 {
                 break;
             }
         }
@@ -345,8 +362,8 @@ impl ShareFs {
     }
 
     /// After making `name` in `parent`, take a node for it.
-    fn made(&self, parent_fd: &OwnedFd, name: &CStr) -> io::Result<Entry> {
-        Ok(self.entry(self.store.lookup(parent_fd.as_raw_fd(), name)?))
+    fn made(&self, parent: Inode, parent_fd: &OwnedFd, name: &CStr) -> io::Result<Entry> {
+        Ok(self.entry(self.store.lookup(parent, parent_fd.as_raw_fd(), name)?))
     }
 }
 
@@ -406,6 +423,23 @@ fn check_name(name: &CStr) -> io::Result<()> {
         return Err(err(libc::EINVAL));
     }
     Ok(())
+}
+
+thread_local! {
+    /// getdents64 output, kept per thread so a READDIR allocates nothing.
+    static DIRENT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Open a directory node for reading: "." relative to its O_PATH
+/// descriptor, a one-component walk that needs no /proc.
+fn open_dir(fd: &OwnedFd) -> io::Result<File> {
+    openat(
+        fd.as_raw_fd(),
+        c".",
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
+    .map(File::from)
 }
 
 /// A File that borrows a descriptor for an I/O call.
@@ -520,7 +554,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<(stat64, Duration)> {
         let sx = match handle.and_then(|h| self.handle(inode, h).ok()) {
             Some(open) => statx(open.file.as_raw_fd(), c"")?,
-            None => statx(self.node_fd(inode)?.1.as_raw_fd(), c"")?,
+            None => self.store.stat(&*self.node(inode)?)?,
         };
         Ok((to_stat(&sx), self.timeout))
     }
@@ -649,7 +683,7 @@ impl FileSystem for ShareFs {
             // SAFETY: valid C strings and a directory descriptor we hold.
             cvt(unsafe { libc::symlinkat(linkname.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
         })?;
-        self.made(&dir, name)
+        self.made(parent, &dir, name)
     }
 
     fn mknod(
@@ -674,7 +708,7 @@ impl FileSystem for ShareFs {
                 )
             })
         })?;
-        self.made(&dir, name)
+        self.made(parent, &dir, name)
     }
 
     fn mkdir(
@@ -691,7 +725,7 @@ impl FileSystem for ShareFs {
             // SAFETY: as above.
             cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode & !umask) })
         })?;
-        self.made(&dir, name)
+        self.made(parent, &dir, name)
     }
 
     fn unlink(&self, _ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -761,7 +795,7 @@ impl FileSystem for ShareFs {
                 libc::AT_EMPTY_PATH,
             )
         })?;
-        self.made(&dir, newname)
+        self.made(newparent, &dir, newname)
     }
 
     fn open(
@@ -1023,7 +1057,7 @@ impl FileSystem for ShareFs {
         _flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
         let fd = self.dir_fd(inode)?;
-        let file = self.reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let file = open_dir(&fd)?;
         let h = self.add_handle(inode, file);
         Ok((Some(h), self.open_options(true)))
     }
@@ -1037,7 +1071,7 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.read_dir(inode, handle, size, offset, &mut |_, e| add_entry(e))
+        self.read_dir(inode, handle, size, offset, &mut |_, _, e| add_entry(e))
     }
 
     fn readdirplus(
@@ -1050,12 +1084,8 @@ impl FileSystem for ShareFs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         let mut first = true;
-        self.read_dir(inode, handle, size, offset, &mut |dir, e| {
-            let name = match CString::new(e.name) {
-                Ok(n) => n,
-                Err(_) => return Ok(1),
-            };
-            let found = match self.store.lookup(dir.as_raw_fd(), &name) {
+        self.read_dir(inode, handle, size, offset, &mut |dir, name, e| {
+            let found = match self.store.lookup(inode, dir.as_raw_fd(), name) {
                 Ok(f) => f,
                 // Gone since getdents: leave it out.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(1),
@@ -1139,7 +1169,7 @@ impl ShareFs {
         }
         let (node, fd) = self.node_fd(inode)?;
         if node.is_dir() {
-            self.reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)
+            open_dir(&fd)
         } else if node.is_reg() {
             self.reopen(&fd, libc::O_RDONLY | libc::O_NONBLOCK)
         } else {

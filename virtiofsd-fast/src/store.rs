@@ -209,6 +209,10 @@ pub struct Node {
     handle: Mutex<HandleState>,
     /// Set on use; cleared by the eviction sweep (second chance).
     used: AtomicBool,
+    /// Where a node without a descriptor was found (parent ID, name): its
+    /// attributes can be read there by name, confirmed by identity,
+    /// without opening it.
+    name: Mutex<Option<(u64, Box<CStr>)>>,
 }
 
 enum HandleState {
@@ -281,6 +285,7 @@ impl Store {
             fd: Mutex::new(Some(Arc::new(root))),
             handle: Mutex::new(HandleState::Unsupported),
             used: AtomicBool::new(true),
+            name: Mutex::new(None),
         });
         let mut maps = self.maps.write().unwrap();
         maps.by_id.clear();
@@ -358,6 +363,38 @@ impl Store {
         Ok(fd)
     }
 
+    /// The attributes of `node`: through its descriptor if it has one,
+    /// else by name in its parent where the identity still matches, else
+    /// through a descriptor reopened by handle.
+    pub fn stat(&self, node: &Node) -> io::Result<libc::statx> {
+        if let Some(fd) = node.fd.lock().unwrap().clone() {
+            return statx(fd.as_raw_fd(), c"");
+        }
+        let at = node
+            .name
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(p, n)| (*p, n.clone()));
+        if let Some((parent, name)) = at {
+            let pfd = self
+                .maps
+                .read()
+                .unwrap()
+                .by_id
+                .get(&parent)
+                .and_then(|p| p.fd.lock().unwrap().clone());
+            if let Some(pfd) = pfd {
+                match statx(pfd.as_raw_fd(), &name) {
+                    Ok(sx) if key_of(&sx) == node.key => return Ok(sx),
+                    // Renamed or gone: do not try that name again.
+                    _ => *node.name.lock().unwrap() = None,
+                }
+            }
+        }
+        statx(self.fd(node)?.as_raw_fd(), c"")
+    }
+
     /// Look `name` up in `dir` (a descriptor of a directory node) and take
     /// one guest reference on the node it names.
     ///
@@ -367,7 +404,7 @@ impl Store {
     /// nothing: it is named by its handle until a request needs a descriptor.
     /// Without handles, the new file is opened `O_PATH` and `statx`ed again
     /// through the descriptor, which cannot race with a rename.
-    pub fn lookup(&self, dir: RawFd, name: &CStr) -> io::Result<Found> {
+    pub fn lookup(&self, parent: u64, dir: RawFd, name: &CStr) -> io::Result<Found> {
         let sx = statx(dir, name)?;
         let key = key_of(&sx);
         let mut handle = None;
@@ -405,7 +442,7 @@ impl Store {
                 None => FileHandle::at(dir, name),
             };
             match h {
-                Ok(h) => return Ok(self.insert_named(key, h, sx)),
+                Ok(h) => return Ok(self.insert_named(key, h, sx, (parent, name))),
                 Err(e) if self.handles == Handles::Mandatory => return Err(e),
                 // This filesystem makes none: keep a descriptor.
                 Err(_) => {}
@@ -418,7 +455,7 @@ impl Store {
 
     /// Take one reference on the node for `key` named by handle `h`, making
     /// it if there is none.
-    fn insert_named(&self, key: Key, h: FileHandle, sx: libc::statx) -> Found {
+    fn insert_named(&self, key: Key, h: FileHandle, sx: libc::statx, at: (u64, &CStr)) -> Found {
         let mut maps = self.maps.write().unwrap();
         if let Some(node) = maps.by_key.get(&key).and_then(|id| maps.by_id.get(id)) {
             // Made by another request meanwhile?
@@ -441,6 +478,7 @@ impl Store {
             fd: Mutex::new(None),
             handle: Mutex::new(HandleState::Some(h)),
             used: AtomicBool::new(true),
+            name: Mutex::new(Some((at.0, at.1.into()))),
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -498,6 +536,7 @@ impl Store {
             fd: Mutex::new(fd.map(Arc::new)),
             handle: Mutex::new(handle),
             used: AtomicBool::new(true),
+            name: Mutex::new(None),
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -649,8 +688,8 @@ mod tests {
         std::fs::hard_link(t.path().join("a"), t.path().join("b")).unwrap();
         let s = store_on(t.path(), Handles::Prefer, 1000);
         let r = root_fd(&s);
-        let a = s.lookup(r.as_raw_fd(), c"a").unwrap();
-        let b = s.lookup(r.as_raw_fd(), c"b").unwrap();
+        let a = s.lookup(ROOT_ID, r.as_raw_fd(), c"a").unwrap();
+        let b = s.lookup(ROOT_ID, r.as_raw_fd(), c"b").unwrap();
         assert_eq!(a.node.id, b.node.id, "hard links are one node");
         assert_eq!(s.nodes(), 2);
         s.forget(a.node.id, 1);
@@ -658,7 +697,7 @@ mod tests {
         s.forget(a.node.id, 1);
         assert_eq!(s.nodes(), 1, "only the root is left");
         assert_eq!(s.open_fds(), 1);
-        assert!(s.lookup(r.as_raw_fd(), c"missing").is_err());
+        assert!(s.lookup(ROOT_ID, r.as_raw_fd(), c"missing").is_err());
     }
 
     #[test]
@@ -672,7 +711,7 @@ mod tests {
         let mut nodes = Vec::new();
         for i in 0..300 {
             let name = CString::new(format!("f{i}")).unwrap();
-            nodes.push(s.lookup(r.as_raw_fd(), &name).unwrap().node);
+            nodes.push(s.lookup(ROOT_ID, r.as_raw_fd(), &name).unwrap().node);
         }
         if FileHandle::of(r.as_raw_fd()).is_err() {
             // This filesystem makes no handles (tmpfs on old kernels does).
@@ -692,7 +731,7 @@ mod tests {
         drop(s.fd(n0));
         std::fs::remove_file(t.path().join("f0")).unwrap();
         std::fs::write(t.path().join("f0"), b"new").unwrap();
-        let again = s.lookup(r.as_raw_fd(), c"f0").unwrap();
+        let again = s.lookup(ROOT_ID, r.as_raw_fd(), c"f0").unwrap();
         assert_eq!(again.st.stx_size, 3);
         assert_ne!(
             again.node.id, n0.id,
@@ -712,7 +751,7 @@ mod tests {
         let r = root_fd(&s);
         for i in 0..100 {
             let name = CString::new(format!("f{i}")).unwrap();
-            s.lookup(r.as_raw_fd(), &name).unwrap();
+            s.lookup(ROOT_ID, r.as_raw_fd(), &name).unwrap();
         }
         assert_eq!(s.open_fds(), 101);
     }
