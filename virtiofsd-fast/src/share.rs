@@ -500,6 +500,8 @@ impl FileSystem for ShareFs {
     }
 
     fn destroy(&self) {
+        let (nodes, descriptors) = self.counts();
+        tracing::info!(nodes, descriptors, "guest unmounted");
         self.handles.write().unwrap().clear();
         self.store.clear();
     }
@@ -1056,6 +1058,13 @@ impl FileSystem for ShareFs {
         inode: Inode,
         _flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // How a server takes up the kernel's zero-message OPENDIR: from
+            // this answer on, the guest opens directories without asking,
+            // with their listings cached (FOPEN_CACHE_DIR | KEEP_CACHE), and
+            // reads them with file handle 0.
+            return Err(err(libc::ENOSYS));
+        }
         let fd = self.dir_fd(inode)?;
         let file = open_dir(&fd)?;
         let h = self.add_handle(inode, file);
