@@ -138,9 +138,8 @@ pub const JAIL_SHARE: &str = "/share";
 /// Nothing else of the host is reachable by path afterwards. Descriptors
 /// opened before stay valid. Needs `enter_namespaces` first.
 ///
-/// /proc stays inside because the passthrough layer reopens inodes through
-/// /proc/self/fd and finds mounts through /proc/self/mountinfo, and both
-/// must describe the process as it is after the pivot.
+/// /proc stays inside because virtiofsd-fast reopens files through
+/// /proc/self/fd, which must describe the process as it is after the pivot.
 pub fn pivot_into_jail(dir: &Path) -> Result<(), SandboxError> {
     jail(Some(dir))
 }

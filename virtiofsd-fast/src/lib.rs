@@ -102,8 +102,9 @@ const KEEP_CAPS: &[u32] = &[
     cap::SETFCAP,
 ];
 
-/// The open-file limit asked for by default, as virtiofsd does: the
-/// passthrough layer keeps a descriptor per inode the guest knows.
+/// The open-file limit asked for by default, as virtiofsd does: the inode
+/// store keeps descriptors for up to half of it before it falls back to
+/// file handles, and `--inode-file-handles=never` keeps one per node.
 const DEFAULT_NOFILE: u64 = 1_000_000;
 
 /// Raise RLIMIT_NOFILE towards `want`: the soft limit up to the hard one,
