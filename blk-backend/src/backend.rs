@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -247,6 +247,50 @@ impl InflightQueue {
                 std::ptr::write_volatile(d, 1u8);
             }
         }
+    }
+
+    /// Written before a used entry goes to the ring: if the backend dies
+    /// before it clears the descriptor, its successor can tell.
+    fn batch(&self, head: u16) {
+        // SAFETY: last_batch_head sits at byte 12 of the header.
+        unsafe { std::ptr::write_volatile(self.base.add(12).cast::<u16>(), head) };
+    }
+
+    fn last_batch_head(&self) -> u16 {
+        // SAFETY: as in `batch`.
+        unsafe { std::ptr::read_volatile(self.base.add(12).cast::<u16>()) }
+    }
+
+    fn used_idx(&self) -> u16 {
+        // SAFETY: used_idx sits at byte 14 of the header.
+        unsafe { std::ptr::read_volatile(self.base.add(14).cast::<u16>()) }
+    }
+
+    fn set_used_idx(&self, idx: u16) {
+        // SAFETY: as in `used_idx`.
+        unsafe { std::ptr::write_volatile(self.base.add(14).cast::<u16>(), idx) };
+    }
+
+    fn clear(&self, head: u16) {
+        if let Some(d) = self.desc(head) {
+            // SAFETY: as in `avail`.
+            unsafe { std::ptr::write_volatile(d, 0u8) };
+        }
+    }
+
+    /// (counter, head) of every descriptor marked in flight, among the
+    /// first `size`.
+    fn marked(&self, size: u16) -> Vec<(u64, u16)> {
+        (0..size.min(self.size))
+            .filter_map(|head| {
+                let d = self.desc(head)?;
+                // SAFETY: as in `avail`.
+                unsafe {
+                    (std::ptr::read_volatile(d) == 1)
+                        .then(|| (std::ptr::read_volatile(d.add(8).cast::<u64>()), head))
+                }
+            })
+            .collect()
     }
 
     fn used(&self, head: u16, used_idx: u16) {
@@ -606,14 +650,26 @@ impl BlkBackend {
         let mut state = self.queues[q]
             .lock()
             .map_err(|_| io::Error::other("queue lock poisoned"))?;
-        if state.inflight.is_none() {
+        let newly_mapped = state.inflight.is_none() && {
             state.inflight = self.inflight_for(q);
-        }
+            state.inflight.is_some()
+        };
         let ifl = state.inflight;
         let mut vstate = vring.get_mut();
         let geometry = self.disk.geometry();
         let mut used_any = self.complete(q, &mut state, &mut vstate);
         let mut took = 0usize;
+        if let (true, Some(i)) = (newly_mapped, ifl) {
+            took += self.resubmit_lost(
+                q,
+                &mut state,
+                &mut vstate,
+                &mem,
+                &geometry,
+                i,
+                &mut used_any,
+            );
+        }
         while let Some(chain) = vstate.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
             took += 1;
@@ -626,124 +682,16 @@ impl BlkBackend {
                 len: d.len(),
                 writable: d.is_write_only(),
             });
-            let req = match request::parse(&*mem, descs) {
-                Ok(r) => r,
-                Err(e) => {
-                    if let Some(count) = self.faults.bad_chains.hit() {
-                        warn!(queue = q, head, error = %e, count, "dropping an unusable request");
-                    }
-                    used_any |= add_used(&mut vstate, head, 0, ifl);
-                    continue;
-                }
-            };
-            let mut finish = |st: u8, written: u32| {
-                // The status address was checked by the parser.
-                let _ = mem.write_obj(st, req.status);
-                add_used(&mut vstate, head, written + 1, ifl)
-            };
-            let plan = match request::plan(&*mem, &req, &geometry) {
-                Ok(p) => p,
-                Err(st) => {
-                    if let Some(count) = self.faults.rejected.hit() {
-                        debug!(
-                            queue = q,
-                            kind = req.kind,
-                            sector = req.sector,
-                            status = st,
-                            count,
-                            "request refused"
-                        );
-                    }
-                    used_any |= finish(st, 0);
-                    continue;
-                }
-            };
-            let (op, fallback) = match plan {
-                Plan::Nothing => {
-                    used_any |= finish(status::OK, 0);
-                    continue;
-                }
-                Plan::GetId { bufs } => {
-                    let mut id = [0u8; request::ID_BYTES];
-                    id[..self.disk.serial.len()].copy_from_slice(&self.disk.serial);
-                    let n = request::write_gathered(&*mem, &bufs, &id).unwrap_or(0);
-                    used_any |= finish(status::OK, n as u32);
-                    continue;
-                }
-                Plan::Read { offset, bufs } | Plan::Write { offset, bufs } => {
-                    let Some(iov) = iovecs(&mem, &bufs) else {
-                        used_any |= finish(status::IOERR, 0);
-                        continue;
-                    };
-                    let fd = self.disk.fd_for(&iov);
-                    let op = if req.kind == request::kind::IN {
-                        Op::Read { fd, iov, offset }
-                    } else {
-                        Op::Write { fd, iov, offset }
-                    };
-                    (op, Fallback::None)
-                }
-                Plan::Flush => (
-                    Op::Sync {
-                        fd: self.disk.file.as_raw_fd(),
-                    },
-                    Fallback::None,
-                ),
-                Plan::Discard { offset, len } => (
-                    Op::Fallocate {
-                        fd: self.disk.file.as_raw_fd(),
-                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset,
-                        len,
-                    },
-                    Fallback::None,
-                ),
-                Plan::WriteZeroes { offset, len, unmap } => {
-                    let fallback = Fallback::WriteZeros { offset, len };
-                    if !unmap && !self.disk.zero_range.load(Ordering::Relaxed) {
-                        (zero_write(&self.disk, offset, len), Fallback::None)
-                    } else {
-                        let mode = if unmap {
-                            libc::FALLOC_FL_PUNCH_HOLE
-                        } else {
-                            libc::FALLOC_FL_ZERO_RANGE
-                        };
-                        (
-                            Op::Fallocate {
-                                fd: self.disk.file.as_raw_fd(),
-                                mode: mode | libc::FALLOC_FL_KEEP_SIZE,
-                                offset,
-                                len,
-                            },
-                            fallback,
-                        )
-                    }
-                }
-            };
-            let remaining = match &op {
-                Op::Read { iov, .. } | Op::Write { iov, .. } => iov.total(),
-                _ => 0,
-            };
-            let generation = state.generation;
-            let slot = state.insert(InFlight {
+            used_any |= self.start_request(
+                q,
+                &mut state,
+                &mut vstate,
+                &mem,
+                &geometry,
+                ifl,
                 head,
-                mem: Arc::clone(&mem),
-                status: req.status,
-                written: 0,
-                is_read: req.kind == request::kind::IN,
-                op: op.clone(),
-                remaining,
-                fallback,
-                kind: req.kind,
-                generation,
-            });
-            if let Err(e) = state.engine.push(slot as u64, op) {
-                state.release(slot);
-                if let Some(count) = self.faults.io_errors.hit() {
-                    warn!(queue = q, error = %e, count, "cannot queue I/O");
-                }
-                used_any |= finish(status::IOERR, 0);
-            }
+                descs,
+            );
         }
         if took > 0 {
             if let Err(e) = state.engine.submit() {
@@ -760,6 +708,215 @@ impl BlkBackend {
             self.notify(&mut vstate)?;
         }
         Ok(used_any || took > 0)
+    }
+
+    /// Start again the requests a previous backend took from this queue and
+    /// never finished, as the inflight area it shared with the frontend
+    /// records them (the vhost-user specification's recovery for split
+    /// rings): in the order it took them, before anything new. The avail
+    /// position goes past them, so none is taken twice. Returns how many.
+    #[allow(clippy::too_many_arguments)]
+    fn resubmit_lost(
+        &self,
+        q: usize,
+        state: &mut QueueState,
+        vstate: &mut VringState,
+        mem: &Arc<GuestMemoryMmap>,
+        geometry: &Geometry,
+        ifl: InflightQueue,
+        used_any: &mut bool,
+    ) -> usize {
+        let queue = vstate.get_queue();
+        let size = queue.size();
+        let desc_table = GuestAddress(queue.desc_table());
+        let used_idx_addr = GuestAddress(queue.used_ring()).unchecked_add(2);
+        let Ok(used_idx) = mem.read_obj::<u16>(used_idx_addr).map(u16::from_le) else {
+            return 0;
+        };
+        if ifl.used_idx() != used_idx {
+            // The last used entry reached the ring, not the area: it is done.
+            ifl.clear(ifl.last_batch_head());
+            ifl.set_used_idx(used_idx);
+        }
+        let mut lost = ifl.marked(size);
+        if lost.is_empty() {
+            return 0;
+        }
+        lost.sort_unstable();
+        let qm = vstate.get_queue_mut();
+        qm.set_next_used(used_idx);
+        qm.set_next_avail(used_idx.wrapping_add(lost.len() as u16));
+        state.inflight_counter = state.inflight_counter.max(lost[lost.len() - 1].0);
+        tracing::info!(
+            queue = q,
+            requests = lost.len(),
+            "resubmitting requests the previous backend left in flight"
+        );
+        for &(_, head) in &lost {
+            match chain_descs(mem, desc_table, size, head) {
+                Some(descs) => {
+                    state.inflight_counter += 1;
+                    ifl.avail(head, state.inflight_counter);
+                    *used_any |= self.start_request(
+                        q,
+                        state,
+                        vstate,
+                        mem,
+                        geometry,
+                        Some(ifl),
+                        head,
+                        descs.into_iter(),
+                    );
+                }
+                None => {
+                    if let Some(count) = self.faults.bad_chains.hit() {
+                        warn!(
+                            queue = q,
+                            head, count, "dropping an unusable request left in flight"
+                        );
+                    }
+                    *used_any |= add_used(vstate, head, 0, Some(ifl));
+                }
+            }
+        }
+        lost.len()
+    }
+
+    /// Parse one request the guest made available and start it: answered
+    /// at once (bad request, GET_ID, nothing to do) or pushed to the
+    /// engine. Returns whether a used entry was written.
+    #[allow(clippy::too_many_arguments)]
+    fn start_request(
+        &self,
+        q: usize,
+        state: &mut QueueState,
+        vstate: &mut VringState,
+        mem: &Arc<GuestMemoryMmap>,
+        geometry: &Geometry,
+        ifl: Option<InflightQueue>,
+        head: u16,
+        descs: impl Iterator<Item = Desc>,
+    ) -> bool {
+        let mut used_any = false;
+        let req = match request::parse(&**mem, descs) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(count) = self.faults.bad_chains.hit() {
+                    warn!(queue = q, head, error = %e, count, "dropping an unusable request");
+                }
+                used_any |= add_used(vstate, head, 0, ifl);
+                return used_any;
+            }
+        };
+        let mut finish = |st: u8, written: u32| {
+            // The status address was checked by the parser.
+            let _ = mem.write_obj(st, req.status);
+            add_used(vstate, head, written + 1, ifl)
+        };
+        let plan = match request::plan(&**mem, &req, geometry) {
+            Ok(p) => p,
+            Err(st) => {
+                if let Some(count) = self.faults.rejected.hit() {
+                    debug!(
+                        queue = q,
+                        kind = req.kind,
+                        sector = req.sector,
+                        status = st,
+                        count,
+                        "request refused"
+                    );
+                }
+                used_any |= finish(st, 0);
+                return used_any;
+            }
+        };
+        let (op, fallback) = match plan {
+            Plan::Nothing => {
+                used_any |= finish(status::OK, 0);
+                return used_any;
+            }
+            Plan::GetId { bufs } => {
+                let mut id = [0u8; request::ID_BYTES];
+                id[..self.disk.serial.len()].copy_from_slice(&self.disk.serial);
+                let n = request::write_gathered(&**mem, &bufs, &id).unwrap_or(0);
+                used_any |= finish(status::OK, n as u32);
+                return used_any;
+            }
+            Plan::Read { offset, bufs } | Plan::Write { offset, bufs } => {
+                let Some(iov) = iovecs(mem, &bufs) else {
+                    used_any |= finish(status::IOERR, 0);
+                    return used_any;
+                };
+                let fd = self.disk.fd_for(&iov);
+                let op = if req.kind == request::kind::IN {
+                    Op::Read { fd, iov, offset }
+                } else {
+                    Op::Write { fd, iov, offset }
+                };
+                (op, Fallback::None)
+            }
+            Plan::Flush => (
+                Op::Sync {
+                    fd: self.disk.file.as_raw_fd(),
+                },
+                Fallback::None,
+            ),
+            Plan::Discard { offset, len } => (
+                Op::Fallocate {
+                    fd: self.disk.file.as_raw_fd(),
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                },
+                Fallback::None,
+            ),
+            Plan::WriteZeroes { offset, len, unmap } => {
+                let fallback = Fallback::WriteZeros { offset, len };
+                if !unmap && !self.disk.zero_range.load(Ordering::Relaxed) {
+                    (zero_write(&self.disk, offset, len), Fallback::None)
+                } else {
+                    let mode = if unmap {
+                        libc::FALLOC_FL_PUNCH_HOLE
+                    } else {
+                        libc::FALLOC_FL_ZERO_RANGE
+                    };
+                    (
+                        Op::Fallocate {
+                            fd: self.disk.file.as_raw_fd(),
+                            mode: mode | libc::FALLOC_FL_KEEP_SIZE,
+                            offset,
+                            len,
+                        },
+                        fallback,
+                    )
+                }
+            }
+        };
+        let remaining = match &op {
+            Op::Read { iov, .. } | Op::Write { iov, .. } => iov.total(),
+            _ => 0,
+        };
+        let generation = state.generation;
+        let slot = state.insert(InFlight {
+            head,
+            mem: Arc::clone(mem),
+            status: req.status,
+            written: 0,
+            is_read: req.kind == request::kind::IN,
+            op: op.clone(),
+            remaining,
+            fallback,
+            kind: req.kind,
+            generation,
+        });
+        if let Err(e) = state.engine.push(slot as u64, op) {
+            state.release(slot);
+            if let Some(count) = self.faults.io_errors.hit() {
+                warn!(queue = q, error = %e, count, "cannot queue I/O");
+            }
+            used_any |= finish(status::IOERR, 0);
+        }
+        used_any
     }
 
     /// Finish the requests whose I/O has completed. Returns whether any
@@ -881,6 +1038,9 @@ enum Outcome {
 }
 
 fn add_used(vstate: &mut VringState, head: u16, len: u32, ifl: Option<InflightQueue>) -> bool {
+    if let Some(i) = ifl {
+        i.batch(head);
+    }
     match vstate.add_used(head, len) {
         Ok(()) => {
             if let Some(i) = ifl {
@@ -892,6 +1052,55 @@ fn add_used(vstate: &mut VringState, head: u16, len: u32, ifl: Option<InflightQu
             warn!(head, error = %e, "cannot return a used buffer");
             false
         }
+    }
+}
+
+/// The descriptors of the chain at `head`, read from the descriptor table
+/// (for requests found again through the inflight area, which the queue
+/// library cannot walk from a head). Follows one level of indirection;
+/// refuses loops, out-of-range indices and tables outside guest memory.
+fn chain_descs(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    size: u16,
+    head: u16,
+) -> Option<Vec<Desc>> {
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+    let (mut table, mut size, mut idx) = (table, u32::from(size), u32::from(head));
+    let mut indirect = false;
+    let mut out = Vec::new();
+    loop {
+        if idx >= size || out.len() >= size as usize {
+            return None;
+        }
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, table.checked_add(16 * u64::from(idx))?)
+            .ok()?;
+        let addr = u64::from_le_bytes(raw[0..8].try_into().ok()?);
+        let len = u32::from_le_bytes(raw[8..12].try_into().ok()?);
+        let flags = u16::from_le_bytes(raw[12..14].try_into().ok()?);
+        let next = u16::from_le_bytes(raw[14..16].try_into().ok()?);
+        if flags & INDIRECT != 0 {
+            if indirect || !out.is_empty() || len % 16 != 0 || len == 0 {
+                return None;
+            }
+            indirect = true;
+            table = GuestAddress(addr);
+            size = len / 16;
+            idx = 0;
+            continue;
+        }
+        out.push(Desc {
+            addr: GuestAddress(addr),
+            len,
+            writable: flags & WRITE != 0,
+        });
+        if flags & NEXT == 0 {
+            return Some(out);
+        }
+        idx = u32::from(next);
     }
 }
 

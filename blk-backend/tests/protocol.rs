@@ -518,3 +518,73 @@ fn requests_are_tracked_in_the_inflight_area() {
     assert!(area[per_queue..].iter().skip(16).all(|&x| x == 0));
     assert!(b.is_running(), "{}", b.output());
 }
+
+/// A backend that starts on the inflight area of one that died finds the
+/// requests that one had taken and not finished, and runs exactly those:
+/// not the one it finished, and nothing twice.
+#[test]
+fn requests_left_in_flight_by_a_dead_backend_are_run_once() {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Address, Bytes};
+    let img = image();
+    // What the finished request wrote, since overwritten on the host: a
+    // second run of it would bring back its bytes.
+    img.as_file().write_all_at(&[b'z'; 512], 16 * 512).unwrap();
+    let mut b = start(img.path(), &[]);
+    let mut c = BlkClient::connect_with(&mut b, 1, 8, 1 << 20, true)
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+    let (info, file) = {
+        let (i, f) = c
+            .dev
+            .inflight
+            .as_ref()
+            .expect("the inflight area is offered");
+        (*i, f.try_clone().unwrap())
+    };
+    // The state a backend leaves when it dies after taking three writes
+    // and finishing only the second: in the rings, and in the area.
+    let h1 = c.push(0, req::OUT, 8, &[b'a'; 512], 0).unwrap();
+    let h2 = c.push(0, req::OUT, 16, &[b'b'; 512], 0).unwrap();
+    let h3 = c.push(0, req::OUT, 24, &[b'c'; 512], 0).unwrap();
+    let used = c.queues[0].ring().addrs().used;
+    let mem = c.dev.mem.mem();
+    mem.write_obj(u32::from(h2).to_le(), used.unchecked_add(4))
+        .unwrap();
+    mem.write_obj(1u32.to_le(), used.unchecked_add(8)).unwrap();
+    mem.write_obj(1u16.to_le(), used.unchecked_add(2)).unwrap();
+    let desc = |head: u16| 16 + 16 * u64::from(head);
+    for (head, counter, inflight) in [(h1, 1u64, 1u8), (h2, 2, 0), (h3, 3, 1)] {
+        file.write_all_at(&[inflight], desc(head)).unwrap();
+        file.write_all_at(&counter.to_le_bytes(), desc(head) + 8)
+            .unwrap();
+    }
+    file.write_all_at(&h2.to_le_bytes(), 12).unwrap(); // last_batch_head
+    file.write_all_at(&1u16.to_le_bytes(), 14).unwrap(); // used_idx
+    assert_eq!(info.num_queues, 1);
+    c.queues[0].publish().unwrap();
+
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        let comp = c.queues[0]
+            .wait()
+            .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+        done.push(comp.token);
+        if comp.token != h2 {
+            assert_eq!(BlkClient::status(&comp).unwrap(), blk::S_OK);
+        }
+    }
+    assert_eq!(done, [h2, h1, h3], "the lost two in the order taken");
+    let used_idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
+    assert_eq!(u16::from_le(used_idx), 3, "nothing ran twice");
+    let mut sector = [0u8; 512];
+    for (s, want) in [(8u64, b'a'), (16, b'z'), (24, b'c')] {
+        img.as_file().read_exact_at(&mut sector, s * 512).unwrap();
+        assert!(sector.iter().all(|&x| x == want), "sector {s}");
+    }
+    let mut flag = [0u8; 1];
+    for head in [h1, h2, h3] {
+        file.read_exact_at(&mut flag, desc(head)).unwrap();
+        assert_eq!(flag[0], 0, "head {head} still marked in flight");
+    }
+    assert!(b.output().contains("resubmitting"), "{}", b.output());
+}
