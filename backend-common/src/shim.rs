@@ -226,6 +226,12 @@ fn answer_inflight(front: &UnixStream, m: &mut Message, slot: &InflightSlot) -> 
             reply.set_flags(FLAG_VERSION | FLAG_REPLY);
             reply.hdr[8..12].copy_from_slice(&24u32.to_le_bytes());
             write_message(front, &reply)?;
+            tracing::info!(
+                queues = nq,
+                queue_size = qs,
+                bytes = area.size,
+                "inflight area made for the frontend"
+            );
             if let Ok(mut s) = slot.lock() {
                 *s = Some(area);
             }
@@ -234,6 +240,12 @@ fn answer_inflight(front: &UnixStream, m: &mut Message, slot: &InflightSlot) -> 
         SET_INFLIGHT_FD => {
             let (size, nq, qs) = inflight_body(&m.body).ok_or(io::ErrorKind::InvalidData)?;
             if let (Some(fd), Ok(mut s)) = (m.fds.pop(), slot.lock()) {
+                tracing::info!(
+                    queues = nq,
+                    queue_size = qs,
+                    bytes = size,
+                    "inflight area taken from the frontend"
+                );
                 *s = Some(Inflight {
                     fd,
                     size,
