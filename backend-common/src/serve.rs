@@ -58,6 +58,10 @@ pub trait ConnectionHooks<T: VhostUserBackend> {
     fn ring_enable(&self) -> Option<crate::shim::RingEnableHook> {
         None
     }
+    /// With the shim: call this before each GET_VRING_BASE is answered.
+    fn ring_stop(&self) -> Option<crate::shim::RingStopHook> {
+        None
+    }
 }
 
 /// No hooks.
@@ -110,6 +114,7 @@ where
                     channel: hooks.backend_channel(),
                     inflight: hooks.inflight(),
                     ring_enable: hooks.ring_enable(),
+                    ring_stop: hooks.ring_stop(),
                 },
             )?)
         } else {

@@ -25,6 +25,7 @@ const SET_INFLIGHT_FD: u32 = 32;
 /// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
 const PROTOCOL_INFLIGHT: u64 = 0x1000;
 const SET_VRING_ENABLE: u32 = 18;
+const GET_VRING_BASE: u32 = 11;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -125,12 +126,19 @@ pub type ChannelSlot = std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>;
 /// multiqueue tap detaching a queue).
 pub type RingEnableHook = std::sync::Arc<dyn Fn(u32, bool) + Send + Sync>;
 
+/// Called with the ring index before a GET_VRING_BASE reaches the library,
+/// and returns once the backend has finished (and returned to the used
+/// ring) every request it took from that ring: the index the frontend gets
+/// back then covers everything done, and nothing completes behind it.
+pub type RingStopHook = std::sync::Arc<dyn Fn(u32) + Send + Sync>;
+
 /// What the shim does beyond relaying.
 #[derive(Default)]
 pub struct ShimHooks {
     pub channel: Option<ChannelSlot>,
     pub inflight: Option<InflightSlot>,
     pub ring_enable: Option<RingEnableHook>,
+    pub ring_stop: Option<RingStopHook>,
 }
 
 /// A SET_VRING_ENABLE's ring and state.
@@ -281,6 +289,7 @@ pub fn relay(front: UnixStream, back: UnixStream, hooks: ShimHooks) {
         channel,
         inflight,
         ring_enable,
+        ring_stop,
     } = hooks;
     let enabled = |m: &Message| {
         if let (Some(f), Some((i, on))) = (&ring_enable, ring_state(m)) {
@@ -340,6 +349,12 @@ pub fn relay(front: UnixStream, back: UnixStream, hooks: ShimHooks) {
                 if let (Ok(copy), Ok(mut s)) = (fd.try_clone(), slot.lock()) {
                     *s = Some(copy);
                 }
+            }
+        }
+        if req == GET_VRING_BASE {
+            let ring = m.body.get(0..4).and_then(|b| b.try_into().ok());
+            if let (Some(f), Some(b)) = (&ring_stop, ring) {
+                f(u32::from_le_bytes(b));
             }
         }
         if write_message(&back, &m).is_err() {

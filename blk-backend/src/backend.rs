@@ -442,7 +442,17 @@ pub struct BlkBackend {
     /// The inflight area the message shim keeps, and its mapping.
     inflight_slot: backend_common::shim::InflightSlot,
     inflight_map: Mutex<Option<InflightMap>>,
+    /// Per queue: the connection thread asking the queue's worker to
+    /// finish what it has in flight (before GET_VRING_BASE is answered).
+    stops: Vec<StopRequest>,
     pub faults: Faults,
+}
+
+/// See [`BlkBackend::stop_ring`].
+struct StopRequest {
+    event: vmm_sys_util::eventfd::EventFd,
+    pending: Mutex<bool>,
+    done: std::sync::Condvar,
 }
 
 impl BlkBackend {
@@ -456,6 +466,15 @@ impl BlkBackend {
         BlkBackend {
             disk,
             polls: engines.iter().map(|_| Poll::default()).collect(),
+            stops: engines
+                .iter()
+                .map(|_| StopRequest {
+                    event: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                        .expect("an eventfd"),
+                    pending: Mutex::new(false),
+                    done: std::sync::Condvar::new(),
+                })
+                .collect(),
             channel: Default::default(),
             inflight_slot: Default::default(),
             inflight_map: Mutex::new(None),
@@ -622,6 +641,12 @@ impl BlkBackend {
                 self.completion_event(q) as u64,
             )
             .map_err(io::Error::other)?;
+            h.register_listener(
+                self.stops[q].event.as_raw_fd(),
+                EventSet::IN,
+                self.stop_event(q) as u64,
+            )
+            .map_err(io::Error::other)?;
         }
         Ok(())
     }
@@ -637,6 +662,63 @@ impl BlkBackend {
 
     fn completion_event(&self, q: usize) -> usize {
         self.queues.len() + 1 + q
+    }
+
+    fn stop_event(&self, q: usize) -> usize {
+        2 * self.queues.len() + 1 + q
+    }
+
+    /// Called by the message shim before GET_VRING_BASE for ring `q` goes
+    /// to the library: has the queue's worker finish every request it has
+    /// in flight and return it to the used ring, and waits for that (at
+    /// most 30 s). Without it the frontend could be told a ring position
+    /// while writes it covers are still running, and their used entries
+    /// would land in a ring the frontend believes stopped.
+    pub fn stop_ring(&self, q: usize) {
+        let Some(stop) = self.stops.get(q) else {
+            return;
+        };
+        let mut pending = stop.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *pending = true;
+        if stop.event.write(1).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *pending {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(queue = q, "I/O still in flight when the ring was stopped");
+                *pending = false;
+                return;
+            }
+            pending = match stop.done.wait_timeout(pending, left) {
+                Ok((p, _)) => p,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    /// The worker's half of [`BlkBackend::stop_ring`].
+    fn finish_in_flight(&self, q: usize, vring: &VringRwLock) {
+        let _ = self.stops[q].event.read();
+        if let Ok(mut state) = self.queues[q].lock() {
+            let mut vstate = vring.get_mut();
+            let mut used = self.complete(q, &mut state, &mut vstate);
+            while state.in_flight() > 0 {
+                if let Err(e) = state.engine.wait() {
+                    warn!(queue = q, error = %e, "waiting for I/O in flight");
+                    break;
+                }
+                used |= self.complete(q, &mut state, &mut vstate);
+            }
+            drop(state);
+            if used {
+                let _ = self.notify(&mut vstate);
+            }
+        }
+        let stop = &self.stops[q];
+        *stop.pending.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        stop.done.notify_all();
     }
 
     /// One step of queue `q`: complete what the engine has finished, take
@@ -1218,6 +1300,10 @@ impl VhostUserBackend for BlkBackend {
                 "event for queue {q}, which does not exist"
             )));
         };
+        if usize::from(device_event) == self.stop_event(q) {
+            self.finish_in_flight(q, vring);
+            return Ok(());
+        }
         if usize::from(device_event) == self.completion_event(q) {
             if let Ok(s) = self.queues[q].lock() {
                 s.engine.clear_notifier();
@@ -1285,5 +1371,10 @@ impl backend_common::ConnectionHooks<Arc<BlkBackend>> for Hooks {
 
     fn inflight(&self) -> Option<backend_common::shim::InflightSlot> {
         Some(Arc::clone(&self.0.inflight_slot))
+    }
+
+    fn ring_stop(&self) -> Option<backend_common::shim::RingStopHook> {
+        let b = Arc::clone(&self.0);
+        Some(Arc::new(move |q| b.stop_ring(q as usize)))
     }
 }

@@ -588,3 +588,42 @@ fn requests_left_in_flight_by_a_dead_backend_are_run_once() {
     }
     assert!(b.output().contains("resubmitting"), "{}", b.output());
 }
+
+/// GET_VRING_BASE is answered only once every request taken from the ring
+/// is finished and in the used ring: the position the frontend gets back
+/// covers exactly what was done.
+#[test]
+fn get_vring_base_waits_for_io_in_flight() {
+    use vhost::VhostBackend;
+    use vm_memory::{Address, Bytes};
+    // O_DIRECT on a real disk, so the writes take a while.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(IMAGE)
+        .unwrap();
+    let mut b = start(&path, &["--direct"]);
+    let mut c = BlkClient::connect(&mut b, 1, 16, 1 << 20)
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+    for i in 0..16u64 {
+        c.push(0, req::OUT, i * 2048, &vec![i as u8 + 1; 1 << 20], 0)
+            .unwrap();
+    }
+    c.queues[0].publish().unwrap();
+    let used_at = c.queues[0].ring().addrs().used.unchecked_add(2);
+    let base = c
+        .dev
+        .frontend()
+        .get_vring_base(0)
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
+    let used = u16::from_le(c.dev.mem.mem().read_obj::<u16>(used_at).unwrap());
+    eprintln!("GET_VRING_BASE: {base} taken, {used} used");
+    assert!(base > 0, "the backend took nothing before the ring stopped");
+    assert_eq!(
+        u32::from(used),
+        base,
+        "requests still in flight at the reply"
+    );
+    assert!(b.is_running(), "{}", b.output());
+}
