@@ -12,12 +12,14 @@
 //!   into calls on a device;
 //! - [`vhost_user`]: that device as a vhost-user backend, with each queue's
 //!   notify an ioeventfd and each interrupt an irqfd;
-//! - [`acpi`]: RSDP, XSDT, FADT, MADT and a DSDT with the virtio devices.
+//! - [`acpi`]: RSDP, XSDT, FADT, MADT and a DSDT with the virtio devices;
+//! - [`api`]: the control API (status, pause, resume, shutdown) on a Unix
+//!   socket.
 //!
-//! Not yet: reconnect, ACPI tables, the
-//! the control API, seccomp.
+//! Not yet: reconnect, seccomp.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod cpu;
 pub mod machine;

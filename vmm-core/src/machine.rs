@@ -4,8 +4,10 @@
 //! programs). Everything else will be a vhost-user device.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -87,6 +89,156 @@ pub enum Stop {
     Halted,
     /// KVM could not go on (an entry failure, an emulation error).
     Failed(String),
+    /// Asked to stop through [`Control::shutdown`] (the control API).
+    Requested,
+}
+
+/// Pausing, resuming and stopping the vCPUs from another thread (the
+/// control API). A vCPU looks at it between exits; a vCPU inside KVM_RUN
+/// (running guest code, or halted in the kernel) is kicked out with a
+/// signal, sent again every millisecond until it has parked, since one
+/// that arrives just before it enters KVM_RUN is not seen there.
+pub struct Control {
+    attention: AtomicBool,
+    state: Mutex<RunState>,
+    changed: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+#[derive(Default)]
+struct RunState {
+    pause: bool,
+    shutdown: bool,
+    parked: usize,
+    running: usize,
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN; its handler does nothing.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+impl Control {
+    fn new() -> Arc<Self> {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            // SAFETY: a handler that does nothing, installed without
+            // SA_RESTART so that KVM_RUN returns EINTR.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as *const () as usize;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+            }
+        });
+        Arc::new(Control {
+            attention: AtomicBool::new(false),
+            state: Mutex::new(RunState::default()),
+            changed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kick(&self) {
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // SAFETY: signalling a vCPU thread of this process, which
+            // exists until the process ends (they are never joined).
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+
+    /// Whether the vCPUs are paused (all parked).
+    pub fn is_paused(&self) -> bool {
+        let s = self.lock();
+        s.pause && s.parked == s.running
+    }
+
+    /// Stop every vCPU between two instructions; returns once all are
+    /// parked, or an error after `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        if s.shutdown {
+            return Err("the VM is shutting down".into());
+        }
+        s.pause = true;
+        self.attention.store(true, Ordering::SeqCst);
+        while s.parked < s.running {
+            drop(s);
+            self.kick();
+            s = self.lock();
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} of {} vCPUs paused after {timeout:?}",
+                    s.parked, s.running
+                ));
+            }
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(1))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        Ok(())
+    }
+
+    /// Let paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.pause = false;
+        self.attention.store(s.shutdown, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// End the VM: every vCPU stops with [`Stop::Requested`].
+    pub fn shutdown(&self) {
+        let mut s = self.lock();
+        s.shutdown = true;
+        s.pause = false;
+        self.attention.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+        drop(s);
+        self.kick();
+    }
+
+    /// A vCPU thread starting.
+    fn enter(&self) {
+        // SAFETY: pthread_self cannot fail.
+        let me = unsafe { libc::pthread_self() };
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(me);
+        self.lock().running += 1;
+    }
+
+    /// Between exits: park while paused; whether to stop for good.
+    fn checkpoint(&self) -> bool {
+        if !self.attention.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut s = self.lock();
+        if s.pause && !s.shutdown {
+            s.parked += 1;
+            self.changed.notify_all();
+            while s.pause && !s.shutdown {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.parked -= 1;
+        }
+        s.shutdown
+    }
 }
 
 /// The UART's interrupt line: an eventfd bound to IRQ 4 by an irqfd.
@@ -109,6 +261,7 @@ pub struct Machine {
     vcpus: Vec<VcpuFd>,
     uart: Arc<Mutex<Uart>>,
     mmio: Vec<(MmioSlot, Mutex<MmioTransport<VhostUserDevice>>)>,
+    control: Arc<Control>,
 }
 
 impl Machine {
@@ -166,6 +319,7 @@ impl Machine {
             vcpus,
             uart,
             mmio: Vec::new(),
+            control: Control::new(),
         })
     }
 
@@ -234,6 +388,11 @@ impl Machine {
         &self.mmio
     }
 
+    /// Pause, resume and shut down the VM from another thread.
+    pub fn control(&self) -> Arc<Control> {
+        Arc::clone(&self.control)
+    }
+
     /// Run every vCPU on a thread of its own until the first one stops the
     /// VM, and say why. (The others are left in KVM_RUN: the VM is over.)
     pub fn run(self) -> Stop {
@@ -244,11 +403,13 @@ impl Machine {
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
             let uart = Arc::clone(&self.uart);
             let mmio = Arc::clone(&mmio);
+            let control = Arc::clone(&self.control);
             let tx = tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
-                    let stop = vcpu_loop(i, vcpu, &uart, &mmio);
+                    control.enter();
+                    let stop = vcpu_loop(i, vcpu, &uart, &mmio, &control);
                     let _ = tx.send(stop);
                 });
             match t {
@@ -276,8 +437,17 @@ fn mmio_at(mmio: &MmioDevices, addr: u64) -> Option<(&Mutex<MmioTransport<VhostU
     })
 }
 
-fn vcpu_loop(index: usize, mut vcpu: VcpuFd, uart: &Mutex<Uart>, mmio: &MmioDevices) -> Stop {
+fn vcpu_loop(
+    index: usize,
+    mut vcpu: VcpuFd,
+    uart: &Mutex<Uart>,
+    mmio: &MmioDevices,
+    control: &Control,
+) -> Stop {
     loop {
+        if control.checkpoint() {
+            return Stop::Requested;
+        }
         let exit = match vcpu.run() {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,

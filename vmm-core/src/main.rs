@@ -44,7 +44,7 @@ struct Args {
     /// socket=PATH[,queues=N] (the MAC is the backend's config space).
     #[arg(long, value_name = "SPEC", value_parser = parse_device)]
     net: Vec<DeviceSpec>,
-    /// The JSON control API's socket (not yet).
+    /// The JSON control API's socket: status, pause, resume, shutdown.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace).
@@ -152,9 +152,6 @@ fn main() -> ExitCode {
 }
 
 fn run(a: Args) -> Result<ExitCode, String> {
-    if a.api_socket.is_some() {
-        return Err("the control API is not implemented in vmm-core yet (issue 6)".into());
-    }
     let err = |e: &dyn std::error::Error| chain(e);
     let ram = GuestRam::new(a.memory).map_err(|e| err(&e))?;
     let console: Box<dyn Write + Send> = match &a.serial {
@@ -186,6 +183,26 @@ fn run(a: Args) -> Result<ExitCode, String> {
             " virtio_mmio.device=4K@{:#x}:{}",
             slot.base, slot.irq
         ));
+    }
+    if let Some(path) = &a.api_socket {
+        let devices = a
+            .net
+            .iter()
+            .map(|d| ("net", d))
+            .chain(a.blk.iter().map(|d| ("blk", d)))
+            .chain(a.fs.iter().map(|d| ("fs", d)))
+            .map(|(kind, d)| vmm_core::api::DeviceInfo {
+                kind,
+                socket: d.socket.clone(),
+            })
+            .collect();
+        let info = vmm_core::api::VmInfo {
+            vcpus: a.cpus,
+            memory: a.memory,
+            devices,
+        };
+        vmm_core::api::serve(path, m.control(), info)
+            .map_err(|e| format!("control API socket {}: {e}", path.display()))?;
     }
     let rsdp = vmm_core::acpi::write_tables(&mem, a.cpus, &slots)?;
     let entry = boot::load_linux(
@@ -223,6 +240,10 @@ fn run(a: Args) -> Result<ExitCode, String> {
         Stop::Shutdown => {
             eprintln!("vmm-core: the guest triple-faulted");
             ExitCode::from(1)
+        }
+        Stop::Requested => {
+            eprintln!("vmm-core: shut down through the control API");
+            ExitCode::SUCCESS
         }
         Stop::Failed(why) => {
             eprintln!("vmm-core: {why}");

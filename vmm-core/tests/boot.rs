@@ -170,7 +170,7 @@ fn bad_kernels_memory_and_devices_are_clear_errors() {
     }
     fails_with(&["--kernel", junk, "--blk", "path=/x"], "socket=PATH");
     fails_with(
-        &["--kernel", junk, "--api-socket", "/tmp/api.sock"],
-        "not implemented in vmm-core yet",
+        &["--kernel", junk, "--api-socket", "/nonexistent/api.sock"],
+        "control API socket /nonexistent/api.sock",
     );
 }
