@@ -73,6 +73,19 @@ pub fn install(allowed: &[c_long], action: Action) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// Install a filter allowing only `allowed` on the calling thread alone
+/// (and the threads it starts from now on): for a process whose threads
+/// have different roles, each with its own list.
+pub fn install_thread(allowed: &[c_long], action: Action) -> Result<(), SeccompError> {
+    let mismatch = match action {
+        Action::Kill => SeccompAction::KillProcess,
+        Action::Log => SeccompAction::Log,
+        Action::None => return Ok(()),
+    };
+    let prog = compile(allowed, mismatch)?;
+    seccompiler::apply_filter(&prog).map_err(SeccompError::Install)
+}
+
 fn compile(allowed: &[c_long], mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
     let arch = std::env::consts::ARCH;
     let arch = TargetArch::try_from(arch).map_err(|e| SeccompError::Arch(arch, e))?;

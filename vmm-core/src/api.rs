@@ -40,7 +40,14 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Listen on `path` (a stale socket left by a dead vmm-core is replaced;
 /// a live one is an error) and serve requests on a thread of their own.
-pub fn serve(path: &Path, control: Arc<Control>, info: VmInfo) -> std::io::Result<()> {
+/// The listener thread puts itself (and so the connection threads it
+/// starts) under the API role's seccomp filter.
+pub fn serve(
+    path: &Path,
+    control: Arc<Control>,
+    info: VmInfo,
+    seccomp: backend_common::seccomp::Action,
+) -> std::io::Result<()> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
@@ -54,6 +61,10 @@ pub fn serve(path: &Path, control: Arc<Control>, info: VmInfo) -> std::io::Resul
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Api, seccomp) {
+                tracing::error!("{e}; the control API is off");
+                return;
+            }
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let control = Arc::clone(&control);

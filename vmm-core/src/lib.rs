@@ -14,9 +14,10 @@
 //!   notify an ioeventfd and each interrupt an irqfd;
 //! - [`acpi`]: RSDP, XSDT, FADT, MADT and a DSDT with the virtio devices;
 //! - [`api`]: the control API (status, pause, resume, shutdown) on a Unix
-//!   socket.
+//!   socket;
+//! - [`seccomp`]: an allowlist per thread role.
 //!
-//! Not yet: reconnect, seccomp.
+//! Not yet: reconnect.
 
 pub mod acpi;
 pub mod api;
@@ -24,5 +25,6 @@ pub mod boot;
 pub mod cpu;
 pub mod machine;
 pub mod memory;
+pub mod seccomp;
 pub mod vhost_user;
 pub mod virtio_mmio;

@@ -262,6 +262,7 @@ pub struct Machine {
     uart: Arc<Mutex<Uart>>,
     mmio: Vec<(MmioSlot, Mutex<MmioTransport<VhostUserDevice>>)>,
     control: Arc<Control>,
+    seccomp: backend_common::seccomp::Action,
 }
 
 impl Machine {
@@ -320,6 +321,7 @@ impl Machine {
             uart,
             mmio: Vec::new(),
             control: Control::new(),
+            seccomp: backend_common::seccomp::Action::None,
         })
     }
 
@@ -388,6 +390,13 @@ impl Machine {
         &self.mmio
     }
 
+    /// Have `run` put each thread under its role's seccomp filter
+    /// ([`crate::seccomp`]) once it starts: the vCPU threads on
+    /// themselves, the calling thread once they are started.
+    pub fn set_seccomp(&mut self, action: backend_common::seccomp::Action) {
+        self.seccomp = action;
+    }
+
     /// Pause, resume and shut down the VM from another thread.
     pub fn control(&self) -> Arc<Control> {
         Arc::clone(&self.control)
@@ -404,12 +413,16 @@ impl Machine {
             let uart = Arc::clone(&self.uart);
             let mmio = Arc::clone(&mmio);
             let control = Arc::clone(&self.control);
+            let seccomp = self.seccomp;
             let tx = tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
                     control.enter();
-                    let stop = vcpu_loop(i, vcpu, &uart, &mmio, &control);
+                    let stop = match crate::seccomp::install(crate::seccomp::Role::Vcpu, seccomp) {
+                        Ok(()) => vcpu_loop(i, vcpu, &uart, &mmio, &control),
+                        Err(e) => Stop::Failed(e),
+                    };
                     let _ = tx.send(stop);
                 });
             match t {
@@ -418,6 +431,10 @@ impl Machine {
             }
         }
         drop(tx);
+        if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Vmm, self.seccomp) {
+            self.control.shutdown();
+            return Stop::Failed(e);
+        }
         let stop = rx
             .recv()
             .unwrap_or_else(|_| Stop::Failed("every vCPU thread ended".into()));

@@ -47,6 +47,10 @@ struct Args {
     /// The JSON control API's socket: status, pause, resume, shutdown.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// What a thread's seccomp filter does with a syscall outside its
+    /// role's allowlist: kill the process, log it, or no filter at all.
+    #[arg(long, value_enum, default_value_t = backend_common::seccomp::Action::Kill)]
+    seccomp: backend_common::seccomp::Action,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -201,7 +205,7 @@ fn run(a: Args) -> Result<ExitCode, String> {
             memory: a.memory,
             devices,
         };
-        vmm_core::api::serve(path, m.control(), info)
+        vmm_core::api::serve(path, m.control(), info, a.seccomp)
             .map_err(|e| format!("control API socket {}: {e}", path.display()))?;
     }
     let rsdp = vmm_core::acpi::write_tables(&mem, a.cpus, &slots)?;
@@ -217,7 +221,12 @@ fn run(a: Args) -> Result<ExitCode, String> {
         .map_err(|e| err(&e))?;
     if matches!(a.serial, Serial::Stdio) {
         let input = m.console_input();
+        let seccomp = a.seccomp;
         std::thread::spawn(move || {
+            if let Err(e) = vmm_core::seccomp::install(vmm_core::seccomp::Role::Vmm, seccomp) {
+                eprintln!("vmm-core: {e}; no console input");
+                return;
+            }
             let mut b = [0u8; 64];
             let mut stdin = std::io::stdin();
             while let Ok(n) = stdin.read(&mut b) {
@@ -228,6 +237,7 @@ fn run(a: Args) -> Result<ExitCode, String> {
             }
         });
     }
+    m.set_seccomp(a.seccomp);
     let stop = m.run();
     let _ = std::io::stdout().flush();
     Ok(match stop {

@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backend_common::seccomp::Action;
 use serde_json::Value;
 use vmm_core::api::{DeviceInfo, VmInfo};
 use vmm_core::cpu;
@@ -85,7 +86,7 @@ fn pause_resume_status_and_shutdown_through_the_socket() {
             socket: "/run/blk0.sock".into(),
         }],
     };
-    vmm_core::api::serve(&sock, m.control(), info).unwrap();
+    vmm_core::api::serve(&sock, m.control(), info, Action::Kill).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(m.run()).unwrap());
     console.wait_longer_than(0);
@@ -136,6 +137,7 @@ fn pause_resume_status_and_shutdown_through_the_socket() {
             memory: 2 << 20,
             devices: Vec::new(),
         },
+        Action::Kill,
     );
     assert!(again.is_err(), "a live API socket was taken over");
 

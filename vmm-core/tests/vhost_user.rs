@@ -209,6 +209,9 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
     let mem = ram.mem.clone();
     let dev = VhostUserDevice::connect(&sock, 2, &ram.mem, 1, 256).expect("connects");
     let mut m = Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
+    // The vCPU drives the device (vhost-user messages, ioeventfd and irqfd
+    // set-up) under its seccomp filter, as in the binary.
+    m.set_seccomp(backend_common::seccomp::Action::Kill);
     let slot = m.add_virtio_mmio(dev).unwrap();
     let notify_exits = std::sync::Arc::clone(&m.mmio_devices()[0].1.lock().unwrap().notify_exits);
     prepare_read(&mem);
