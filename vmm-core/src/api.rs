@@ -33,6 +33,8 @@ pub struct DeviceInfo {
     /// fs, blk or net.
     pub kind: &'static str,
     pub socket: PathBuf,
+    /// Times the device reconnected to a restarted backend.
+    pub reconnects: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long `pause` waits for every vCPU to stop.
@@ -124,7 +126,7 @@ pub fn answer(line: &str, control: &Control, info: &VmInfo) -> Value {
             "devices": info.devices.iter().map(|d| json!({
                 "kind": d.kind,
                 "socket": d.socket.display().to_string(),
-                "reconnects": 0,
+                "reconnects": d.reconnects.load(std::sync::atomic::Ordering::Relaxed),
             })).collect::<Vec<_>>(),
         }),
         "pause" => match control.pause(PAUSE_TIMEOUT) {
@@ -139,7 +141,11 @@ pub fn answer(line: &str, control: &Control, info: &VmInfo) -> Value {
             control.shutdown();
             json!({"ok": true, "state": "shutting down"})
         }
-        "reconnect" => fail("reconnecting a device is not implemented yet (issue 6)".into()),
+        "reconnect" => fail(
+            "devices reconnect by themselves when their backend hangs up; \
+             there is nothing to ask for"
+                .into(),
+        ),
         other => fail(format!(
             "unknown command `{other}` (status, pause, resume, shutdown)"
         )),

@@ -17,7 +17,8 @@
 //!   socket;
 //! - [`seccomp`]: an allowlist per thread role.
 //!
-//! Not yet: reconnect.
+//! A backend that hangs up is reconnected when it serves again
+//! ([`vhost_user::VhostUserDevice::reconnect`]). Not yet: the inflight area.
 
 pub mod acpi;
 pub mod api;

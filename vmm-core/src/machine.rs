@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::cpu;
 use crate::memory::GuestRam;
 use crate::vhost_user::VhostUserDevice;
-use crate::virtio_mmio::{self, MmioTransport};
+use crate::virtio_mmio::{self, MmioTransport, VirtioDevice};
 
 /// Where virtio-mmio devices go (in the 32-bit hole), one 4 KiB window each.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -263,6 +263,7 @@ pub struct Machine {
     mmio: Vec<(MmioSlot, Mutex<MmioTransport<VhostUserDevice>>)>,
     control: Arc<Control>,
     seccomp: backend_common::seccomp::Action,
+    reconnect_wait: Duration,
 }
 
 impl Machine {
@@ -322,6 +323,7 @@ impl Machine {
             mmio: Vec::new(),
             control: Control::new(),
             seccomp: backend_common::seccomp::Action::None,
+            reconnect_wait: Duration::from_secs(30),
         })
     }
 
@@ -397,6 +399,13 @@ impl Machine {
         self.seccomp = action;
     }
 
+    /// How long a device waits for its backend to serve again after the
+    /// backend hung up (default 30 s); after that the device stays down and
+    /// the VM runs on without it.
+    pub fn set_reconnect_wait(&mut self, wait: Duration) {
+        self.reconnect_wait = wait;
+    }
+
     /// Pause, resume and shut down the VM from another thread.
     pub fn control(&self) -> Arc<Control> {
         Arc::clone(&self.control)
@@ -431,6 +440,16 @@ impl Machine {
             }
         }
         drop(tx);
+        if !mmio.is_empty() {
+            let mmio = Arc::clone(&mmio);
+            let (seccomp, wait) = (self.seccomp, self.reconnect_wait);
+            let t = std::thread::Builder::new()
+                .name("devices".into())
+                .spawn(move || watch_backends(&mmio, seccomp, wait));
+            if let Err(e) = t {
+                return Stop::Failed(format!("starting the device watcher: {e}"));
+            }
+        }
         if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Vmm, self.seccomp) {
             self.control.shutdown();
             return Stop::Failed(e);
@@ -443,6 +462,59 @@ impl Machine {
         }
         std::mem::forget(self.ram);
         stop
+    }
+}
+
+/// Watch every device's backend socket; when one hangs up, reconnect it
+/// (see [`VhostUserDevice::reconnect`]) while the VM runs on. A device
+/// whose backend does not come back within `wait` stays down; it is tried
+/// again if its socket is served later.
+fn watch_backends(mmio: &MmioDevices, seccomp: backend_common::seccomp::Action, wait: Duration) {
+    if let Err(e) = crate::seccomp::install(crate::seccomp::Role::Devices, seccomp) {
+        warn!("{e}; backends will not be reconnected");
+        return;
+    }
+    // Devices whose backend did not come back in time: tried once a round.
+    let mut down = vec![false; mmio.len()];
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        for (n, (slot, dev)) in mmio.iter().enumerate() {
+            let Some((hung_up, socket, queues)) = dev.lock().ok().map(|d| {
+                (
+                    d.device.hung_up(),
+                    d.device.socket().to_path_buf(),
+                    d.device.num_queues(),
+                )
+            }) else {
+                continue;
+            };
+            if !hung_up {
+                continue;
+            }
+            if !down[n] {
+                warn!(base = slot.base, socket = %socket.display(), "backend hung up; waiting for it to serve again");
+            }
+            // Wait without holding the device: its registers stay usable
+            // (a vCPU touching them meanwhile gets no backend's answer).
+            let h = crate::vhost_user::wait_for_backend(
+                &socket,
+                queues,
+                if down[n] { Duration::ZERO } else { wait },
+            );
+            let r = h.and_then(|h| match dev.lock() {
+                Ok(mut d) => d.device.adopt(h),
+                Err(_) => Err("the device's lock is poisoned".into()),
+            });
+            match r {
+                Ok(()) => down[n] = false,
+                Err(e) => {
+                    if !down[n] {
+                        warn!(base = slot.base, socket = %socket.display(), "{e}; the device stays down");
+                    }
+                    down[n] = true;
+                }
+            }
+        }
     }
 }
 

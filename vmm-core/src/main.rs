@@ -51,6 +51,11 @@ struct Args {
     /// role's allowlist: kill the process, log it, or no filter at all.
     #[arg(long, value_enum, default_value_t = backend_common::seccomp::Action::Kill)]
     seccomp: backend_common::seccomp::Action,
+    /// How long a device waits for its backend to serve again after it hung
+    /// up, in milliseconds; then the device stays down (and is tried again
+    /// whenever its socket is served later).
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    reconnect_wait_ms: u64,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -176,9 +181,11 @@ fn run(a: Args) -> Result<ExitCode, String> {
         .chain(a.fs.iter().map(|d| (26, 2, d)));
     let mut cmdline = a.cmdline.clone();
     let mut slots = Vec::new();
+    let mut counters = Vec::new();
     for (kind, queues, d) in devices {
         let dev = VhostUserDevice::connect(&d.socket, kind, &mem, d.queues.unwrap_or(queues), 256)
             .map_err(|e| err(&e))?;
+        counters.push(dev.reconnect_counter());
         let slot = m.add_virtio_mmio(dev).map_err(|e| err(&e))?;
         slots.push(slot);
         // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; the others
@@ -195,9 +202,11 @@ fn run(a: Args) -> Result<ExitCode, String> {
             .map(|d| ("net", d))
             .chain(a.blk.iter().map(|d| ("blk", d)))
             .chain(a.fs.iter().map(|d| ("fs", d)))
-            .map(|(kind, d)| vmm_core::api::DeviceInfo {
+            .zip(counters)
+            .map(|((kind, d), reconnects)| vmm_core::api::DeviceInfo {
                 kind,
                 socket: d.socket.clone(),
+                reconnects,
             })
             .collect();
         let info = vmm_core::api::VmInfo {
@@ -238,6 +247,7 @@ fn run(a: Args) -> Result<ExitCode, String> {
         });
     }
     m.set_seccomp(a.seccomp);
+    m.set_reconnect_wait(std::time::Duration::from_millis(a.reconnect_wait_ms));
     let stop = m.run();
     let _ = std::io::stdout().flush();
     Ok(match stop {

@@ -21,6 +21,8 @@ pub enum Role {
     Vcpu,
     /// The control API's listener and connection threads.
     Api,
+    /// The thread that watches the backends' sockets and reconnects.
+    Devices,
 }
 
 /// What every role needs: the Rust runtime, locks, logging, time.
@@ -73,6 +75,18 @@ const VCPU: &[c_long] = &[
     libc::SYS_eventfd2,
 ];
 
+const DEVICES: &[c_long] = &[
+    // A new connection to a restarted backend, and the replayed messages.
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
 const API: &[c_long] = &[
     libc::SYS_accept4,
     libc::SYS_recvfrom,
@@ -89,6 +103,7 @@ pub fn allowlist(role: Role) -> Vec<c_long> {
         Role::Vmm => &[],
         Role::Vcpu => VCPU,
         Role::Api => API,
+        Role::Devices => DEVICES,
     });
     v.sort_unstable();
     v.dedup();

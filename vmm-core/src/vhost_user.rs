@@ -4,12 +4,16 @@
 //! kick and call are eventfds the VMM binds to KVM (an ioeventfd on the
 //! queue's notify register, an irqfd on the device's interrupt).
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio_mmio::{QueueConfig, VirtioDevice, VERSION_1};
@@ -34,6 +38,62 @@ pub enum VuError {
     EventFd(#[source] std::io::Error),
 }
 
+/// Connect and negotiate: the frontend, the backend's features, the
+/// protocol features agreed and the number of queues.
+fn handshake(socket: &Path, default_queues: usize) -> Result<Handshake, VuError> {
+    let err = |step: &'static str| {
+        let socket = socket.to_path_buf();
+        move |e: vhost::Error| VuError::Protocol {
+            socket,
+            step,
+            detail: e.to_string(),
+        }
+    };
+    let mut fe = Frontend::connect(socket, 64).map_err(err("connecting"))?;
+    fe.set_owner().map_err(err("SET_OWNER"))?;
+    let backend_features = fe.get_features().map_err(err("GET_FEATURES"))?;
+    if backend_features & VERSION_1 == 0 {
+        return Err(VuError::NotModern {
+            socket: socket.to_path_buf(),
+        });
+    }
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    let mut queues = default_queues;
+    if backend_features & PROTOCOL_FEATURES != 0 {
+        let offered = fe
+            .get_protocol_features()
+            .map_err(err("GET_PROTOCOL_FEATURES"))?;
+        protocol = offered
+            & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::RESET_DEVICE);
+        fe.set_protocol_features(protocol)
+            .map_err(err("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            queues = fe.get_queue_num().map_err(err("GET_QUEUE_NUM"))? as usize;
+        }
+    }
+    Ok((fe, backend_features, protocol, queues))
+}
+
+/// A new connection, negotiated: see [`handshake`].
+pub type Handshake = (Frontend, u64, VhostUserProtocolFeatures, usize);
+
+/// Connect to `socket` and negotiate, trying every 50 ms for up to `wait`.
+pub fn wait_for_backend(socket: &Path, queues: usize, wait: Duration) -> Result<Handshake, String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match handshake(socket, queues) {
+            Ok(h) => return Ok(h),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("not served again within {wait:?}: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// One vhost-user device.
 pub struct VhostUserDevice {
     socket: PathBuf,
@@ -48,6 +108,9 @@ pub struct VhostUserDevice {
     started: bool,
     /// The queues the last activation started.
     running: Vec<usize>,
+    /// What the driver set up, replayed on a new connection.
+    activation: Option<(u64, Vec<(usize, QueueConfig)>)>,
+    reconnects: Arc<AtomicU64>,
     /// The last activation's failure, for the VMM to report.
     pub last_error: Option<String>,
 }
@@ -62,39 +125,7 @@ impl VhostUserDevice {
         default_queues: usize,
         queue_max: u16,
     ) -> Result<Self, VuError> {
-        let err = |step: &'static str| {
-            let socket = socket.to_path_buf();
-            move |e: vhost::Error| VuError::Protocol {
-                socket,
-                step,
-                detail: e.to_string(),
-            }
-        };
-        let mut fe = Frontend::connect(socket, 64).map_err(err("connecting"))?;
-        fe.set_owner().map_err(err("SET_OWNER"))?;
-        let backend_features = fe.get_features().map_err(err("GET_FEATURES"))?;
-        if backend_features & VERSION_1 == 0 {
-            return Err(VuError::NotModern {
-                socket: socket.to_path_buf(),
-            });
-        }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        let mut queues = default_queues;
-        if backend_features & PROTOCOL_FEATURES != 0 {
-            let offered = fe
-                .get_protocol_features()
-                .map_err(err("GET_PROTOCOL_FEATURES"))?;
-            protocol = offered
-                & (VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::RESET_DEVICE);
-            fe.set_protocol_features(protocol)
-                .map_err(err("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::MQ) {
-                queues = fe.get_queue_num().map_err(err("GET_QUEUE_NUM"))? as usize;
-            }
-        }
+        let (fe, backend_features, protocol, queues) = handshake(socket, default_queues)?;
         let ev = || EventFd::new(libc::EFD_NONBLOCK).map_err(VuError::EventFd);
         let kicks = (0..queues).map(|_| ev()).collect::<Result<_, _>>()?;
         let calls = (0..queues).map(|_| ev()).collect::<Result<_, _>>()?;
@@ -110,8 +141,80 @@ impl VhostUserDevice {
             calls,
             started: false,
             running: Vec::new(),
+            activation: None,
+            reconnects: Arc::new(AtomicU64::new(0)),
             last_error: None,
         })
+    }
+
+    /// How many times this device reconnected to its backend.
+    pub fn reconnect_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.reconnects)
+    }
+
+    /// Whether the backend has hung up its end of the socket.
+    pub fn hung_up(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.frontend.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+    }
+
+    /// Connect to the backend again (a restarted process on the same
+    /// socket), waiting up to `wait` for it to serve, and replay what the
+    /// driver had set up: features, memory table, and for each running
+    /// queue its size, addresses, base (the used index in guest memory:
+    /// what the dead backend finished), call and kick eventfds (the same
+    /// ones KVM has bound, so nothing changes on the guest's side) and
+    /// enable. A kick the guest sent meanwhile is still pending on the
+    /// eventfd, so the new backend finds the request at once.
+    pub fn reconnect(&mut self, wait: Duration) -> Result<(), String> {
+        tracing::warn!(socket = %self.socket.display(), "backend hung up; waiting for it to serve again");
+        let h = wait_for_backend(&self.socket, self.kicks.len(), wait)?;
+        self.adopt(h)
+    }
+
+    /// Take a new connection ([`wait_for_backend`]) and replay the device's
+    /// state onto it (see [`VhostUserDevice::reconnect`]).
+    pub fn adopt(&mut self, h: Handshake) -> Result<(), String> {
+        let sock = self.socket.display().to_string();
+        let (fe, features, protocol, queues) = h;
+        tracing::info!(socket = %sock, "connected again; features and protocol features negotiated");
+        if features != self.backend_features || queues != self.kicks.len() {
+            return Err(format!(
+                "the new backend offers features {features:#x} and {queues} queues, \
+                 the old one {:#x} and {}",
+                self.backend_features,
+                self.kicks.len()
+            ));
+        }
+        self.frontend = fe;
+        self.protocol = protocol;
+        if let Some((driver_features, queues)) = self.activation.clone() {
+            let bases = queues
+                .iter()
+                .map(|(_, q)| {
+                    self.mem
+                        .read_obj::<u16>(GuestAddress(q.device + 2))
+                        .map(u16::from_le)
+                        .map_err(|e| format!("reading a used index: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.start(driver_features, &queues, &bases)?;
+            tracing::info!(
+                socket = %sock,
+                queues = queues.len(),
+                ?bases,
+                "memory table, rings (bases from the used indexes), eventfds replayed"
+            );
+        }
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(socket = %sock, "backend reconnected");
+        Ok(())
     }
 
     /// The eventfd the backend waits on for queue `q` (bind it to the
@@ -130,7 +233,12 @@ impl VhostUserDevice {
         &self.socket
     }
 
-    fn start(&mut self, features: u64, queues: &[(usize, QueueConfig)]) -> Result<(), String> {
+    fn start(
+        &mut self,
+        features: u64,
+        queues: &[(usize, QueueConfig)],
+        bases: &[u16],
+    ) -> Result<(), String> {
         let step = |s: &'static str| move |e: vhost::Error| format!("{s}: {e}");
         let fe = &mut self.frontend;
         fe.set_features(features | (self.backend_features & PROTOCOL_FEATURES))
@@ -141,7 +249,8 @@ impl VhostUserDevice {
             .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|e| e.to_string()))
             .collect::<Result<_, _>>()?;
         fe.set_mem_table(&regions).map_err(step("SET_MEM_TABLE"))?;
-        for &(i, q) in queues {
+        for (n, &(i, q)) in queues.iter().enumerate() {
+            let base = bases.get(n).copied().unwrap_or(0);
             let (Some(kick), Some(call)) = (self.kicks.get(i), self.calls.get(i)) else {
                 return Err(format!(
                     "queue {i}: the backend has {} queues",
@@ -169,7 +278,7 @@ impl VhostUserDevice {
             };
             fe.set_vring_num(i, q.size).map_err(step("SET_VRING_NUM"))?;
             fe.set_vring_addr(i, &cfg).map_err(step("SET_VRING_ADDR"))?;
-            fe.set_vring_base(i, 0).map_err(step("SET_VRING_BASE"))?;
+            fe.set_vring_base(i, base).map_err(step("SET_VRING_BASE"))?;
             fe.set_vring_call(i, call).map_err(step("SET_VRING_CALL"))?;
             fe.set_vring_kick(i, kick).map_err(step("SET_VRING_KICK"))?;
             if self.backend_features & PROTOCOL_FEATURES != 0 {
@@ -231,8 +340,9 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn activate(&mut self, features: u64, queues: &[(usize, QueueConfig)]) -> Result<(), String> {
-        let r = self.start(features, queues);
+        let r = self.start(features, queues, &[]);
         self.started = r.is_ok();
+        self.activation = r.is_ok().then(|| (features, queues.to_vec()));
         self.running = queues.iter().map(|&(i, _)| i).collect();
         if let Err(e) = &r {
             self.last_error = Some(e.clone());
@@ -245,6 +355,7 @@ impl VirtioDevice for VhostUserDevice {
             return;
         }
         self.started = false;
+        self.activation = None;
         for i in std::mem::take(&mut self.running) {
             if self.backend_features & PROTOCOL_FEATURES != 0 {
                 let _ = self.frontend.set_vring_enable(i, false);

@@ -84,6 +84,7 @@ fn pause_resume_status_and_shutdown_through_the_socket() {
         devices: vec![DeviceInfo {
             kind: "blk",
             socket: "/run/blk0.sock".into(),
+            reconnects: Arc::new(std::sync::atomic::AtomicU64::new(3)),
         }],
     };
     vmm_core::api::serve(&sock, m.control(), info, Action::Kill).unwrap();
@@ -98,6 +99,7 @@ fn pause_resume_status_and_shutdown_through_the_socket() {
     assert_eq!(r["vcpus"], 2, "{r}");
     assert_eq!(r["memory_mib"], 32, "{r}");
     assert_eq!(r["devices"][0]["kind"], "blk", "{r}");
+    assert_eq!(r["devices"][0]["reconnects"], 3, "{r}");
 
     let r = ask(&mut c, r#"{"command":"pause"}"#);
     assert_eq!(r["state"], "paused", "{r}");

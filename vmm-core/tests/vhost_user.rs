@@ -268,3 +268,121 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
     let want: Vec<u8> = (8 * 512..9 * 512).map(|i: u32| (i % 251) as u8).collect();
     assert_eq!(got, want);
 }
+
+/// Reconnect: a long-mode program reads a block, its backend is killed
+/// (-9) and started again on the same socket, and the program's next
+/// request completes through the new one. vmm-core's device watcher sees
+/// the hang-up, reconnects, and replays the memory table and the ring
+/// (its base from the used index); the VM runs on throughout.
+#[test]
+fn a_killed_backend_is_reconnected_and_the_next_request_completes() {
+    use std::sync::atomic::Ordering;
+    use vmm_core::machine::{load_program, Machine, Stop};
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("skipped: /dev/kvm: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some((backend, sock)) = blk_backend(dir.path()) else {
+        return;
+    };
+    let ram = GuestRam::new(32 << 20).unwrap();
+    let mem = ram.mem.clone();
+    let dev = VhostUserDevice::connect(&sock, 2, &ram.mem, 1, 256).expect("connects");
+    let reconnects = dev.reconnect_counter();
+    let mut m = Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
+    m.set_seccomp(backend_common::seccomp::Action::Kill);
+    let slot = m.add_virtio_mmio(dev).unwrap();
+    prepare_read(&mem);
+    let mut code = Vec::new();
+    let write_reg = |code: &mut Vec<u8>, off: u64, v: u32| {
+        code.extend_from_slice(&[0x48, 0xb8]);
+        code.extend_from_slice(&(slot.base + off).to_le_bytes());
+        code.extend_from_slice(&[0xc7, 0x00]);
+        code.extend_from_slice(&v.to_le_bytes());
+    };
+    let wait_word = |code: &mut Vec<u8>, addr: u64, v: u8| {
+        code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, addr
+        code.extend_from_slice(&addr.to_le_bytes());
+        code.extend_from_slice(&[0x0f, 0xb7, 0x03]); // movzx eax, word [rbx]
+        code.extend_from_slice(&[0x83, 0xf8, v]); // cmp eax, v
+        code.extend_from_slice(&[0x75, 0xf8]); // jne back to the movzx
+    };
+    let store_word = |code: &mut Vec<u8>, addr: u64, v: u16| {
+        code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, addr
+        code.extend_from_slice(&addr.to_le_bytes());
+        code.extend_from_slice(&[0x66, 0xc7, 0x03]); // mov word [rbx], v
+        code.extend_from_slice(&v.to_le_bytes());
+    };
+    for (off, v) in [
+        (reg::STATUS, 3),
+        (reg::DRIVER_FEATURES_SEL, 1),
+        (reg::DRIVER_FEATURES, 1),
+        (reg::STATUS, 0xb),
+        (reg::QUEUE_SEL, 0),
+        (reg::QUEUE_NUM, 16),
+        (reg::QUEUE_DESC_LOW, 0x10000),
+        (reg::QUEUE_DRIVER_LOW, 0x11000),
+        (reg::QUEUE_DEVICE_LOW, 0x12000),
+        (reg::QUEUE_READY, 1),
+        (reg::STATUS, 0xf),
+        (reg::QUEUE_NOTIFY, 0),
+    ] {
+        write_reg(&mut code, off, v);
+    }
+    wait_word(&mut code, 0x12002, 1); // the first request is used
+    store_word(&mut code, 0x30000, 1); // tell the host
+    wait_word(&mut code, 0x30002, 1); // wait for its go
+    store_word(&mut code, 0x11006, 0); // avail ring[1] = head 0
+    store_word(&mut code, 0x11002, 2); // avail idx = 2
+    write_reg(&mut code, reg::QUEUE_NOTIFY, 0);
+    wait_word(&mut code, 0x12002, 2);
+    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, status byte
+    code.extend_from_slice(&0x22000u64.to_le_bytes());
+    code.extend_from_slice(&[0x0f, 0xb6, 0x03]); // movzx eax, byte [rbx]
+    code.extend_from_slice(&[0x04, 0x40]); // add al, 0x40
+    code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xee]); // out 0x501, al
+    load_program(m.ram(), 0x10_0000, &code).unwrap();
+    m.start_long_mode(0x10_0000, 0).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(m.run());
+    });
+    let flag = |addr: u64| mem.read_obj::<u16>(GuestAddress(addr)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while flag(0x30000) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first request never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Kill the backend and start a new one on the same socket.
+    drop(backend);
+    let _ = std::fs::remove_file(&sock);
+    let (_backend, _) = blk_backend(dir.path()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reconnects.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "never reconnected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The second request reads sector 16 into a cleared buffer.
+    let mut h = [0u8; 16];
+    h[8..16].copy_from_slice(&16u64.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(0x20000)).unwrap();
+    mem.write_slice(&[0u8; 512], GuestAddress(0x21000)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(0x22000)).unwrap();
+    mem.write_obj(1u16, GuestAddress(0x30002)).unwrap();
+    let stop = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the second request completes");
+    assert_eq!(stop, Stop::DebugExit(0x40), "VIRTIO_BLK_S_OK");
+    let mut got = vec![0u8; 512];
+    mem.read_slice(&mut got, GuestAddress(0x21000)).unwrap();
+    let want: Vec<u8> = (16 * 512..17 * 512).map(|i: u32| (i % 251) as u8).collect();
+    assert_eq!(got, want);
+}
