@@ -18,7 +18,8 @@
 //! - [`seccomp`]: an allowlist per thread role.
 //!
 //! A backend that hangs up is reconnected when it serves again
-//! ([`vhost_user::VhostUserDevice::reconnect`]). Not yet: the inflight area.
+//! ([`vhost_user::VhostUserDevice::reconnect`]), and handed the inflight
+//! area its predecessor kept.
 
 pub mod acpi;
 pub mod api;

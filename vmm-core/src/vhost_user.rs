@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
@@ -67,7 +69,8 @@ fn handshake(socket: &Path, default_queues: usize) -> Result<Handshake, VuError>
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::RESET_DEVICE);
+                | VhostUserProtocolFeatures::RESET_DEVICE
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         fe.set_protocol_features(protocol)
             .map_err(err("SET_PROTOCOL_FEATURES"))?;
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
@@ -110,6 +113,10 @@ pub struct VhostUserDevice {
     running: Vec<usize>,
     /// What the driver set up, replayed on a new connection.
     activation: Option<(u64, Vec<(usize, QueueConfig)>)>,
+    /// The inflight area the backend made at activation (INFLIGHT_SHMFD):
+    /// kept here and handed to a restarted backend, which finds in it the
+    /// requests its predecessor had taken and not finished.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
     reconnects: Arc<AtomicU64>,
     /// The last activation's failure, for the VMM to report.
     pub last_error: Option<String>,
@@ -142,6 +149,7 @@ impl VhostUserDevice {
             started: false,
             running: Vec::new(),
             activation: None,
+            inflight: None,
             reconnects: Arc::new(AtomicU64::new(0)),
             last_error: None,
         })
@@ -249,6 +257,24 @@ impl VhostUserDevice {
             .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|e| e.to_string()))
             .collect::<Result<_, _>>()?;
         fe.set_mem_table(&regions).map_err(step("SET_MEM_TABLE"))?;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            if self.inflight.is_none() {
+                let ask = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: self.kicks.len() as u16,
+                    queue_size: queues.iter().map(|(_, q)| q.size).max().unwrap_or(0),
+                };
+                self.inflight = Some(fe.get_inflight_fd(&ask).map_err(step("GET_INFLIGHT_FD"))?);
+            }
+            if let Some((info, file)) = &self.inflight {
+                fe.set_inflight_fd(info, file.as_raw_fd())
+                    .map_err(step("SET_INFLIGHT_FD"))?;
+            }
+        }
         for (n, &(i, q)) in queues.iter().enumerate() {
             let base = bases.get(n).copied().unwrap_or(0);
             let (Some(kick), Some(call)) = (self.kicks.get(i), self.calls.get(i)) else {
@@ -356,6 +382,8 @@ impl VirtioDevice for VhostUserDevice {
         }
         self.started = false;
         self.activation = None;
+        // A reset guest starts with fresh rings: nothing to resubmit.
+        self.inflight = None;
         for i in std::mem::take(&mut self.running) {
             if self.backend_features & PROTOCOL_FEATURES != 0 {
                 let _ = self.frontend.set_vring_enable(i, false);

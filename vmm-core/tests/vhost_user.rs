@@ -43,7 +43,15 @@ fn blk_backend(dir: &Path) -> Option<(Backend, std::path::PathBuf)> {
         .arg(format!("--socket-path={}", sock.display()))
         .arg(format!("--image={}", image.display()))
         .arg("--sandbox=none")
+        .arg("--log-level=info")
         .stdin(Stdio::null())
+        .stderr(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(dir.join("blk.log"))
+                .unwrap(),
+        )
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -385,4 +393,17 @@ fn a_killed_backend_is_reconnected_and_the_next_request_completes() {
     mem.read_slice(&mut got, GuestAddress(0x21000)).unwrap();
     let want: Vec<u8> = (16 * 512..17 * 512).map(|i: u32| (i % 251) as u8).collect();
     assert_eq!(got, want);
+    // The first backend made the inflight area; the restarted one was
+    // handed the same area instead of a new one.
+    let log = std::fs::read_to_string(dir.path().join("blk.log")).unwrap();
+    assert_eq!(
+        log.matches("inflight area made for the frontend").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("inflight area taken from the frontend").count(),
+        2,
+        "{log}"
+    );
 }
