@@ -407,3 +407,54 @@ fn a_killed_backend_is_reconnected_and_the_next_request_completes() {
         "{log}"
     );
 }
+
+/// A tag given with --fs must be the one the backend serves: vmm-core
+/// cannot change it, so a mismatch is an error naming both.
+#[test]
+fn a_tag_the_backend_does_not_serve_is_a_clear_error() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_vmm-core"))
+        .parent()
+        .unwrap()
+        .join("virtiofsd-fast");
+    if !bin.is_file() {
+        let why = format!("{} is not built (cargo build --workspace)", bin.display());
+        if std::env::var_os("CI").is_some() {
+            panic!("{why} (CI is set)");
+        }
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fs.sock");
+    let share = tempfile::tempdir().unwrap();
+    let child = Command::new(bin)
+        .arg(format!("--socket-path={}", sock.display()))
+        .arg(format!("--shared-dir={}", share.path().display()))
+        .arg("--tag=share")
+        .arg("--sandbox=none")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _fs = Backend(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "virtiofsd-fast never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let run = |tag: &str| {
+        Command::new(env!("CARGO_BIN_EXE_vmm-core"))
+            .args(["--kernel", "/nonexistent/vmlinux", "--memory", "64M"])
+            .arg(format!("--fs=socket={},tag={tag}", sock.display()))
+            .output()
+            .unwrap()
+    };
+    let out = run("home");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("serves tag `share`, not `home`"), "{err}");
+    // The right tag passes that check (and fails later, on the kernel).
+    let out = run("share");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+}
