@@ -160,7 +160,7 @@ fn bad_kernels_memory_and_devices_are_clear_errors() {
     fails_with(&["--kernel", junk, "--memory", "x5M"], "not a size");
     fails_with(
         &["--kernel", junk, "--serial", "tcp:1"],
-        "stdio, file:PATH or off",
+        "stdio, file:PATH, socket:PATH or off",
     );
     if std::fs::metadata("/dev/kvm").is_ok() {
         fails_with(
