@@ -94,8 +94,33 @@ fn aml_virtio_device(index: usize, slot: MmioSlot) -> Vec<u8> {
     dev
 }
 
+/// The port of vmm-core's ACPI power device (hardware-reduced ACPI): the
+/// FADT names it as both the sleep control and the reset register.
+pub const POWER_PORT: u16 = 0x600;
+/// What the guest writes there to power off: SLP_TYP 5 (from `_S5_`) in
+/// bits 2-4, SLP_EN (bit 5).
+pub const POWER_OFF: u8 = (5 << 2) | (1 << 5);
+/// What it writes there to reset (the FADT's RESET_VALUE).
+pub const RESET: u8 = 1;
+
+/// A Generic Address Structure for a byte-wide I/O port.
+fn gas_io(port: u16) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = 1; // SystemIO
+    g[1] = 8; // bit width
+    g[3] = 1; // byte access
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
 fn dsdt(devices: &[MmioSlot]) -> Vec<u8> {
     let mut t = header(b"DSDT", 2);
+    // Name(_S5_, Package() { 5, 0 }): the sleep type for soft-off.
+    let s5_body = [0x02, 0x0a, 0x05, 0x00];
+    let mut s5 = vec![0x12];
+    s5.extend(pkg_length(s5_body.len()));
+    s5.extend_from_slice(&s5_body);
+    t.extend(aml_name(b"_S5_", &s5));
     let mut scope_body = b"\\_SB_".to_vec();
     for (i, s) in devices.iter().enumerate() {
         scope_body.extend(aml_virtio_device(i, *s));
@@ -112,8 +137,13 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     t[40..44].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
     // IAPC_BOOT_ARCH: no VGA, no MSI, no ASPM control.
     t[109..111].copy_from_slice(&((1u16 << 2) | (1 << 3) | (1 << 4)).to_le_bytes());
-    // Flags: HW_REDUCED_ACPI.
-    t[112..116].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    // Flags: RESET_REG_SUP, HW_REDUCED_ACPI.
+    t[112..116].copy_from_slice(&((1u32 << 10) | (1 << 20)).to_le_bytes());
+    // RESET_REG and RESET_VALUE; SLEEP_CONTROL_REG and SLEEP_STATUS_REG.
+    t[116..128].copy_from_slice(&gas_io(POWER_PORT));
+    t[128] = RESET;
+    t[244..256].copy_from_slice(&gas_io(POWER_PORT));
+    t[256..268].copy_from_slice(&gas_io(POWER_PORT));
     t[131] = 5; // FADT minor version
     t[140..148].copy_from_slice(&dsdt_addr.to_le_bytes()); // X_DSDT
     t[268..276].copy_from_slice(b"VMMCORE\0"); // hypervisor vendor
@@ -232,6 +262,29 @@ mod tests {
         assert_eq!(d.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
         assert!(find(&0xd000_1000u32.to_le_bytes()).is_some());
         assert!(find(&[0x89, 0x06, 0x00, 0x03, 0x01, 6, 0, 0, 0]).is_some());
+    }
+
+    #[test]
+    fn power_off_and_reset_go_to_the_power_port() {
+        let f = fadt(0x1000);
+        let flags = u32::from_le_bytes(f[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        for at in [116, 244, 256] {
+            assert_eq!(f[at], 1, "SystemIO at {at}");
+            assert_eq!(
+                u64::from_le_bytes(f[at + 4..at + 12].try_into().unwrap()),
+                u64::from(POWER_PORT)
+            );
+        }
+        assert_eq!(f[128], RESET);
+        // Name(_S5_, Package(2) { 5, 0 }), which Linux reads for SLP_TYP.
+        let d = dsdt(&[]);
+        let s5 = [
+            0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, 0x05, 0x00,
+        ];
+        assert!(d.windows(s5.len()).any(|w| w == s5));
+        assert_eq!(POWER_OFF, 0x34);
     }
 
     #[test]

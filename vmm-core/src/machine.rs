@@ -91,6 +91,8 @@ pub enum Stop {
     Failed(String),
     /// Asked to stop through [`Control::shutdown`] (the control API).
     Requested,
+    /// The guest powered off through ACPI (S5 on the power port).
+    PowerOff,
 }
 
 /// Pausing, resuming and stopping the vCPUs from another thread (the
@@ -554,6 +556,18 @@ fn vcpu_loop(
                         }
                     }
                     DEBUG_EXIT_PORT => return Stop::DebugExit(v),
+                    crate::acpi::POWER_PORT if v & 0x20 != 0 => {
+                        info!(
+                            vcpu = index,
+                            sleep_type = (v >> 2) & 7,
+                            "the guest powered off (ACPI)"
+                        );
+                        return Stop::PowerOff;
+                    }
+                    crate::acpi::POWER_PORT if v == crate::acpi::RESET => {
+                        info!(vcpu = index, "the guest reset the machine (ACPI)");
+                        return Stop::Reset;
+                    }
                     I8042_COMMAND if v == 0xfe => {
                         info!(vcpu = index, "the guest reset the machine (i8042)");
                         return Stop::Reset;

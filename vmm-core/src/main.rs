@@ -495,6 +495,10 @@ fn run(a: Args) -> Result<ExitCode, String> {
             eprintln!("vmm-core: the guest triple-faulted");
             ExitCode::from(1)
         }
+        Stop::PowerOff => {
+            eprintln!("vmm-core: the guest powered off");
+            ExitCode::SUCCESS
+        }
         Stop::Requested => {
             eprintln!("vmm-core: shut down through the control API");
             ExitCode::SUCCESS

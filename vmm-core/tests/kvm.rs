@@ -109,3 +109,19 @@ fn the_i8042_reset_line_ends_the_vm() {
     cpu::setup_real_mode(m.boot_vcpu(), 0x1000).unwrap();
     assert_eq!(m.run(), Stop::Reset);
 }
+
+#[test]
+fn acpi_power_off_and_reset_end_the_vm_each_their_way() {
+    use vmm_core::acpi::{POWER_OFF, POWER_PORT, RESET};
+    for (value, want) in [(POWER_OFF, Stop::PowerOff), (RESET, Stop::Reset)] {
+        let Some((m, _)) = machine() else {
+            return;
+        };
+        // mov dx, POWER_PORT; mov al, value; out dx, al; hlt
+        let mut code = out(POWER_PORT, value, false);
+        code.push(0xf4);
+        load_program(m.ram(), 0x1000, &code).unwrap();
+        cpu::setup_real_mode(m.boot_vcpu(), 0x1000).unwrap();
+        assert_eq!(m.run(), want, "wrote {value:#x}");
+    }
+}
