@@ -465,6 +465,16 @@ fn bad_command_lines_and_images_are_clear_errors() {
     assert!(err.contains("in use by another process"), "{err}");
 }
 
+/// The inflight area the client set up with the backend.
+fn inflight_area(c: &BlkClient) -> (vhost::vhost_user::message::VhostUserInflight, std::fs::File) {
+    let (i, f) = c
+        .dev
+        .inflight
+        .as_ref()
+        .expect("the inflight area is offered");
+    (*i, f.try_clone().unwrap())
+}
+
 /// Every head the backend takes is recorded in the vhost-user inflight area
 /// (the shim answers GET/SET_INFLIGHT_FD), and cleared once used.
 #[test]
@@ -474,14 +484,7 @@ fn requests_are_tracked_in_the_inflight_area() {
     let mut b = start(img.path(), &["--num-queues=2"]);
     let mut c = BlkClient::connect_with(&mut b, 2, 8, 1 << 20, true)
         .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
-    let (info, file) = {
-        let (i, f) = c
-            .dev
-            .inflight
-            .as_ref()
-            .expect("the inflight area is offered");
-        (*i, f.try_clone().unwrap())
-    };
+    let (info, file) = inflight_area(&c);
     let (queues, qsize) = (info.num_queues as usize, info.queue_size as usize);
     assert_eq!(queues, 2);
     let per_queue = (16 + 16 * qsize).next_multiple_of(64);
@@ -533,14 +536,7 @@ fn requests_left_in_flight_by_a_dead_backend_are_run_once() {
     let mut b = start(img.path(), &[]);
     let mut c = BlkClient::connect_with(&mut b, 1, 8, 1 << 20, true)
         .unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
-    let (info, file) = {
-        let (i, f) = c
-            .dev
-            .inflight
-            .as_ref()
-            .expect("the inflight area is offered");
-        (*i, f.try_clone().unwrap())
-    };
+    let (info, file) = inflight_area(&c);
     // The state a backend leaves when it dies after taking three writes
     // and finishing only the second: in the rings, and in the area.
     let h1 = c.push(0, req::OUT, 8, &[b'a'; 512], 0).unwrap();

@@ -249,6 +249,27 @@ fn a_killed_disk_backend_is_restarted_and_the_guest_keeps_its_disk() {
     assert!(err.contains("blk0 exited"), "{err}");
 }
 
+/// `orchestrator run -f CFG -- SCRIPT` in the background, with its stdout
+/// and stderr readable while it runs.
+fn run_in_guest(
+    runtime: &Path,
+    cwd: &Path,
+    cfg: &Path,
+    script: &str,
+) -> (std::process::Child, Lines, Lines) {
+    let mut child = orch(runtime, cwd)
+        .args(["run", "-f"])
+        .arg(cfg)
+        .args(["--timeout", "300", "--", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Lines::of(child.stdout.take().unwrap());
+    let err = Lines::of(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
 /// Find `name` anywhere under `dir`.
 fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     for e in std::fs::read_dir(dir).ok()?.flatten() {
@@ -281,16 +302,7 @@ fn a_disk_backend_killed_under_writes_loses_none_of_them() {
             oflag=direct conv=notrunc 2>/dev/null || echo DDFAIL; done) & done; wait; echo WRITTEN; \
         ok=0; for w in 0 1 2 3; do B=$(dd if=/dev/vda bs=128k skip=$((w * 64)) count=64 iflag=direct 2>/dev/null | md5sum); \
             [ \"$A\" = \"$B\" ] && ok=$((ok + 1)); done; echo VERIFIED=$ok";
-    let mut child = orch(runtime.path(), dir.path())
-        .args(["run", "-f"])
-        .arg(&cfg)
-        .args(["--timeout", "300", "--", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = Lines::of(child.stderr.take().unwrap());
-    let out = Lines::of(child.stdout.take().unwrap());
+    let (mut child, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, script);
     out.wait_for("WRITING", 120, &|| err.text());
     std::thread::sleep(Duration::from_millis(100));
     let blk0 = VmStatus::read_in(runtime.path(), "underio")
@@ -392,16 +404,7 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
         w a 0; echo PHASE1; wait_for go1; \
         w b 16; r a 0; echo PHASE2; wait_for go2; \
         w c 32; r b 16; r c 32; echo DONE";
-    let mut vm = orch(runtime.path(), dir.path())
-        .args(["run", "-f"])
-        .arg(&cfg)
-        .args(["--timeout", "300", "--", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Lines::of(vm.stdout.take().unwrap());
-    let err = Lines::of(vm.stderr.take().unwrap());
+    let (mut vm, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, script);
     let vm_err = || err.text();
     out.wait_for("PHASE1", 120, &vm_err);
 

@@ -197,7 +197,7 @@ impl ShareFs {
     /// Reopen an O_PATH descriptor with real open flags (through
     /// /proc/self/fd, which follows the descriptor, not a path).
     fn reopen(&self, fd: &OwnedFd, flags: libc::c_int) -> io::Result<File> {
-        let name = CString::new(fd.as_raw_fd().to_string()).unwrap();
+        let name = proc_name(fd);
         let f = openat(
             self.proc_self_fd.as_raw_fd(),
             &name,
@@ -442,6 +442,11 @@ fn open_dir(fd: &OwnedFd) -> io::Result<File> {
     .map(File::from)
 }
 
+/// The name of `fd` in /proc/self/fd.
+fn proc_name(fd: &impl AsRawFd) -> CString {
+    CString::new(fd.as_raw_fd().to_string()).expect("digits have no NUL")
+}
+
 /// A File that borrows a descriptor for an I/O call.
 fn borrowed(fd: RawFd) -> ManuallyDrop<File> {
     // SAFETY: the File is never dropped (ManuallyDrop), so the descriptor
@@ -571,7 +576,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<(stat64, Duration)> {
         let (node, fd) = self.node_fd(inode)?;
         let open = handle.and_then(|h| self.handle(inode, h).ok());
-        let proc_name = CString::new(fd.as_raw_fd().to_string()).unwrap();
+        let proc_name = proc_name(&fd);
         let pfd = self.proc_self_fd.as_raw_fd();
         if valid.contains(SetattrValid::MODE) {
             // SAFETY: plain syscalls on descriptors we hold; results checked.
@@ -836,7 +841,7 @@ impl FileSystem for ShareFs {
         // The node names the file just opened, not whatever the name
         // points at by now.
         let path_fd = {
-            let name = CString::new(file.as_raw_fd().to_string()).unwrap();
+            let name = proc_name(&file);
             openat(self.proc_self_fd.as_raw_fd(), &name, libc::O_PATH, 0)?
         };
         let sx = statx(path_fd.as_raw_fd(), c"")?;
@@ -1140,7 +1145,7 @@ impl FileSystem for ShareFs {
 
     fn access(&self, ctx: &Context, inode: Inode, mask: u32) -> io::Result<()> {
         let (_, fd) = self.node_fd(inode)?;
-        let name = CString::new(fd.as_raw_fd().to_string()).unwrap();
+        let name = proc_name(&*fd);
         let pfd = self.proc_self_fd.as_raw_fd();
         self.as_caller(ctx, || {
             // SAFETY: valid C string; AT_EACCESS checks with the filesystem

@@ -2,10 +2,12 @@
 //! without end on the UART; pause stops it between two instructions,
 //! resume lets it go on, shutdown ends the VM.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use backend_common::seccomp::Action;
 use serde_json::Value;
@@ -13,35 +15,6 @@ use vmm_core::api::{DeviceInfo, VmInfo};
 use vmm_core::cpu;
 use vmm_core::machine::{load_program, Machine, Stop};
 use vmm_core::memory::GuestRam;
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn wait_longer_than(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.len() <= n {
-            assert!(
-                Instant::now() < deadline,
-                "the program printed nothing more"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 fn ask(conn: &mut BufReader<UnixStream>, req: &str) -> Value {
     writeln!(conn.get_mut(), "{req}").unwrap();
@@ -52,15 +25,10 @@ fn ask(conn: &mut BufReader<UnixStream>, req: &str) -> Value {
 
 #[test]
 fn pause_resume_status_and_shutdown_through_the_socket() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("skipped: /dev/kvm: {e}");
+    if !common::kvm() {
         return;
     }
-    let console = Console::default();
+    let console = common::Console::default();
     // Two vCPUs: the second waits for a start-up IPI inside KVM_RUN, so a
     // pause must kick it out of the kernel too.
     let m = Machine::new(

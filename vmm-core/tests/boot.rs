@@ -8,6 +8,8 @@
 //! emulation, so the test stops at the early console; a full boot needs
 //! the virtio devices that are not written yet.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,13 +65,7 @@ fn vmlinux(dir: &Path) -> Option<PathBuf> {
 
 #[test]
 fn debians_kernel_prints_its_banner_command_line_and_e820_map() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        // Hardware the machine lacks: a skip, even in CI, never a pass.
-        eprintln!("skipped: /dev/kvm: {e}");
+    if !common::kvm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -3,41 +3,16 @@
 //! port. KVM here may be software virtualization (PVM); these run at full
 //! speed either way.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
 
 use vmm_core::cpu;
 use vmm_core::machine::{load_program, Machine, Stop};
 use vmm_core::memory::GuestRam;
 
-/// The console, kept for the test to read.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
+use common::Console;
 
 fn machine() -> Option<(Machine, Console)> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        // Hardware the machine lacks: a skip, even in CI, never a pass.
-        eprintln!("skipped: /dev/kvm: {e}");
+    if !common::kvm() {
         return None;
     }
     let console = Console::default();

@@ -5,6 +5,8 @@
 //! is served, and the interrupt arrives on the call eventfd (what the
 //! irqfd carries). No vCPU is involved: this is the translation alone.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -197,16 +199,66 @@ fn prepare_read(mem: &GuestMemoryMmap) {
     mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
 }
 
+/// Long-mode code: `mov rax, addr; mov dword [rax], v`.
+fn write_reg(code: &mut Vec<u8>, addr: u64, v: u32) {
+    code.extend_from_slice(&[0x48, 0xb8]);
+    code.extend_from_slice(&addr.to_le_bytes());
+    code.extend_from_slice(&[0xc7, 0x00]);
+    code.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Spin until the 16-bit word at `addr` is `v`.
+fn wait_word(code: &mut Vec<u8>, addr: u64, v: u8) {
+    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, addr
+    code.extend_from_slice(&addr.to_le_bytes());
+    code.extend_from_slice(&[0x0f, 0xb7, 0x03]); // movzx eax, word [rbx]
+    code.extend_from_slice(&[0x83, 0xf8, v]); // cmp eax, v
+    code.extend_from_slice(&[0x75, 0xf8]); // jne back to the movzx
+}
+
+/// `mov word [addr], v`.
+fn store_word(code: &mut Vec<u8>, addr: u64, v: u16) {
+    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, addr
+    code.extend_from_slice(&addr.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xc7, 0x03]); // mov word [rbx], v
+    code.extend_from_slice(&v.to_le_bytes());
+}
+
+/// The driver's register writes for queue 0 on the rings `prepare_read`
+/// laid out (MMIO exits into vmm-core), then the kick (an ioeventfd: no
+/// exit).
+fn bring_up_queue(code: &mut Vec<u8>, base: u64) {
+    for (off, v) in [
+        (reg::STATUS, 3),
+        (reg::DRIVER_FEATURES_SEL, 1),
+        (reg::DRIVER_FEATURES, 1),
+        (reg::STATUS, 0xb),
+        (reg::QUEUE_SEL, 0),
+        (reg::QUEUE_NUM, 16),
+        (reg::QUEUE_DESC_LOW, 0x10000),
+        (reg::QUEUE_DRIVER_LOW, 0x11000),
+        (reg::QUEUE_DEVICE_LOW, 0x12000),
+        (reg::QUEUE_READY, 1),
+        (reg::STATUS, 0xf),
+        (reg::QUEUE_NOTIFY, 0),
+    ] {
+        write_reg(code, base + off, v);
+    }
+}
+
+/// The request's status byte + 0x40 to the debug-exit port.
+fn exit_with_status(code: &mut Vec<u8>) {
+    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, status byte
+    code.extend_from_slice(&0x22000u64.to_le_bytes());
+    code.extend_from_slice(&[0x0f, 0xb6, 0x03]); // movzx eax, byte [rbx]
+    code.extend_from_slice(&[0x04, 0x40]); // add al, 0x40
+    code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xee]); // out 0x501, al
+}
+
 #[test]
 fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
     use vmm_core::machine::{load_program, Machine, Stop};
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        // Hardware the machine lacks: a skip, even in CI, never a pass.
-        eprintln!("skipped: /dev/kvm: {e}");
+    if !common::kvm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -227,34 +279,9 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
     // vmm-core), the kick (an ioeventfd: no exit), a poll of the used
     // index, and the request's status byte + 0x40 to the debug-exit port.
     let mut code = Vec::new();
-    let mut write_reg = |off: u64, v: u32| {
-        code.extend_from_slice(&[0x48, 0xb8]);
-        code.extend_from_slice(&(slot.base + off).to_le_bytes());
-        code.extend_from_slice(&[0xc7, 0x00]);
-        code.extend_from_slice(&v.to_le_bytes());
-    };
-    write_reg(reg::STATUS, 3);
-    write_reg(reg::DRIVER_FEATURES_SEL, 1);
-    write_reg(reg::DRIVER_FEATURES, 1);
-    write_reg(reg::STATUS, 0xb);
-    write_reg(reg::QUEUE_SEL, 0);
-    write_reg(reg::QUEUE_NUM, 16);
-    write_reg(reg::QUEUE_DESC_LOW, 0x10000);
-    write_reg(reg::QUEUE_DRIVER_LOW, 0x11000);
-    write_reg(reg::QUEUE_DEVICE_LOW, 0x12000);
-    write_reg(reg::QUEUE_READY, 1);
-    write_reg(reg::STATUS, 0xf);
-    write_reg(reg::QUEUE_NOTIFY, 0);
-    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, used.idx
-    code.extend_from_slice(&0x12002u64.to_le_bytes());
-    code.extend_from_slice(&[0x0f, 0xb7, 0x03]); // movzx eax, word [rbx]
-    code.extend_from_slice(&[0x83, 0xf8, 0x01]); // cmp eax, 1
-    code.extend_from_slice(&[0x75, 0xf8]); // jne back to the movzx
-    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, status byte
-    code.extend_from_slice(&0x22000u64.to_le_bytes());
-    code.extend_from_slice(&[0x0f, 0xb6, 0x03]); // movzx eax, byte [rbx]
-    code.extend_from_slice(&[0x04, 0x40]); // add al, 0x40
-    code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xee]); // out 0x501, al
+    bring_up_queue(&mut code, slot.base);
+    wait_word(&mut code, 0x12002, 1);
+    exit_with_status(&mut code);
     load_program(m.ram(), 0x10_0000, &code).unwrap();
     m.start_long_mode(0x10_0000, 0).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -286,12 +313,7 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
 fn a_killed_backend_is_reconnected_and_the_next_request_completes() {
     use std::sync::atomic::Ordering;
     use vmm_core::machine::{load_program, Machine, Stop};
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("skipped: /dev/kvm: {e}");
+    if !common::kvm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -307,53 +329,15 @@ fn a_killed_backend_is_reconnected_and_the_next_request_completes() {
     let slot = m.add_virtio_mmio(dev).unwrap();
     prepare_read(&mem);
     let mut code = Vec::new();
-    let write_reg = |code: &mut Vec<u8>, off: u64, v: u32| {
-        code.extend_from_slice(&[0x48, 0xb8]);
-        code.extend_from_slice(&(slot.base + off).to_le_bytes());
-        code.extend_from_slice(&[0xc7, 0x00]);
-        code.extend_from_slice(&v.to_le_bytes());
-    };
-    let wait_word = |code: &mut Vec<u8>, addr: u64, v: u8| {
-        code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, addr
-        code.extend_from_slice(&addr.to_le_bytes());
-        code.extend_from_slice(&[0x0f, 0xb7, 0x03]); // movzx eax, word [rbx]
-        code.extend_from_slice(&[0x83, 0xf8, v]); // cmp eax, v
-        code.extend_from_slice(&[0x75, 0xf8]); // jne back to the movzx
-    };
-    let store_word = |code: &mut Vec<u8>, addr: u64, v: u16| {
-        code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, addr
-        code.extend_from_slice(&addr.to_le_bytes());
-        code.extend_from_slice(&[0x66, 0xc7, 0x03]); // mov word [rbx], v
-        code.extend_from_slice(&v.to_le_bytes());
-    };
-    for (off, v) in [
-        (reg::STATUS, 3),
-        (reg::DRIVER_FEATURES_SEL, 1),
-        (reg::DRIVER_FEATURES, 1),
-        (reg::STATUS, 0xb),
-        (reg::QUEUE_SEL, 0),
-        (reg::QUEUE_NUM, 16),
-        (reg::QUEUE_DESC_LOW, 0x10000),
-        (reg::QUEUE_DRIVER_LOW, 0x11000),
-        (reg::QUEUE_DEVICE_LOW, 0x12000),
-        (reg::QUEUE_READY, 1),
-        (reg::STATUS, 0xf),
-        (reg::QUEUE_NOTIFY, 0),
-    ] {
-        write_reg(&mut code, off, v);
-    }
+    bring_up_queue(&mut code, slot.base);
     wait_word(&mut code, 0x12002, 1); // the first request is used
     store_word(&mut code, 0x30000, 1); // tell the host
     wait_word(&mut code, 0x30002, 1); // wait for its go
     store_word(&mut code, 0x11006, 0); // avail ring[1] = head 0
     store_word(&mut code, 0x11002, 2); // avail idx = 2
-    write_reg(&mut code, reg::QUEUE_NOTIFY, 0);
+    write_reg(&mut code, slot.base + reg::QUEUE_NOTIFY, 0);
     wait_word(&mut code, 0x12002, 2);
-    code.extend_from_slice(&[0x48, 0xbb]); // mov rbx, status byte
-    code.extend_from_slice(&0x22000u64.to_le_bytes());
-    code.extend_from_slice(&[0x0f, 0xb6, 0x03]); // movzx eax, byte [rbx]
-    code.extend_from_slice(&[0x04, 0x40]); // add al, 0x40
-    code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xee]); // out 0x501, al
+    exit_with_status(&mut code);
     load_program(m.ram(), 0x10_0000, &code).unwrap();
     m.start_long_mode(0x10_0000, 0).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
