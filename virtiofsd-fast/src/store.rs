@@ -58,8 +58,15 @@ pub fn statx(dir: RawFd, name: &CStr) -> io::Result<libc::statx> {
     // SAFETY: statx is plain old data; all-zero is a valid value.
     let mut sx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: `name` is a valid C string and `sx` a valid out buffer.
-    cvt(unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_BASIC_STATS, &mut sx) })?;
+    let mask = libc::STATX_BASIC_STATS | libc::STATX_BTIME;
+    cvt(unsafe { libc::statx(dir, name.as_ptr(), flags, mask, &mut sx) })?;
     Ok(sx)
+}
+
+/// When the file was made, where the filesystem records it: with the inode
+/// number, an identity that survives the number being reused.
+pub fn birth(sx: &libc::statx) -> Option<(i64, u32)> {
+    (sx.stx_mask & libc::STATX_BTIME != 0).then_some((sx.stx_btime.tv_sec, sx.stx_btime.tv_nsec))
 }
 
 /// The identity `statx` reports.
@@ -213,6 +220,9 @@ pub struct Node {
     /// attributes can be read there by name, confirmed by identity,
     /// without opening it.
     name: Mutex<Option<(u64, Box<CStr>)>>,
+    /// Its birth time, which a file found at that name must share (an
+    /// inode number alone may have been reused).
+    birth: Option<(i64, u32)>,
 }
 
 enum HandleState {
@@ -286,6 +296,7 @@ impl Store {
             handle: Mutex::new(HandleState::Unsupported),
             used: AtomicBool::new(true),
             name: Mutex::new(None),
+            birth: None,
         });
         let mut maps = self.maps.write().unwrap();
         maps.by_id.clear();
@@ -364,8 +375,8 @@ impl Store {
     }
 
     /// The attributes of `node`: through its descriptor if it has one,
-    /// else by name in its parent where the identity still matches, else
-    /// through a descriptor reopened by handle.
+    /// else by name in its parent where the file there has its inode number
+    /// and birth time, else through a descriptor reopened by handle.
     pub fn stat(&self, node: &Node) -> io::Result<libc::statx> {
         if let Some(fd) = node.fd.lock().unwrap().clone() {
             return statx(fd.as_raw_fd(), c"");
@@ -386,7 +397,13 @@ impl Store {
                 .and_then(|p| p.fd.lock().unwrap().clone());
             if let Some(pfd) = pfd {
                 match statx(pfd.as_raw_fd(), &name) {
-                    Ok(sx) if key_of(&sx) == node.key => return Ok(sx),
+                    Ok(sx)
+                        if key_of(&sx) == node.key
+                            && node.birth.is_some()
+                            && birth(&sx) == node.birth =>
+                    {
+                        return Ok(sx)
+                    }
                     // Renamed or gone: do not try that name again.
                     _ => *node.name.lock().unwrap() = None,
                 }
@@ -479,6 +496,7 @@ impl Store {
             handle: Mutex::new(HandleState::Some(h)),
             used: AtomicBool::new(true),
             name: Mutex::new(Some((at.0, at.1.into()))),
+            birth: birth(&sx),
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -537,6 +555,7 @@ impl Store {
             handle: Mutex::new(handle),
             used: AtomicBool::new(true),
             name: Mutex::new(None),
+            birth: None,
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -739,6 +758,30 @@ mod tests {
         );
         let fd = s.fd(&again.node).unwrap();
         assert_eq!(statx(fd.as_raw_fd(), c"").unwrap().stx_size, 3);
+    }
+
+    #[test]
+    fn a_file_replaced_under_the_same_name_is_not_taken_for_the_old_one() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("g"), b"1").unwrap();
+        let s = store_on(t.path(), Handles::Prefer, 1000);
+        let r = root_fd(&s);
+        let old = s.lookup(ROOT_ID, r.as_raw_fd(), c"g").unwrap().node;
+        if FileHandle::of(r.as_raw_fd()).is_err() {
+            eprintln!("skipped: no file handles on {}", t.path().display());
+            return;
+        }
+        std::fs::remove_file(t.path().join("g")).unwrap();
+        std::fs::write(t.path().join("g"), b"12345").unwrap();
+        // Whether or not the inode number came back, the old node never
+        // shows the new file (ext4 reuses numbers at once).
+        match s.stat(&old) {
+            Ok(sx) => assert_eq!(sx.stx_size, 1, "the new file's attributes for the old node"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+        }
+        let new = s.lookup(ROOT_ID, r.as_raw_fd(), c"g").unwrap();
+        assert_ne!(new.node.id, old.id);
+        assert_eq!(s.stat(&new.node).unwrap().stx_size, 5);
     }
 
     #[test]
