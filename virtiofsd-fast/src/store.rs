@@ -57,8 +57,8 @@ pub fn statx(dir: RawFd, name: &CStr) -> io::Result<libc::statx> {
         };
     // SAFETY: statx is plain old data; all-zero is a valid value.
     let mut sx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is a valid C string and `sx` a valid out buffer.
     let mask = libc::STATX_BASIC_STATS | libc::STATX_BTIME;
+    // SAFETY: `name` is a valid C string and `sx` a valid out buffer.
     cvt(unsafe { libc::statx(dir, name.as_ptr(), flags, mask, &mut sx) })?;
     Ok(sx)
 }
