@@ -273,7 +273,7 @@ fn up(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let vmm = VmStatus::read(&name).and_then(|s| s.vmm_pid);
-        if let (Some(pid), Ok(state)) = (vmm, orchestrator::qmp::run_state(&qmp)) {
+        if let (Some(pid), Ok((state, _))) = (vmm, orchestrator::qmp::vmm_state(&qmp)) {
             println!("VM `{name}` is up: VMM pid {pid}, {state}");
             println!("  console: orchestrator console --name {name}   (Ctrl-] detaches)");
             println!("  status:  orchestrator status --name {name}");
@@ -514,10 +514,10 @@ fn status(name: &str) -> anyhow::Result<ExitCode> {
     // The VMM's own word on the VM, through its API.
     let qmp = state::dir_of(name).join("qmp.sock");
     let vmm_pid = st.vmm_pid.map_or(String::new(), |p| format!(" pid {p},"));
-    match orchestrator::qmp::run_state(&qmp) {
-        Ok(s) => println!("VMM:{vmm_pid} {s} (QMP)"),
+    match orchestrator::qmp::vmm_state(&qmp) {
+        Ok((s, via)) => println!("VMM:{vmm_pid} {s} ({via})"),
         Err(e) if qmp.exists() => println!("VMM:{vmm_pid} not answering on QMP: {e}"),
-        Err(_) => println!("VMM:{vmm_pid} no QMP socket"),
+        Err(_) => println!("VMM:{vmm_pid} no QMP or control API socket"),
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -171,6 +171,27 @@ pub struct Qemu {
     stream: bool,
     console: Option<PathBuf>,
     qmp: Option<PathBuf>,
+    /// The vhost-user devices, for a VMM other than QEMU.
+    vhost: Vec<VhostDevice>,
+    /// Boot with this vmm-core binary instead of QEMU.
+    vmm_core: Option<PathBuf>,
+}
+
+/// A vhost-user device as vmm-core takes it (`--fs/--blk/--net`).
+#[derive(Debug, Clone)]
+enum VhostDevice {
+    Fs {
+        socket: PathBuf,
+        tag: String,
+    },
+    Blk {
+        socket: PathBuf,
+    },
+    Net {
+        socket: PathBuf,
+        mac: String,
+        queues: u16,
+    },
 }
 
 impl Default for Qemu {
@@ -195,7 +216,19 @@ impl Qemu {
             stream: false,
             console: None,
             qmp: None,
+            vhost: Vec::new(),
+            vmm_core: None,
         }
+    }
+
+    /// Boot with vmm-core (the binary at `path`) instead of QEMU: the same
+    /// kernel, initramfs, command line and vhost-user devices, as
+    /// virtio-mmio devices the guest finds in the ACPI tables. QEMU's own
+    /// devices (user-mode network, QMP) have no counterpart there.
+    pub fn vmm_core(mut self, path: &Path) -> Self {
+        self.binary = path.to_path_buf();
+        self.vmm_core = Some(path.to_path_buf());
+        self
     }
 
     /// Put the guest's serial console on a Unix socket QEMU listens on
@@ -342,6 +375,10 @@ impl Qemu {
 
     /// A vhost-user-fs device served at `socket`, visible in the guest as `tag`.
     pub fn fs(mut self, socket: &Path, tag: &str) -> Self {
+        self.vhost.push(VhostDevice::Fs {
+            socket: socket.to_path_buf(),
+            tag: tag.to_string(),
+        });
         let chardev = self.chardev(socket);
         self.device(
             "-device",
@@ -352,6 +389,9 @@ impl Qemu {
 
     /// A vhost-user-blk disk served at `socket`.
     pub fn blk(mut self, socket: &Path) -> Self {
+        self.vhost.push(VhostDevice::Blk {
+            socket: socket.to_path_buf(),
+        });
         let chardev = self.chardev(socket);
         self.device("-device", format!("vhost-user-blk-pci,chardev={chardev}"));
         self
@@ -360,6 +400,9 @@ impl Qemu {
     /// A vhost-user-blk disk served at `socket`, which QEMU reconnects to
     /// (once a second) when its backend restarts.
     pub fn blk_reconnecting(mut self, socket: &Path) -> Self {
+        self.vhost.push(VhostDevice::Blk {
+            socket: socket.to_path_buf(),
+        });
         let chardev = self.chardev(socket);
         if let Some(spec) = self.devices.last_mut() {
             spec.push(",reconnect=1");
@@ -391,6 +434,11 @@ impl Qemu {
     }
 
     fn net_nic(mut self, socket: &Path, mac: &str, pairs: u16, reconnect: bool) -> Self {
+        self.vhost.push(VhostDevice::Net {
+            socket: socket.to_path_buf(),
+            mac: mac.to_string(),
+            queues: pairs,
+        });
         let chardev = self.chardev(socket);
         if reconnect {
             if let Some(spec) = self.devices.last_mut() {
@@ -472,6 +520,9 @@ impl Qemu {
 
     /// The full QEMU command line for the given kernel and initrd.
     pub fn command(&self, kernel: &Path, initrd: &Path) -> Command {
+        if let Some(vmm) = &self.vmm_core {
+            return self.vmm_core_command(vmm, kernel, initrd);
+        }
         let mem = format!("{}M", self.memory_mib);
         let mut cmd = Command::new(&self.binary);
         cmd.args([
@@ -528,6 +579,58 @@ impl Qemu {
             cmd.arg("-qmp").arg(spec);
         }
         cmd.args(&self.devices);
+        cmd
+    }
+
+    /// The same VM as a vmm-core command line (see [`Qemu::vmm_core`]).
+    fn vmm_core_command(&self, vmm: &Path, kernel: &Path, initrd: &Path) -> Command {
+        let mut cmd = Command::new(vmm);
+        // reboot=k: the guest's reset and power-off end vmm-core (i8042).
+        let mut append = vec![
+            "console=ttyS0".to_owned(),
+            "panic=-1".into(),
+            "reboot=k".into(),
+            "quiet".into(),
+        ];
+        append.extend(self.append.iter().cloned());
+        cmd.arg("--kernel")
+            .arg(kernel)
+            .arg("--initramfs")
+            .arg(initrd)
+            .arg(format!("--cmdline={}", append.join(" ")))
+            .arg(format!("--cpus={}", self.cpus))
+            .arg(format!("--memory={}M", self.memory_mib));
+        match &self.console {
+            Some(path) => cmd.arg(format!("--serial=socket:{}", path.display())),
+            None => cmd.arg("--serial=stdio"),
+        };
+        // Where QEMU would serve QMP, vmm-core serves its control API
+        // (`api.sock` beside it; see `qmp::vmm_state`).
+        if let Some(q) = &self.qmp {
+            cmd.arg(format!(
+                "--api-socket={}",
+                q.with_file_name("api.sock").display()
+            ));
+        }
+        for d in &self.vhost {
+            match d {
+                VhostDevice::Fs { socket, tag } => {
+                    cmd.arg(format!("--fs=socket={},tag={tag}", socket.display()))
+                }
+                VhostDevice::Blk { socket } => {
+                    cmd.arg(format!("--blk=socket={}", socket.display()))
+                }
+                VhostDevice::Net {
+                    socket,
+                    mac,
+                    queues,
+                } => cmd.arg(format!(
+                    "--net=socket={},mac={mac},queues={}",
+                    socket.display(),
+                    2 * queues
+                )),
+            };
+        }
         cmd
     }
 
@@ -778,6 +881,43 @@ mod tests {
             ..run
         };
         assert_eq!(run.script_lines(), ["a", "last"]);
+    }
+
+    #[test]
+    fn vmm_core_gets_the_same_vm_as_its_own_flags() {
+        let q = Qemu::new()
+            .cpus(2)
+            .memory_mib(1024)
+            .fs(Path::new("/run/fs0.sock"), "host")
+            .blk_reconnecting(Path::new("/run/blk0.sock"))
+            .net_reconnecting(Path::new("/run/net0.sock"), "52:54:00:00:00:01", 2)
+            .kernel_arg("testbed.fs=host:/mnt/host")
+            .vmm_core(Path::new("/usr/bin/vmm-core"));
+        let cmd = q.command(Path::new("/k"), Path::new("/i"));
+        assert_eq!(cmd.get_program(), "/usr/bin/vmm-core");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        for want in [
+            "--kernel",
+            "/k",
+            "--initramfs",
+            "/i",
+            "--cpus=2",
+            "--memory=1024M",
+            "--serial=stdio",
+            "--fs=socket=/run/fs0.sock,tag=host",
+            "--blk=socket=/run/blk0.sock",
+            "--net=socket=/run/net0.sock,mac=52:54:00:00:00:01,queues=4",
+        ] {
+            assert!(args.iter().any(|a| a == want), "{want} missing: {args:?}");
+        }
+        let cmdline = args.iter().find(|a| a.starts_with("--cmdline=")).unwrap();
+        assert!(cmdline.contains("reboot=k") && cmdline.contains("testbed.fs=host:/mnt/host"));
+        assert!(!args
+            .iter()
+            .any(|a| a.starts_with('-') && a.contains("accel")));
     }
 
     #[test]

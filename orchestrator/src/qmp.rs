@@ -48,6 +48,37 @@ pub fn execute(socket: &Path, command: &str) -> Result<serde_json::Value, String
     unreachable!("the loop returns on its last command")
 }
 
+/// The VMM's run state: QEMU's over QMP at `socket`, or vmm-core's over
+/// its control API (`api.sock` beside it) when no QEMU answers there.
+/// Also says which it was: "QMP" or "control API".
+pub fn vmm_state(socket: &Path) -> Result<(String, &'static str), String> {
+    match run_state(socket) {
+        Ok(s) => Ok((s, "QMP")),
+        Err(qmp_err) => vmm_core_state(&socket.with_file_name("api.sock"))
+            .map(|s| (s, "control API"))
+            .map_err(|_| qmp_err),
+    }
+}
+
+/// vmm-core's run state from its control API (`running`, `paused`).
+pub fn vmm_core_state(api: &Path) -> Result<String, String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(api)
+        .map_err(|e| format!("{}: {e}", api.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    writeln!(s, "{{\"command\":\"status\"}}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+    v.get("state")
+        .and_then(|s| s.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| format!("status returned {v}"))
+}
+
 /// The run state QEMU reports (`running`, `paused`, `shutdown`, ...).
 pub fn run_state(socket: &Path) -> Result<String, String> {
     let v = execute(socket, "query-status")?;

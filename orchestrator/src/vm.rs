@@ -42,16 +42,21 @@ pub fn choose_vmm(choice: VmmChoice) -> Result<(&'static str, String), VmError> 
     let hw = crate::qemu::Accel::detect() == crate::qemu::Accel::Kvm;
     match choice {
         VmmChoice::Qemu => Ok(("qemu", "vmm = \"qemu\" in the config".into())),
+        VmmChoice::Core if hw => Ok(("vmm-core", "vmm = \"core\" in the config".into())),
         VmmChoice::Core => Err(VmError::Choice(
-            "vmm = \"core\": vmm-core cannot boot a full guest yet (issue 6); use vmm = \"qemu\" or \"auto\""
+            "vmm = \"core\": vmm-core needs hardware virtualization (vmx or svm in \
+             /proc/cpuinfo) and this CPU has none; use vmm = \"qemu\" or \"auto\""
                 .into(),
         )),
         VmmChoice::Auto => Ok((
             "qemu",
             if hw {
-                "auto: vmm-core cannot boot a full guest yet (issue 6), so QEMU with KVM".into()
+                "auto: vmm-core has not been through a full boot on hardware \
+                 virtualization yet (issue 6), so QEMU with KVM; vmm = \"core\" picks it"
+                    .into()
             } else {
-                "auto: this CPU has no hardware virtualization (no vmx/svm), so QEMU with TCG".into()
+                "auto: this CPU has no hardware virtualization (no vmx/svm), so QEMU with TCG"
+                    .into()
             },
         )),
     }
@@ -196,6 +201,12 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
 /// The QEMU invocation for `cfg`, with device i on `sockets[i]` (in the
 /// order of [`device_specs`]).
 pub fn qemu_for(cfg: &VmConfig, sockets: &[PathBuf]) -> Qemu {
+    vmm_for(cfg, sockets, None)
+}
+
+/// [`qemu_for`], or with `vmm_core` the same VM under vmm-core (which has
+/// no user-mode network: a VM without a `[[net]]` has no NIC there).
+pub fn vmm_for(cfg: &VmConfig, sockets: &[PathBuf], vmm_core: Option<&Path>) -> Qemu {
     let mut q = Qemu::new().cpus(cfg.cpus).memory_mib(cfg.memory_mib);
     if let Some(k) = &cfg.kernel {
         let mut image = qemu::default_image_config();
@@ -227,9 +238,11 @@ pub fn qemu_for(cfg: &VmConfig, sockets: &[PathBuf]) -> Qemu {
             q = q.kernel_arg(a);
         }
     }
-    // Without a NIC of its own, the guest gets QEMU's user-mode network.
-    if cfg.net.is_empty() {
-        q = q.user_net();
+    match vmm_core {
+        Some(path) => q = q.vmm_core(path),
+        // Without a NIC of its own, the guest gets QEMU's user-mode network.
+        None if cfg.net.is_empty() => q = q.user_net(),
+        None => {}
     }
     q
 }
@@ -272,7 +285,11 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
         );
         sockets.push(sup.add(spec)?);
     }
-    let q = qemu_for(cfg, &sockets);
+    let core = match vmm {
+        "vmm-core" => Some(program("vmm-core")?),
+        _ => None,
+    };
+    let q = vmm_for(cfg, &sockets, core.as_deref());
     let control = sup.state().root.join("control.sock");
     let supervisor = Arc::new(Mutex::new(sup));
     crate::control::serve(&control, Arc::clone(&supervisor)).map_err(|source| {

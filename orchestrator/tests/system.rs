@@ -102,6 +102,49 @@ fn run_lists_the_current_directory_and_passes_the_exit_code() {
     assert!(!runtime.path().join("vmm/default/status.json").exists());
 }
 
+/// `vmm = "core"`: the same VM (share, disk, script) under vmm-core. That
+/// needs VT-x or AMD-V; without, the orchestrator says so and starts
+/// nothing, and the boot itself is reported skipped, not passed.
+#[test]
+fn vmm_core_runs_the_vm_where_the_cpu_can() {
+    if !backends_built() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = share_and_disk_vm(dir.path(), "core", 64);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("vmm = \"qemu\"", "vmm = \"core\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out = orch(runtime.path(), dir.path())
+        .args(["run", "-f"])
+        .arg(&cfg)
+        .args(["--timeout", "300", "--", "ls /mnt/host; exit 7"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hw {
+        assert_eq!(out.status.code(), Some(7), "{stdout}\n{stderr}");
+        assert!(stdout.contains("vm.toml"), "{stdout}\n{stderr}");
+        assert!(stderr.contains("vmm: vmm-core"), "{stderr}");
+    } else {
+        assert_ne!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+        assert!(stderr.contains("needs hardware virtualization"), "{stderr}");
+        assert!(
+            !stderr.contains("starting fs0"),
+            "started backends: {stderr}"
+        );
+        eprintln!("skipped: no hardware virtualization (no vmx/svm): vmm-core's full boot not run");
+    }
+}
+
 #[test]
 fn config_errors_start_nothing() {
     let runtime = tempfile::tempdir().unwrap();
