@@ -11,7 +11,8 @@ fn require(r: Result<(), String>) -> bool {
         Ok(()) => true,
         Err(why) if std::env::var_os("CI").is_some() => panic!("{why} (CI is set)"),
         Err(why) => {
-            eprintln!("skipped: {why}");
+            let _ =
+                std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: {why}\n"));
             false
         }
     }

@@ -22,6 +22,14 @@ pub mod ring;
 
 pub use frontend::find_program;
 
+/// Say a test was skipped, and why, on stderr itself rather than through
+/// `eprintln!`, which the test harness captures: the line shows in every
+/// run's output, CI's included.
+pub fn skipped(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
+}
+
 /// Turns a missing prerequisite into a skip on a developer machine and a
 /// failure in CI (where `CI` is set): a test that silently skips in CI would
 /// be a test that never runs. A skip prints "skipped: <reason>".
@@ -32,7 +40,7 @@ pub fn require<T>(check: Result<T, String>) -> Option<T> {
             panic!("{reason} (CI is set, so a missing prerequisite is a failure, not a skip)")
         }
         Err(reason) => {
-            eprintln!("skipped: {reason}");
+            skipped(&reason);
             None
         }
     }

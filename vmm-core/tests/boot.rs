@@ -20,7 +20,7 @@ fn skip(why: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{why} (CI is set, so this is a failure, not a skip)");
     }
-    eprintln!("skipped: {why}");
+    let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: {why}\n"));
 }
 
 /// The newest /boot/vmlinuz-*, its ELF kernel extracted (the payload of a

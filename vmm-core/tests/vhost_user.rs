@@ -34,7 +34,7 @@ fn blk_backend(dir: &Path) -> Option<(Backend, std::path::PathBuf)> {
         if std::env::var_os("CI").is_some() {
             panic!("{why} (CI is set)");
         }
-        eprintln!("skipped: {why}");
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: {why}\n"));
         return None;
     }
     let image = dir.join("disk.img");
@@ -405,7 +405,7 @@ fn a_tag_the_backend_does_not_serve_is_a_clear_error() {
         if std::env::var_os("CI").is_some() {
             panic!("{why} (CI is set)");
         }
-        eprintln!("skipped: {why}");
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: {why}\n"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

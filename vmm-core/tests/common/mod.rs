@@ -15,7 +15,9 @@ pub fn kvm() -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("skipped: /dev/kvm: {e}");
+            // Straight to stderr, past the test harness's capture, so the
+            // skip shows in every run's log.
+            let _ = writeln!(std::io::stderr(), "skipped: /dev/kvm: {e}");
             false
         }
     }
