@@ -221,7 +221,11 @@ pub struct Node {
     /// without opening it.
     name: Mutex<Option<(u64, Box<CStr>)>>,
     /// Its birth time, which a file found at that name must share (an
-    /// inode number alone may have been reused).
+    /// inode number alone may have been reused). Kernels whose birth times
+    /// come from the coarse clock leave one gap: a file made at the same
+    /// name with the same number within the same tick passes, and its
+    /// attributes are reported for the old node until the guest looks the
+    /// name up again (a lookup compares file handles, which are exact).
     birth: Option<(i64, u32)>,
 }
 
