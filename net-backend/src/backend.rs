@@ -120,6 +120,8 @@ pub struct NetBackend {
     /// (and acknowledges MQ all the same), turning pairs on and off with
     /// SET_VRING_ENABLE instead.
     ctrl_here: AtomicBool,
+    /// How long a worker watches its transmit ring after the last frame.
+    tx_poll: std::time::Duration,
     pub counters: Counters,
 }
 
@@ -150,7 +152,41 @@ impl NetBackend {
             acked: AtomicU64::new(0),
             active_pairs: AtomicUsize::new(1),
             ctrl_here: AtomicBool::new(false),
+            tx_poll: std::time::Duration::ZERO,
             counters: Counters::default(),
+        }
+    }
+
+    /// Watch the transmit ring for `poll` after each batch before sleeping
+    /// until the guest's next kick (default: not at all).
+    pub fn with_tx_poll(mut self, poll: std::time::Duration) -> Self {
+        self.tx_poll = poll;
+        self
+    }
+
+    /// Spin up to the poll window for more frames on `vring`. Returns
+    /// whether some arrived.
+    fn poll_for_more(&self, vring: &VringRwLock) -> bool {
+        if self.tx_poll.is_zero() {
+            return false;
+        }
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let deadline = std::time::Instant::now() + self.tx_poll;
+        loop {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            match q.avail_idx(&*mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != q.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            drop(state);
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -781,6 +817,11 @@ impl NetBackend {
             TX if ready(tx) => loop {
                 let _ = tx.disable_notification();
                 self.process_tx(p, tx)?;
+                // With kicks still off, watch the ring a little: a guest
+                // sending its next frame soon sends it without a kick.
+                if self.poll_for_more(tx) {
+                    continue;
+                }
                 if !tx.enable_notification().unwrap_or(false) {
                     break;
                 }

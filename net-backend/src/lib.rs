@@ -62,7 +62,8 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         mtu = cfg.mtu,
         "serving"
     );
-    let backend = Arc::new(NetBackend::new(links, cfg.mac, cfg.mtu, cfg.queue_size));
+    let backend =
+        Arc::new(NetBackend::new(links, cfg.mac, cfg.mtu, cfg.queue_size).with_tx_poll(cfg.poll));
     backend_common::serve_with_hooks(
         "net-backend",
         &listener,
