@@ -272,4 +272,38 @@ impl MemorySlot {
         use vm_memory::GuestAddressSpace;
         Some(self.0.read().ok()?.as_ref()?.memory())
     }
+
+    /// Spin on `vring`'s available index for up to `window`, for a queue
+    /// thread that has just served everything (with kicks still off): a
+    /// driver that makes its next request available soon is then served
+    /// without a kick or a wake-up. Returns whether one arrived.
+    pub fn poll_ring(
+        &self,
+        vring: &vhost_user_backend::VringRwLock,
+        window: std::time::Duration,
+    ) -> bool {
+        use vhost_user_backend::VringT;
+        use virtio_queue::QueueT;
+        if window.is_zero() {
+            return false;
+        }
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let deadline = std::time::Instant::now() + window;
+        loop {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            match q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
+                Ok(idx) if idx.0 != q.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            drop(state);
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
 }

@@ -164,32 +164,6 @@ impl NetBackend {
         self
     }
 
-    /// Spin up to the poll window for more frames on `vring`. Returns
-    /// whether some arrived.
-    fn poll_for_more(&self, vring: &VringRwLock) -> bool {
-        if self.tx_poll.is_zero() {
-            return false;
-        }
-        let Some(mem) = self.memory() else {
-            return false;
-        };
-        let deadline = std::time::Instant::now() + self.tx_poll;
-        loop {
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            match q.avail_idx(&*mem, Ordering::Acquire) {
-                Ok(idx) if idx.0 != q.next_avail() => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-            drop(state);
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
     /// The queue pairs.
     pub fn pairs(&self) -> &[Pair] {
         &self.pairs
@@ -819,7 +793,7 @@ impl NetBackend {
                 self.process_tx(p, tx)?;
                 // With kicks still off, watch the ring a little: a guest
                 // sending its next frame soon sends it without a kick.
-                if self.poll_for_more(tx) {
+                if self.mem.poll_ring(tx, self.tx_poll) {
                     continue;
                 }
                 if !tx.enable_notification().unwrap_or(false) {

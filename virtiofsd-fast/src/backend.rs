@@ -5,7 +5,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backend_common::FaultCounter;
 use fuse_backend_rs::abi::fuse_abi::InHeader;
@@ -157,32 +157,6 @@ impl FsBackend {
         }
     }
 
-    /// Spin up to the poll window for the guest's next request. Returns
-    /// whether one arrived.
-    fn poll_for_more(&self, vring: &VringRwLock) -> bool {
-        if self.poll.is_zero() {
-            return false;
-        }
-        let Some(mem) = self.mem.memory() else {
-            return false;
-        };
-        let deadline = Instant::now() + self.poll;
-        loop {
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            match q.avail_idx(&*mem, Ordering::Acquire) {
-                Ok(idx) if idx.0 != q.next_avail() => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-            drop(state);
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
     fn bad_chain(&self, e: &dyn std::fmt::Display) -> u32 {
         if let Some(count) = self.faults.bad_chains.hit() {
             warn!(error = %e, count, "unusable descriptor chain");
@@ -274,7 +248,7 @@ impl VhostUserBackend for FsBackend {
                 // With kicks still off, watch the ring a little longer: a
                 // guest that sends its next request soon sends it without a
                 // kick, and we take it without a wake-up from epoll.
-                if self.poll_for_more(vring) {
+                if self.mem.poll_ring(vring, self.poll) {
                     continue;
                 }
                 if !vring.enable_notification().map_err(io::Error::other)? {
