@@ -96,11 +96,10 @@ fn compile(allowed: &[c_long], mismatch: SeccompAction) -> Result<BpfProgram, Se
     BpfProgram::try_from(filter).map_err(SeccompError::Build)
 }
 
-/// What any of the workspace's backends needs once it serves: the Rust
-/// runtime (memory, threads, signals for abort), the vhost-user socket
-/// (descriptors arrive by SCM_RIGHTS), guest memory mappings, and the epoll
-/// and eventfd machinery of vhost-user-backend. A device adds its own.
-pub const COMMON: &[c_long] = &[
+/// What any thread of the workspace's programs needs: the Rust runtime
+/// (memory, locks, signals for abort, time) and plain descriptor work.
+/// vmm-core's thread roles start from this; the backends add [`SERVING`].
+pub const RUNTIME: &[c_long] = &[
     // Memory: the allocator, and guest memory mapped from SET_MEM_TABLE fds.
     libc::SYS_brk,
     libc::SYS_mmap,
@@ -108,10 +107,7 @@ pub const COMMON: &[c_long] = &[
     libc::SYS_mremap,
     libc::SYS_mprotect,
     libc::SYS_madvise,
-    // Threads: std and glibc's pthreads; the vring workers come and go with
-    // each frontend connection.
-    libc::SYS_clone,
-    libc::SYS_clone3,
+    // Locks and thread bookkeeping.
     libc::SYS_futex,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
@@ -136,17 +132,6 @@ pub const COMMON: &[c_long] = &[
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_getrandom,
-    // The event loop: epoll over kick eventfds and the exit eventfd.
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_eventfd2,
-    // The vhost-user socket: a new frontend on the listener, messages with
-    // descriptors attached.
-    libc::SYS_accept4,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
     // Plain descriptor work.
     libc::SYS_read,
     libc::SYS_write,
@@ -154,10 +139,35 @@ pub const COMMON: &[c_long] = &[
     libc::SYS_writev,
     libc::SYS_close,
     libc::SYS_fcntl,
-    libc::SYS_ioctl,
     libc::SYS_lseek,
     libc::SYS_fstat,
 ];
+
+/// What a backend adds to [`RUNTIME`] to serve: threads (the vring workers
+/// come and go with each frontend connection), the epoll and eventfd
+/// machinery of vhost-user-backend, and the vhost-user socket (a new
+/// frontend on the listener, messages with descriptors attached).
+pub const SERVING: &[c_long] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_accept4,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_ioctl,
+];
+
+/// What any of the workspace's backends needs once it serves:
+/// [`RUNTIME`] and [`SERVING`]. A device adds its own.
+pub fn common() -> Vec<c_long> {
+    let mut v = RUNTIME.to_vec();
+    v.extend_from_slice(SERVING);
+    v
+}
 
 #[cfg(test)]
 mod tests {
@@ -241,7 +251,7 @@ mod tests {
 
     #[test]
     fn common_list_compiles() {
-        let prog = compile(COMMON, SeccompAction::KillProcess).unwrap();
+        let prog = compile(&common(), SeccompAction::KillProcess).unwrap();
         assert!(!prog.is_empty());
     }
 }

@@ -4,7 +4,7 @@ use libc::c_long;
 
 /// The allowlist: the common runtime plus image I/O.
 pub fn allowlist() -> Vec<c_long> {
-    let mut v = backend_common::seccomp::COMMON.to_vec();
+    let mut v = backend_common::seccomp::common();
     v.extend_from_slice(IMAGE_IO);
     v.sort_unstable();
     v.dedup();

@@ -123,7 +123,7 @@ fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
 
 /// The syscalls net-backend needs once it is serving.
 pub fn allowlist() -> Vec<c_long> {
-    let mut v = backend_common::seccomp::COMMON.to_vec();
+    let mut v = backend_common::seccomp::common();
     v.extend_from_slice(&[
         libc::SYS_readv,
         libc::SYS_writev,

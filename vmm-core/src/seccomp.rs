@@ -25,60 +25,8 @@ pub enum Role {
     Devices,
 }
 
-/// What every role needs: the Rust runtime, locks, logging, time.
-const BASE: &[c_long] = &[
-    libc::SYS_brk,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_futex,
-    libc::SYS_set_robust_list,
-    libc::SYS_rseq,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_prctl,
-    libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_sigaltstack,
-    libc::SYS_tgkill,
-    libc::SYS_restart_syscall,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_getrandom,
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_close,
-    libc::SYS_fcntl,
-    libc::SYS_fstat,
-    libc::SYS_lseek,
-];
-
-const VCPU: &[c_long] = &[
-    libc::SYS_ioctl,
-    // vhost-user messages (with descriptors) to the backends.
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_recvfrom,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_eventfd2,
-];
-
-const DEVICES: &[c_long] = &[
-    // A new connection to a restarted backend, and the replayed messages.
-    libc::SYS_socket,
-    libc::SYS_connect,
+/// vhost-user messages (with descriptors) to the backends.
+const VHOST_USER: &[c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
     libc::SYS_sendto,
@@ -86,6 +34,11 @@ const DEVICES: &[c_long] = &[
     libc::SYS_poll,
     libc::SYS_ppoll,
 ];
+
+const VCPU: &[c_long] = &[libc::SYS_ioctl, libc::SYS_eventfd2];
+
+/// A new connection to a restarted backend (then [`VHOST_USER`] replays).
+const DEVICES: &[c_long] = &[libc::SYS_socket, libc::SYS_connect];
 
 const API: &[c_long] = &[
     libc::SYS_accept4,
@@ -98,13 +51,19 @@ const API: &[c_long] = &[
 
 /// The allowlist for `role`.
 pub fn allowlist(role: Role) -> Vec<c_long> {
-    let mut v = BASE.to_vec();
-    v.extend_from_slice(match role {
-        Role::Vmm => &[],
-        Role::Vcpu => VCPU,
-        Role::Api => API,
-        Role::Devices => DEVICES,
-    });
+    let mut v = backend_common::seccomp::RUNTIME.to_vec();
+    match role {
+        Role::Vmm => {}
+        Role::Vcpu => {
+            v.extend_from_slice(VCPU);
+            v.extend_from_slice(VHOST_USER);
+        }
+        Role::Api => v.extend_from_slice(API),
+        Role::Devices => {
+            v.extend_from_slice(DEVICES);
+            v.extend_from_slice(VHOST_USER);
+        }
+    }
     v.sort_unstable();
     v.dedup();
     v

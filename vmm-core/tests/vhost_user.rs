@@ -255,26 +255,40 @@ fn exit_with_status(code: &mut Vec<u8>) {
     code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xee]); // out 0x501, al
 }
 
+/// A one-vCPU VM whose only device is a blk-backend started in `dir`,
+/// its vCPU under the seccomp filter the binary uses (vhost-user messages,
+/// ioeventfd and irqfd set-up happen there), and queue 0's rings laid out
+/// by [`prepare_read`].
+fn vm_on_blk_backend(
+    dir: &Path,
+) -> Option<(
+    (Backend, std::path::PathBuf),
+    GuestMemoryMmap,
+    vmm_core::machine::Machine,
+    vmm_core::machine::MmioSlot,
+)> {
+    let backend = blk_backend(dir)?;
+    let ram = GuestRam::new(32 << 20).unwrap();
+    let mem = ram.mem.clone();
+    let dev = VhostUserDevice::connect(&backend.1, 2, &ram.mem, 1, 256).expect("connects");
+    let mut m = vmm_core::machine::Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
+    m.set_seccomp(backend_common::seccomp::Action::Kill);
+    let slot = m.add_virtio_mmio(dev).unwrap();
+    prepare_read(&mem);
+    Some((backend, mem, m, slot))
+}
+
 #[test]
 fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
-    use vmm_core::machine::{load_program, Machine, Stop};
+    use vmm_core::machine::{load_program, Stop};
     if !common::kvm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let Some((_b, sock)) = blk_backend(dir.path()) else {
+    let Some((_b, mem, m, slot)) = vm_on_blk_backend(dir.path()) else {
         return;
     };
-    let ram = GuestRam::new(32 << 20).unwrap();
-    let mem = ram.mem.clone();
-    let dev = VhostUserDevice::connect(&sock, 2, &ram.mem, 1, 256).expect("connects");
-    let mut m = Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
-    // The vCPU drives the device (vhost-user messages, ioeventfd and irqfd
-    // set-up) under its seccomp filter, as in the binary.
-    m.set_seccomp(backend_common::seccomp::Action::Kill);
-    let slot = m.add_virtio_mmio(dev).unwrap();
     let notify_exits = std::sync::Arc::clone(&m.mmio_devices()[0].1.lock().unwrap().notify_exits);
-    prepare_read(&mem);
     // The program: the driver's register writes (MMIO exits into
     // vmm-core), the kick (an ioeventfd: no exit), a poll of the used
     // index, and the request's status byte + 0x40 to the debug-exit port.
@@ -312,22 +326,20 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
 #[test]
 fn a_killed_backend_is_reconnected_and_the_next_request_completes() {
     use std::sync::atomic::Ordering;
-    use vmm_core::machine::{load_program, Machine, Stop};
+    use vmm_core::machine::{load_program, Stop};
     if !common::kvm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let Some((backend, sock)) = blk_backend(dir.path()) else {
+    let Some(((backend, sock), mem, m, slot)) = vm_on_blk_backend(dir.path()) else {
         return;
     };
-    let ram = GuestRam::new(32 << 20).unwrap();
-    let mem = ram.mem.clone();
-    let dev = VhostUserDevice::connect(&sock, 2, &ram.mem, 1, 256).expect("connects");
-    let reconnects = dev.reconnect_counter();
-    let mut m = Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
-    m.set_seccomp(backend_common::seccomp::Action::Kill);
-    let slot = m.add_virtio_mmio(dev).unwrap();
-    prepare_read(&mem);
+    let reconnects = m.mmio_devices()[0]
+        .1
+        .lock()
+        .unwrap()
+        .device
+        .reconnect_counter();
     let mut code = Vec::new();
     bring_up_queue(&mut code, slot.base);
     wait_word(&mut code, 0x12002, 1); // the first request is used
