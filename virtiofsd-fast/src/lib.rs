@@ -83,7 +83,14 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         capabilities = format!("{:#x}", sandbox::effective_capabilities().unwrap_or(0)),
         "serving"
     );
-    backend_common::serve("virtiofsd-fast", &listener, backend, cfg.connections)?;
+    let hooks = backend::Hooks(backend.clone());
+    backend_common::serve_with_hooks(
+        "virtiofsd-fast",
+        &listener,
+        backend,
+        cfg.connections,
+        &hooks,
+    )?;
     Ok(())
 }
 

@@ -45,6 +45,8 @@ const FILESYSTEM: &[c_long] = &[
     libc::SYS_ftruncate,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    libc::SYS_syncfs,
+    libc::SYS_copy_file_range,
     // Metadata and the namespace.
     libc::SYS_fchmod,
     libc::SYS_fchmodat,

@@ -160,6 +160,59 @@ impl ShareFs {
         (self.store.nodes(), self.store.open_fds())
     }
 
+    /// FUSE_COPY_FILE_RANGE (fuse-backend-rs's server does not dispatch
+    /// it; the backend calls this). The copy stays on the host, so a guest
+    /// `cp` of a large file moves no data through guest memory, and a
+    /// filesystem that can share extents (btrfs, XFS) shares them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range(
+        &self,
+        inode_in: Inode,
+        handle_in: Handle,
+        offset_in: u64,
+        inode_out: Inode,
+        handle_out: Handle,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> io::Result<usize> {
+        if flags != 0 {
+            return Err(err(libc::EINVAL));
+        }
+        let src = self.handle(inode_in, handle_in)?;
+        let dst = self.handle(inode_out, handle_out)?;
+        let mut off_in = i64::try_from(offset_in).map_err(|_| err(libc::EINVAL))?;
+        let mut off_out = i64::try_from(offset_out).map_err(|_| err(libc::EINVAL))?;
+        // The reply carries the count in 32 bits; Linux asks for at most
+        // this much at once anyway.
+        let len = len.min(u64::from(u32::MAX) & !0xfff) as usize;
+        // SAFETY: both descriptors are held by `src` and `dst`; the offsets
+        // are valid i64s the call updates.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.file.as_raw_fd(),
+                &mut off_in,
+                dst.file.as_raw_fd(),
+                &mut off_out,
+                len,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// FUSE_SYNCFS: the guest ran sync(2) or syncfs(2) on the mount whose
+    /// root is `inode`; make the host filesystem under it durable.
+    pub fn syncfs(&self, inode: Inode) -> io::Result<()> {
+        // syncfs() refuses O_PATH descriptors: open the directory itself.
+        let dir = open_dir(&*self.dir_fd(inode)?)?;
+        // SAFETY: a descriptor we hold.
+        cvt(unsafe { libc::syncfs(dir.as_raw_fd()) }).map(drop)
+    }
+
     fn node(&self, inode: Inode) -> io::Result<Arc<Node>> {
         self.store.get(inode)
     }

@@ -23,13 +23,14 @@ fn daemon(share: &Path, extra: &[&str]) -> BackendProcess {
 }
 
 fn boot(d: &BackendProcess, script: &str) -> GuestRun {
+    boot_with(d, script, Qemu::new())
+}
+
+fn boot_with(d: &BackendProcess, script: &str, qemu: Qemu) -> GuestRun {
     let full = format!(
         "set -e\nmkdir -p /mnt/host\nmount -t virtiofs share /mnt/host\ncd /mnt/host\n{script}"
     );
-    match Qemu::new()
-        .fs(d.socket(), "share")
-        .run(&full, GUEST_TIMEOUT)
-    {
+    match qemu.fs(d.socket(), "share").run(&full, GUEST_TIMEOUT) {
         Ok(run) => run,
         Err(e) => panic!("{e}\n--- virtiofsd-fast ---\n{}", d.output()),
     }
@@ -42,6 +43,29 @@ fn md5(path: &Path) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// The daemon's "requests served" line, logged once the guest has gone.
+fn requests_served(d: &BackendProcess) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = d.output();
+        if let Some(l) = out.lines().find(|l| l.contains("requests served")) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request counts logged:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How many requests of `opcode` the line counts.
+fn served_count(line: &str, opcode: &str) -> u64 {
+    line.split([' ', '"'])
+        .find_map(|w| w.strip_prefix(opcode)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn line_after<'a>(out: &'a str, key: &str) -> &'a str {
@@ -73,10 +97,21 @@ fn everyday_file_operations_with(flags: &[&str]) {
         .collect();
     std::fs::write(dir.path().join("host.bin"), &blob).unwrap();
     let d = daemon(dir.path(), flags);
-    let run = boot(
-        &d,
-        r#"
+    // coreutils' cp copies with copy_file_range(2) (busybox's reads and
+    // writes), so the copy below exercises FUSE_COPY_FILE_RANGE.
+    let qemu = Qemu::new()
+        .tool(Path::new("/bin/cp"))
+        .expect("coreutils cp into the guest");
+    let script = r#"
 echo "host-md5: $(md5sum host.bin | cut -d' ' -f1)"
+TOOL_RUN /tools/cp host.bin copied.bin
+echo "copied-md5: $(md5sum copied.bin | cut -d' ' -f1)"
+"#
+    .replace("TOOL_RUN", guest::TOOL_RUN);
+    let run = boot_with(
+        &d,
+        &(script
+            + r#"
 echo small > g-small.txt
 dd if=/dev/urandom of=g-big.bin bs=1M count=8 2>/dev/null
 echo "guest-md5: $(md5sum g-big.bin | cut -d' ' -f1)"
@@ -107,7 +142,8 @@ printf 'root:x:0:\ntester:x:1000:\n' > /etc/group
 su tester -c 'mkdir userdir/d && echo x > userdir/f && ln -s f userdir/l && mkfifo userdir/p'
 echo "as-user: $(stat -c %u:%g userdir/d) $(stat -c %u:%g userdir/f) $(stat -c %u:%g userdir/l) $(stat -c %u:%g userdir/p)"
 sync
-"#,
+"#),
+        qemu,
     );
     let out = run.script_output();
     assert_eq!(
@@ -121,6 +157,20 @@ sync
         line_after(&out, "host-md5:"),
         md5(&dir.path().join("host.bin"))
     );
+    // Copied on the host, read back by the guest and by the host.
+    assert_eq!(
+        line_after(&out, "copied-md5:"),
+        line_after(&out, "host-md5:")
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("copied.bin")).unwrap(),
+        blob,
+        "the copy on the host"
+    );
+    let served = requests_served(&d);
+    assert!(served_count(&served, "COPY_FILE_RANGE") >= 1, "{served}");
+    // The guest's `sync` reached the daemon (as syncfs on the share).
+    assert!(served_count(&served, "SYNCFS") >= 1, "{served}");
     assert_eq!(
         line_after(&out, "guest-md5:"),
         md5(&dir.path().join("g-big.bin"))

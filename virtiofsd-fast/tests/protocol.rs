@@ -75,6 +75,95 @@ fn serves_the_share() {
     assert!(blocks > 0);
 }
 
+/// fuse_copy_file_range_in.
+fn copy_in(
+    fh_in: u64,
+    off_in: u64,
+    node_out: u64,
+    fh_out: u64,
+    off_out: u64,
+    len: u64,
+    flags: u64,
+) -> Vec<u8> {
+    [fh_in, off_in, node_out, fh_out, off_out, len, flags]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn copy_file_range_and_syncfs_are_served_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    std::fs::write(dir.path().join("src"), &data).unwrap();
+    let mut b = start(dir.path(), &[]);
+    let mut c = client(&mut b);
+
+    let src = c.lookup(ROOT_ID, "src").unwrap();
+    let fh_src = c.open(src.nodeid, libc::O_RDONLY as u32).unwrap();
+    let (dst, fh_dst) = c
+        .create(ROOT_ID, "dst", 0o644, libc::O_RDWR as u32)
+        .unwrap();
+    let a = copy_in(fh_src, 4096, dst.nodeid, fh_dst, 10, 100_000, 0);
+    let body = c.call(op::COPY_FILE_RANGE, src.nodeid, &[&a], 8).unwrap();
+    assert_eq!(u32::from_le_bytes(body[0..4].try_into().unwrap()), 100_000);
+    let mut want = vec![0u8; 10];
+    want.extend_from_slice(&data[4096..104_096]);
+    assert_eq!(std::fs::read(dir.path().join("dst")).unwrap(), want);
+
+    // Past the end of the source: nothing copied, not an error.
+    let a = copy_in(fh_src, 400_000, dst.nodeid, fh_dst, 0, 10, 0);
+    let body = c.call(op::COPY_FILE_RANGE, src.nodeid, &[&a], 8).unwrap();
+    assert_eq!(u32::from_le_bytes(body[0..4].try_into().unwrap()), 0);
+    // A handle the guest was never given, flags Linux never sends, a
+    // handle of another node, a truncated request.
+    for (a, errno) in [
+        (copy_in(9999, 0, dst.nodeid, fh_dst, 0, 10, 0), libc::EBADF),
+        (
+            copy_in(fh_src, 0, dst.nodeid, fh_dst, 0, 10, 1),
+            libc::EINVAL,
+        ),
+        (
+            copy_in(fh_src, 0, src.nodeid, fh_dst, 0, 10, 0),
+            libc::EBADF,
+        ),
+        (
+            copy_in(fh_src, 0, dst.nodeid, fh_dst, 0, 10, 0)[..20].to_vec(),
+            libc::EINVAL,
+        ),
+    ] {
+        match c.call(op::COPY_FILE_RANGE, src.nodeid, &[&a], 8) {
+            Err(FsError::Errno(e)) => assert_eq!(e, errno),
+            other => panic!("expected errno {errno}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("dst")).unwrap().len(),
+        100_010
+    );
+
+    // sync(2) in the guest: served (it used to be ENOSYS, which makes a
+    // Linux guest stop asking, so its syncs never reached the host disk).
+    c.call(op::SYNCFS, ROOT_ID, &[&[0u8; 8]], 0).unwrap();
+
+    c.release(src.nodeid, fh_src).unwrap();
+    c.release(dst.nodeid, fh_dst).unwrap();
+    drop(c);
+    // The per-opcode counts logged when the frontend goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !b.output().contains("requests served") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = b.output();
+    let line = out
+        .lines()
+        .find(|l| l.contains("requests served"))
+        .unwrap_or_else(|| panic!("no request counts logged:\n{out}"));
+    assert!(line.contains("COPY_FILE_RANGE=6"), "{line}");
+    assert!(line.contains("SYNCFS=1"), "{line}");
+    assert!(b.is_running(), "{out}");
+}
+
 #[test]
 fn the_guest_cannot_leave_the_share() {
     let outer = tempfile::tempdir().unwrap();

@@ -5,7 +5,11 @@
 //! host page cache. Inside the guest: `find` cold, `find` again at once
 //! (warm), `find` after the 1 s coherence window, `ls -lR`, creating files,
 //! reading one large file; and, as the physical limit, the same `find` over
-//! a copy of the tree in the guest's own tmpfs.
+//! a copy of the tree in the guest's own tmpfs. With `--tmpfs`, the warm
+//! `find` over the share and over tmpfs then alternate `--repeats` times in
+//! the same guest and their medians are reported (`share_find_warm_median`,
+//! `tmpfs_find_warm_median`): one guest's tmpfs time moves a lot from boot
+//! to boot, so only a comparison inside one guest says much.
 //!
 //!   guest-bench --backend 'fast=virtiofsd-fast --cache=coherent' \
 //!               --backend 'virtiofsd=virtiofsd --cache=auto'
@@ -44,6 +48,9 @@ struct Args {
     /// Also time `find` over a copy of the tree in the guest's tmpfs.
     #[arg(long)]
     tmpfs: bool,
+    /// With --tmpfs: how many times the warm share/tmpfs pair is timed.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
     /// Where the tree lives (a real disk).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -67,6 +74,23 @@ fn program(name: &str) -> Option<PathBuf> {
         return Some(beside);
     }
     tests::find_program(name)
+}
+
+/// The median of the values whose keys are `prefix` followed by a number.
+fn median_of(seconds: &BTreeMap<String, f64>, prefix: &str) -> Option<f64> {
+    let mut v: Vec<f64> = seconds
+        .iter()
+        .filter(|(k, _)| {
+            k.strip_prefix(prefix)
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .map(|(_, &x)| x)
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
 }
 
 fn drop_host_caches() -> bool {
@@ -95,6 +119,11 @@ if [ TMPFS = 1 ]; then
   mkdir -p /tmp/copy && mount -t tmpfs tmpfs /tmp/copy && cp -a /mnt/host/d* /tmp/copy/
   echo "tmpfs_find_cold: $(t find /tmp/copy)"
   echo "tmpfs_find_warm: $(t find /tmp/copy)"
+  i=0; while [ $i -lt REPEATS ]; do
+    echo "share_find_warm_$i: $(t find /mnt/host)"
+    echo "tmpfs_find_warm_$i: $(t find /tmp/copy)"
+    i=$((i+1))
+  done
 fi
 "#;
 
@@ -120,7 +149,8 @@ fn main() -> Result<()> {
     }
     let script = SCRIPT
         .replace("CREATES", &a.creates.to_string())
-        .replace("TMPFS", if a.tmpfs { "1" } else { "0" });
+        .replace("TMPFS", if a.tmpfs { "1" } else { "0" })
+        .replace("REPEATS", &a.repeats.to_string());
 
     let mut rows = Vec::new();
     for spec in &a.backends {
@@ -169,7 +199,27 @@ fn main() -> Result<()> {
                 seconds.insert(key.to_string(), ((t1 - t0) * 100.0).round() / 100.0);
             }
         }
+        for what in ["share_find_warm", "tmpfs_find_warm"] {
+            if let Some(m) = median_of(&seconds, &format!("{what}_")) {
+                seconds.insert(format!("{what}_median"), m);
+            }
+        }
         eprintln!("guest-bench: {name}: {seconds:?}");
+        // virtiofsd-fast logs what the guest asked for once it has gone.
+        for _ in 0..20 {
+            if let Some(l) = backend
+                .output()
+                .lines()
+                .find(|l| l.contains("requests served"))
+            {
+                eprintln!("guest-bench: {name}: {l}");
+                break;
+            }
+            if !backend.output().contains("virtiofsd-fast") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         rows.push(Row {
             name: name.into(),
             cmd: argv.join(" "),
