@@ -273,6 +273,28 @@ impl MemorySlot {
         Some(self.0.read().ok()?.as_ref()?.memory())
     }
 
+    /// Whether `vring` has requests made available and not yet taken
+    /// (None: the ring cannot be read, or no memory is mapped).
+    pub fn ring_pending(&self, vring: &vhost_user_backend::VringRwLock) -> Option<bool> {
+        Self::pending(&*self.memory()?, vring)
+    }
+
+    fn pending(
+        mem: &vm_memory::GuestMemoryMmap,
+        vring: &vhost_user_backend::VringRwLock,
+    ) -> Option<bool> {
+        use vhost_user_backend::VringT;
+        use virtio_queue::QueueT;
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        if !q.ready() {
+            return None;
+        }
+        q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .ok()
+            .map(|idx| idx.0 != q.next_avail())
+    }
+
     /// Spin on `vring`'s available index for up to `window`, for a queue
     /// thread that has just served everything (with kicks still off): a
     /// driver that makes its next request available soon is then served
@@ -282,8 +304,6 @@ impl MemorySlot {
         vring: &vhost_user_backend::VringRwLock,
         window: std::time::Duration,
     ) -> bool {
-        use vhost_user_backend::VringT;
-        use virtio_queue::QueueT;
         if window.is_zero() {
             return false;
         }
@@ -292,14 +312,11 @@ impl MemorySlot {
         };
         let deadline = std::time::Instant::now() + window;
         loop {
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            match q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
-                Ok(idx) if idx.0 != q.next_avail() => return true,
-                Ok(_) => {}
-                Err(_) => return false,
+            match Self::pending(&mem, vring) {
+                Some(true) => return true,
+                Some(false) => {}
+                None => return false,
             }
-            drop(state);
             if std::time::Instant::now() >= deadline {
                 return false;
             }

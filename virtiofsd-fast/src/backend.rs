@@ -4,8 +4,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use backend_common::FaultCounter;
 use fuse_backend_rs::abi::fuse_abi::{CopyFileRangeIn, InHeader, Opcode, OutHeader, WriteOut};
@@ -57,6 +57,11 @@ pub struct FsBackend {
     /// Requests served per FUSE opcode (the last slot: unknown opcodes),
     /// logged and reset when a frontend goes.
     requests: [AtomicU64; OPCODES + 1],
+    /// The high-priority queue (FORGET, INTERRUPT) of the connection, once
+    /// its thread has seen it: a request thread that is polling its own
+    /// ring serves that one too, so a FORGET batch costs no thread a
+    /// wake-up and the poller is still awake for the next request.
+    hiprio: RwLock<Option<VringRwLock>>,
 }
 
 /// FUSE opcodes counted one by one (FUSE_LOOKUP = 1 .. FUSE_STATX = 52).
@@ -79,6 +84,34 @@ impl FsBackend {
             poll,
             faults: Faults::default(),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            hiprio: RwLock::new(None),
+        }
+    }
+
+    /// Watch `vring` (with its kicks off) for up to the poll window after
+    /// its last request, serving the high-priority queue meanwhile when it
+    /// has work. Returns whether `vring` has a request again.
+    fn poll(&self, vring: &VringRwLock) -> bool {
+        if self.poll.is_zero() {
+            return false;
+        }
+        let hiprio = self.hiprio.read().ok().and_then(|h| h.clone());
+        let mut deadline = Instant::now() + self.poll;
+        loop {
+            match self.mem.ring_pending(vring) {
+                Some(true) => return true,
+                Some(false) => {}
+                None => return false,
+            }
+            if let Some(h) = &hiprio {
+                if self.mem.ring_pending(h) == Some(true) && self.process_queue(h).is_ok() {
+                    deadline = Instant::now() + self.poll;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -281,6 +314,8 @@ pub struct Hooks(pub SharedBackend);
 
 impl backend_common::ConnectionHooks<SharedBackend> for Hooks {
     fn end(&self) {
+        // The next frontend brings rings of its own.
+        *self.0.hiprio.write().unwrap_or_else(|e| e.into_inner()) = None;
         let counts = self.0.take_request_counts();
         let total: u64 = counts.iter().map(|c| c.1).sum();
         let by_opcode = counts
@@ -355,7 +390,7 @@ impl VhostUserBackend for FsBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected events {evset:?}")));
@@ -365,7 +400,15 @@ impl VhostUserBackend for FsBackend {
                 "event for queue {device_event}, which does not exist"
             )));
         };
-        debug!(queue = device_event, "kick");
+        // One queue per thread: the thread's index is the queue's (a kick's
+        // event number counts within the thread's own rings).
+        debug!(queue = thread, "kick");
+        if thread == 0 {
+            let mut h = self.hiprio.write().unwrap_or_else(|e| e.into_inner());
+            if h.is_none() {
+                *h = Some(vring.clone());
+            }
+        }
         if self.event_idx.load(Ordering::Relaxed) {
             // Re-check after re-enabling notifications: a request made
             // available in between would otherwise wait for the next kick.
@@ -375,7 +418,10 @@ impl VhostUserBackend for FsBackend {
                 // With kicks still off, watch the ring a little longer: a
                 // guest that sends its next request soon sends it without a
                 // kick, and we take it without a wake-up from epoll.
-                if self.mem.poll_ring(vring, self.poll) {
+                // The high-priority queue's own thread does not watch
+                // it: a polling request thread does (see `poll`).
+                let polled = thread != 0 && self.poll(vring);
+                if polled {
                     continue;
                 }
                 if !vring.enable_notification().map_err(io::Error::other)? {

@@ -59,6 +59,12 @@ struct OpenFile {
     file: File,
     /// Held across lseek + getdents on a directory.
     dir_pos: Mutex<()>,
+    /// A directory's offset where its last read found the end (u64::MAX:
+    /// not known). The guest reads on until a reply comes back empty; that
+    /// read is answered from here, without a trip to the host filesystem.
+    /// (Entries made after the read that found the end may or may not show
+    /// in this pass, as POSIX allows; a rewind reads again.)
+    dir_end: AtomicU64,
 }
 
 /// The shared directory as a FUSE filesystem.
@@ -223,6 +229,17 @@ impl ShareFs {
         Ok((node, fd))
     }
 
+    /// A directory opened for reading (OPENDIR, or a listing without one).
+    fn open_dir_node(&self, inode: Inode) -> io::Result<File> {
+        let node = self.node(inode)?;
+        if !node.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        self.store
+            .open_node(&node, libc::O_RDONLY | libc::O_DIRECTORY)
+            .map(File::from)
+    }
+
     fn dir_fd(&self, inode: Inode) -> io::Result<Arc<OwnedFd>> {
         let (node, fd) = self.node_fd(inode)?;
         if !node.is_dir() {
@@ -299,6 +316,7 @@ impl ShareFs {
                 inode,
                 file,
                 dir_pos: Mutex::new(()),
+                dir_end: AtomicU64::new(u64::MAX),
             }),
         );
         h
@@ -326,7 +344,7 @@ impl ShareFs {
         handle: Handle,
         size: u32,
         offset: u64,
-        add: &mut dyn FnMut(&OwnedFd, &CStr, DirEntry) -> io::Result<usize>,
+        add: &mut dyn FnMut(&File, &CStr, DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
         if size == 0 {
             return Ok(());
@@ -336,19 +354,20 @@ impl ShareFs {
         } else {
             Some(self.handle(inode, handle)?)
         };
-        let dir = self.dir_fd(inode)?;
         let temp;
         let dir_file: &File = match &open {
             Some(o) => &o.file,
             None => {
                 // The guest skipped OPENDIR (cache=always): open for this read.
-                temp = open_dir(&dir)?;
+                temp = self.open_dir_node(inode)?;
                 &temp
             }
         };
+        // The open directory also names its entries for the lookups of
+        // READDIRPLUS: no O_PATH descriptor is needed for a listing.
         DIRENT_BUF.with_borrow_mut(|buf| {
             buf.resize((size as usize).clamp(1024, 64 * 1024), 0);
-            self.parse_dirents(open.as_deref(), dir_file, &dir, buf, offset, add)
+            self.parse_dirents(open.as_deref(), dir_file, buf, offset, add)
         })
     }
 
@@ -356,11 +375,15 @@ impl ShareFs {
         &self,
         open: Option<&OpenFile>,
         dir_file: &File,
-        dir: &OwnedFd,
         buf: &mut [u8],
         offset: u64,
-        add: &mut dyn FnMut(&OwnedFd, &CStr, DirEntry) -> io::Result<usize>,
+        add: &mut dyn FnMut(&File, &CStr, DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        if let Some(o) = open {
+            if offset != 0 && o.dir_end.load(Ordering::Relaxed) == offset {
+                return Ok(());
+            }
+        }
         let n = {
             let _pos = open.as_ref().map(|o| o.dir_pos.lock().unwrap());
             // SAFETY: lseek on a descriptor we own; result checked.
@@ -383,6 +406,9 @@ impl ShareFs {
             n as usize
         };
         let mut at = 0;
+        // The end is found when getdents left room for the longest entry
+        // and every entry it gave went into the reply.
+        let mut end = (n + DIRENT_MAX <= buf.len()).then_some(offset);
         // struct linux_dirent64: ino u64, off i64, reclen u16, type u8, name.
         while at + 19 <= n {
             let ino = u64::from_ne_bytes(buf[at..at + 8].try_into().unwrap());
@@ -399,6 +425,7 @@ impl ShareFs {
             at += reclen;
             let name = cname.to_bytes();
             if name == b"." || name == b".." {
+                end = end.map(|_| off);
                 continue;
             }
             let e = DirEntry {
@@ -407,9 +434,17 @@ impl ShareFs {
                 type_,
                 name,
             };
-            if add(dir, cname, e)? == 0 {
+            if add(dir_file, cname, e)? == 0 {
+                end = None;
                 break;
             }
+            end = end.map(|_| off);
+        }
+        if at < n {
+            end = None;
+        }
+        if let Some(o) = open {
+            o.dir_end.store(end.unwrap_or(u64::MAX), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -494,6 +529,10 @@ fn open_dir(fd: &OwnedFd) -> io::Result<File> {
     )
     .map(File::from)
 }
+
+/// The longest linux_dirent64: header, a 255-byte name and its NUL,
+/// rounded up to 8 bytes.
+const DIRENT_MAX: usize = (19 + 256 + 7) & !7;
 
 /// The name of `fd` in /proc/self/fd.
 fn proc_name(fd: &impl AsRawFd) -> CString {
@@ -1123,8 +1162,7 @@ impl FileSystem for ShareFs {
             // reads them with file handle 0.
             return Err(err(libc::ENOSYS));
         }
-        let fd = self.dir_fd(inode)?;
-        let file = open_dir(&fd)?;
+        let file = self.open_dir_node(inode)?;
         let h = self.add_handle(inode, file);
         Ok((Some(h), self.open_options(true)))
     }

@@ -378,6 +378,28 @@ impl Store {
         Ok(fd)
     }
 
+    /// A new open file description of `node` with `flags` (not O_PATH),
+    /// kept by the caller: through the node's descriptor if it has one,
+    /// else straight from its handle, one syscall, with nothing cached.
+    pub fn open_node(&self, node: &Node, flags: libc::c_int) -> io::Result<OwnedFd> {
+        node.used.store(true, Ordering::Relaxed);
+        if let Some(fd) = node.fd.lock().unwrap().clone() {
+            return openat(fd.as_raw_fd(), c".", flags, 0);
+        }
+        let handle = match &*node.handle.lock().unwrap() {
+            HandleState::Some(h) => h.clone(),
+            _ => return openat(self.fd(node)?.as_raw_fd(), c".", flags, 0),
+        };
+        let mount = self
+            .mounts
+            .read()
+            .unwrap()
+            .get(&node.key.0)
+            .cloned()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        handle.open(mount.as_raw_fd(), flags)
+    }
+
     /// The attributes of `node`: through its descriptor if it has one,
     /// else by name in its parent where the file there has its inode number
     /// and birth time, else through a descriptor reopened by handle.
