@@ -32,15 +32,20 @@ pub struct Args {
     #[arg(long, value_name = "FD", group = "link", value_delimiter = ',', num_args = 1..)]
     pub tap_fd: Vec<RawFd>,
     /// Exchange frames (each a 12-byte virtio_net_hdr and an Ethernet
-    /// frame) with the process listening on this SOCK_SEQPACKET socket
-    /// (for instance another net-backend with --socket-listen).
+    /// frame) with the process listening on this Unix socket (for instance
+    /// another net-backend with --socket-listen). `@NAME` is a name in the
+    /// abstract namespace.
     #[arg(long, value_name = "PATH", group = "link")]
     pub socket: Option<PathBuf>,
-    /// Listen on this SOCK_SEQPACKET socket and exchange frames with the
-    /// process that connects (the newest one, if several): two VMs joined
-    /// with no tap and no privilege.
+    /// Listen on this Unix socket and exchange frames with the process
+    /// that connects (the newest one, if several): two VMs joined with no
+    /// tap and no privilege. `@NAME` is a name in the abstract namespace.
     #[arg(long, value_name = "PATH", group = "link")]
     pub socket_listen: Option<PathBuf>,
+    /// The kind of socket --socket and --socket-listen use: one frame per
+    /// SOCK_SEQPACKET message, or per SOCK_DGRAM datagram.
+    #[arg(long, value_enum, default_value_t = SocketType::Seqpacket)]
+    pub socket_type: SocketType,
     /// The guest's MAC address.
     #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
     pub mac: [u8; 6],
@@ -96,8 +101,15 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 pub enum LinkChoice {
     Tap(String),
     TapFds(Vec<RawFd>),
-    Socket(PathBuf),
-    SocketListen(PathBuf),
+    Socket(PathBuf, SocketType),
+    SocketListen(PathBuf, SocketType),
+}
+
+/// The kind of Unix socket a socket link uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketType {
+    Seqpacket,
+    Dgram,
 }
 
 /// Errors in a command line that clap accepted.
@@ -147,13 +159,13 @@ impl TryFrom<Args> for Config {
             }
             LinkChoice::TapFds(a.tap_fd)
         } else if let Some(p) = a.socket {
-            LinkChoice::Socket(p)
+            LinkChoice::Socket(p, a.socket_type)
         } else if let Some(p) = a.socket_listen {
-            LinkChoice::SocketListen(p)
+            LinkChoice::SocketListen(p, a.socket_type)
         } else {
             return Err(ConfigError::NoLink);
         };
-        if pairs > 1 && matches!(link, LinkChoice::Socket(_) | LinkChoice::SocketListen(_)) {
+        if pairs > 1 && matches!(link, LinkChoice::Socket(..) | LinkChoice::SocketListen(..)) {
             return Err(ConfigError::SocketPairs(pairs));
         }
         Ok(Config {

@@ -12,7 +12,7 @@ pub mod link;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use args::LinkChoice;
+use args::{LinkChoice, SocketType};
 use backend::{Hooks, NetBackend};
 use backend_common::sandbox;
 use libc::c_long;
@@ -104,20 +104,39 @@ fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
                 })
                 .collect::<Result<_, _>>()?,
         ),
-        LinkChoice::Socket(p) => vec![Arc::new(link::Seqpacket::connect(p).map_err(|source| {
-            RunError::Link {
-                what: format!("socket {}", p.display()),
-                hint: " (the peer must be listening on a SOCK_SEQPACKET socket there, e.g. net-backend --socket-listen)",
-                source,
-            }
-        })?)],
-        LinkChoice::SocketListen(p) => vec![Arc::new(link::SeqpacketListener::bind(p).map_err(|source| {
-            RunError::Link {
-                what: format!("listening socket {}", p.display()),
-                hint: "",
-                source,
-            }
-        })?)],
+        LinkChoice::Socket(p, kind) => {
+            let what = format!("socket {}", p.display());
+            let hint = |source: &std::io::Error| match (source.raw_os_error(), kind) {
+                (Some(libc::EPROTOTYPE), SocketType::Seqpacket) => {
+                    " (that socket is not SOCK_SEQPACKET: for a datagram socket add --socket-type=dgram)"
+                }
+                (Some(libc::EPROTOTYPE), SocketType::Dgram) => {
+                    " (that socket is not SOCK_DGRAM: leave out --socket-type=dgram for a SOCK_SEQPACKET one)"
+                }
+                _ => " (the peer must be listening there, e.g. net-backend --socket-listen)",
+            };
+            let l: Arc<dyn link::Link> = match kind {
+                SocketType::Seqpacket => Arc::new(link::Seqpacket::connect(p).map_err(|source| {
+                    RunError::Link { what: what.clone(), hint: hint(&source), source }
+                })?),
+                SocketType::Dgram => Arc::new(link::Dgram::connect(p).map_err(|source| {
+                    RunError::Link { what: what.clone(), hint: hint(&source), source }
+                })?),
+            };
+            vec![l]
+        }
+        LinkChoice::SocketListen(p, kind) => {
+            let what = format!("listening socket {}", p.display());
+            let l: Arc<dyn link::Link> = match kind {
+                SocketType::Seqpacket => Arc::new(link::SeqpacketListener::bind(p).map_err(|source| {
+                    RunError::Link { what: what.clone(), hint: "", source }
+                })?),
+                SocketType::Dgram => Arc::new(link::Dgram::bind(p).map_err(|source| {
+                    RunError::Link { what: what.clone(), hint: "", source }
+                })?),
+            };
+            vec![l]
+        }
     })
 }
 

@@ -269,30 +269,53 @@ impl Link for Tap {
 }
 
 /// A `sockaddr_un` for `path`.
-fn unix_addr(path: &Path) -> io::Result<libc::sockaddr_un> {
+/// The address of a Unix socket: a path, or with a leading `@` a name in
+/// the abstract namespace (which a socket made before the sandbox still
+/// reaches from inside it: the name is looked up in the socket's own
+/// network namespace, not through the filesystem).
+fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
     // SAFETY: an all-zero sockaddr_un is valid; the path is copied in
     // below with room for the terminating NUL.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
+    if bytes.len() >= addr.sun_path.len() || bytes.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "socket path too long",
+            "socket path empty or too long",
         ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+    let (name, abstract_) = match bytes.strip_prefix(b"@") {
+        Some(n) => (n, true),
+        None => (bytes, false),
+    };
+    let start = usize::from(abstract_);
+    for (d, s) in addr.sun_path[start..].iter_mut().zip(name) {
         *d = *s as libc::c_char;
     }
-    Ok(addr)
+    let base = std::mem::size_of::<libc::sa_family_t>();
+    let len = if abstract_ {
+        base + 1 + name.len()
+    } else {
+        std::mem::size_of::<libc::sockaddr_un>()
+    };
+    Ok((addr, len as libc::socklen_t))
+}
+
+fn is_abstract(path: &Path) -> bool {
+    std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).starts_with(b"@")
 }
 
 fn seqpacket_socket() -> io::Result<OwnedFd> {
+    unix_socket(libc::SOCK_SEQPACKET)
+}
+
+fn unix_socket(kind: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket creation; checked.
     let fd = unsafe {
         libc::socket(
             libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             0,
         )
     };
@@ -347,6 +370,47 @@ fn recv_frame(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     Ok(n)
 }
 
+fn connect(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    let (addr, len) = unix_addr(path)?;
+    // SAFETY: `addr` is a valid sockaddr_un of length `len`.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bind `fd` at `path` (a stale socket file there is replaced).
+fn bind(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if !is_abstract(path) {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if m.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
+        }
+    }
+    let (addr, len) = unix_addr(path)?;
+    // SAFETY: `addr` is a valid sockaddr_un of length `len`.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A SOCK_SEQPACKET peer we connected to: one message per frame.
 pub struct Seqpacket {
     fd: OwnedFd,
@@ -357,18 +421,7 @@ impl Seqpacket {
     /// Connect to the peer listening at `path`.
     pub fn connect(path: &Path) -> io::Result<Self> {
         let fd = seqpacket_socket()?;
-        let addr = unix_addr(path)?;
-        // SAFETY: `addr` is a valid sockaddr_un of the given size.
-        let r = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_un).cast(),
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        connect(&fd, path)?;
         Ok(Seqpacket {
             fd,
             name: path.display().to_string(),
@@ -407,25 +460,11 @@ pub struct SeqpacketListener {
 impl SeqpacketListener {
     /// Listen at `path` (a stale socket file there is replaced).
     pub fn bind(path: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::FileTypeExt;
-        if let Ok(m) = std::fs::symlink_metadata(path) {
-            if m.file_type().is_socket() {
-                std::fs::remove_file(path)?;
-            }
-        }
         let listener = seqpacket_socket()?;
-        let addr = unix_addr(path)?;
-        // SAFETY: `addr` is a valid sockaddr_un; plain socket calls.
-        unsafe {
-            if libc::bind(
-                listener.as_raw_fd(),
-                (&addr as *const libc::sockaddr_un).cast(),
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            ) < 0
-                || libc::listen(listener.as_raw_fd(), 4) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+        bind(&listener, path)?;
+        // SAFETY: a plain socket call.
+        if unsafe { libc::listen(listener.as_raw_fd(), 4) } < 0 {
+            return Err(io::Error::last_os_error());
         }
         // SAFETY: epoll_create1 takes no pointers; checked.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -534,6 +573,153 @@ impl Link for SeqpacketListener {
             }
         }
         Err(io::Error::from(io::ErrorKind::WouldBlock))
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A SOCK_DGRAM link: one datagram per frame. The connecting side takes an
+/// address in the abstract namespace (autobind) and greets the listening
+/// side with an empty datagram; the listening side answers whoever wrote
+/// to it last, so either side may restart. The listening side's replies
+/// go to abstract addresses, which its socket reaches from inside the
+/// sandbox; a connecting side reaches a listener inside the sandbox again
+/// after the listener restarts only if the listener's address is abstract
+/// (`@name`) too.
+pub struct Dgram {
+    fd: OwnedFd,
+    /// Where frames go: fixed for the connecting side (None: connected),
+    /// learnt from each datagram for the listening side.
+    peer: std::sync::Mutex<Option<(libc::sockaddr_un, libc::socklen_t)>>,
+    listening: bool,
+    /// The connecting side's listener address, to connect to again when
+    /// it has restarted.
+    target: Option<std::path::PathBuf>,
+    name: String,
+}
+
+impl Dgram {
+    /// Connect to the datagram socket at `path` and say hello.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let fd = unix_socket(libc::SOCK_DGRAM)?;
+        // Autobind: an address of our own (abstract), so replies find us.
+        let family = libc::AF_UNIX as libc::sa_family_t;
+        // SAFETY: a sockaddr of just the family asks for autobind.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&family as *const libc::sa_family_t).cast(),
+                std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        connect(&fd, path)?;
+        let d = Dgram {
+            fd,
+            peer: std::sync::Mutex::new(None),
+            listening: false,
+            target: Some(path.to_path_buf()),
+            name: path.display().to_string(),
+        };
+        d.hello()?;
+        Ok(d)
+    }
+
+    /// Take datagrams at `path`; frames go back to the newest writer.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        let fd = unix_socket(libc::SOCK_DGRAM)?;
+        bind(&fd, path)?;
+        Ok(Dgram {
+            fd,
+            peer: std::sync::Mutex::new(None),
+            listening: true,
+            target: None,
+            name: format!("{} (listening)", path.display()),
+        })
+    }
+
+    fn hello(&self) -> io::Result<()> {
+        // SAFETY: a zero-length send on our socket.
+        rc(unsafe { libc::send(self.fd.as_raw_fd(), std::ptr::null(), 0, libc::MSG_NOSIGNAL) })
+            .map(drop)
+    }
+}
+
+impl Link for Dgram {
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+    fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: a msghdr naming only the caller's iovecs and our address.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        let peer = *self.peer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut to;
+        if self.listening {
+            let Some((addr, len)) = peer else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "no peer has written yet",
+                ));
+            };
+            to = addr;
+            msg.msg_name = (&mut to as *mut libc::sockaddr_un).cast();
+            msg.msg_namelen = len;
+        }
+        // SAFETY: as above; the buffers are mapped for the call.
+        match rc(unsafe { libc::sendmsg(self.fd(), &msg, libc::MSG_NOSIGNAL) }) {
+            // The listener restarted (its old socket is gone): connect to
+            // the new one if its address can still be reached, and greet
+            // it. This frame is dropped, as on a cable being replugged.
+            Err(e) if !self.listening && e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                if let Some(t) = &self.target {
+                    if connect(&self.fd, t).is_ok() && self.hello().is_ok() {
+                        tracing::info!(link = %self.name, "connected to the peer again");
+                    }
+                }
+                Err(io::Error::new(io::ErrorKind::ConnectionRefused, e))
+            }
+            r => r,
+        }
+    }
+    fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        loop {
+            // SAFETY: an all-zero sockaddr_un is valid, for the sender.
+            let mut from: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            // SAFETY: a msghdr naming the caller's iovecs and `from`.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = iov.len();
+            msg.msg_name = (&mut from as *mut libc::sockaddr_un).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            // SAFETY: as above.
+            let n = rc(unsafe { libc::recvmsg(self.fd(), &mut msg, 0) })?;
+            if self.listening && msg.msg_namelen > std::mem::size_of::<libc::sa_family_t>() as u32 {
+                let mut peer = self.peer.lock().unwrap_or_else(|e| e.into_inner());
+                let known = peer.is_some_and(|(a, l)| {
+                    l == msg.msg_namelen && a.sun_path[..] == from.sun_path[..]
+                });
+                if !known {
+                    tracing::info!(link = %self.name, "a peer wrote: frames go to it now");
+                    *peer = Some((from, msg.msg_namelen));
+                }
+            }
+            if n == 0 {
+                // A greeting, not a frame.
+                continue;
+            }
+            if msg.msg_flags & libc::MSG_TRUNC != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "frame larger than the buffers",
+                ));
+            }
+            return Ok(n);
+        }
     }
     fn name(&self) -> &str {
         &self.name

@@ -344,10 +344,15 @@ fn the_sandbox_leaves_only_the_link_and_sockets() {
 
 /// A net-backend that listens on `link` for its peer.
 fn listening(link: &Path) -> BackendProcess {
+    listening_as(link, "seqpacket")
+}
+
+fn listening_as(link: &Path, kind: &str) -> BackendProcess {
     let argv = [
         env!("CARGO_BIN_EXE_net-backend").to_string(),
         "--fd={fd}".into(),
         format!("--socket-listen={}", link.display()),
+        format!("--socket-type={kind}"),
         "--mac=52:54:00:aa:bb:01".into(),
     ];
     BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts")
@@ -355,13 +360,99 @@ fn listening(link: &Path) -> BackendProcess {
 
 /// A net-backend that connects to the one listening at `link`.
 fn connecting(link: &Path) -> BackendProcess {
+    connecting_as(link, "seqpacket")
+}
+
+fn connecting_as(link: &Path, kind: &str) -> BackendProcess {
     let argv = [
         env!("CARGO_BIN_EXE_net-backend").to_string(),
         "--fd={fd}".into(),
         format!("--socket={}", link.display()),
+        format!("--socket-type={kind}"),
         "--mac=52:54:00:aa:bb:02".into(),
     ];
     BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts")
+}
+
+/// Frames from `from` until one arrives at `to` (the first ones may be
+/// dropped while a datagram peer greets again), then one more that must.
+fn crosses_after_replug(from: &mut NetClient, to: &mut NetClient, seed: u8) {
+    let f = frame(1200, seed);
+    to.rx[0].timeout = Duration::from_millis(300);
+    let mut arrived = false;
+    for _ in 0..10 {
+        from.send(0, NetHdr::default(), &f).unwrap();
+        if let Ok((_, got)) = to.recv(0) {
+            assert_eq!(got, f);
+            arrived = true;
+            break;
+        }
+    }
+    assert!(arrived, "no frame got through");
+    to.rx[0].timeout = Duration::from_secs(10);
+    crosses(from, to, seed.wrapping_add(1));
+}
+
+#[test]
+fn two_backends_joined_by_a_datagram_socket_pass_frames_and_survive_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A path, then a name in the abstract namespace (which the sandboxed
+    // connecting side can reach again after the listener restarts).
+    let abstract_name = format!("@vmm-test-dgram-{}", std::process::id());
+    for link in [dir.path().join("join.dgram"), abstract_name.into()] {
+        let mut a = listening_as(&link, "dgram");
+        let mut ca = client(&mut a);
+        // No peer yet: dropped, not queued.
+        ca.send(0, NetHdr::default(), &frame(100, 9)).unwrap();
+        ca.post_rx(0, 16, 4096).unwrap();
+        let mut b = connecting_as(&link, "dgram");
+        let mut cb = client(&mut b);
+        cb.post_rx(0, 16, 4096).unwrap();
+        // B greeted A when it started, so A can send first.
+        crosses_after_replug(&mut ca, &mut cb, 1);
+        for i in 0..5 {
+            crosses(&mut cb, &mut ca, 10 + i);
+            crosses(&mut ca, &mut cb, 20 + i);
+        }
+        // A new B: it greets A, which sends to it from then on.
+        drop(cb);
+        b.kill();
+        let mut b = connecting_as(&link, "dgram");
+        let mut cb = client(&mut b);
+        cb.post_rx(0, 16, 4096).unwrap();
+        crosses_after_replug(&mut ca, &mut cb, 30);
+        crosses(&mut cb, &mut ca, 40);
+        assert!(a.output().contains("a peer wrote"), "{}", a.output());
+        if link.to_string_lossy().starts_with('@') {
+            // A new A: B's next frame finds it gone, B connects again.
+            drop(ca);
+            a.kill();
+            let mut a = listening_as(&link, "dgram");
+            let mut ca = client(&mut a);
+            ca.post_rx(0, 16, 4096).unwrap();
+            crosses_after_replug(&mut cb, &mut ca, 50);
+            crosses(&mut ca, &mut cb, 60);
+            assert!(
+                b.output().contains("connected to the peer again"),
+                "{}",
+                b.output()
+            );
+            assert!(a.is_running(), "{}", a.output());
+        }
+        assert!(b.is_running(), "{}", b.output());
+    }
+
+    // The wrong kind of socket gets an error that says which flag to use.
+    let link = dir.path().join("kind.dgram");
+    let _a = listening_as(&link, "dgram");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_net-backend"))
+        .args(["--socket-path", dir.path().join("y.sock").to_str().unwrap()])
+        .arg(format!("--socket={}", link.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--socket-type=dgram"), "{err}");
 }
 
 /// One frame from `from` arrives at `to`, intact.
