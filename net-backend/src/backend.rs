@@ -127,6 +127,9 @@ pub struct NetBackend {
 
 type Mem = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
+/// Transmitted frames between used-ring notifications within one batch.
+const TX_NOTIFY_EVERY: u32 = 32;
+
 impl NetBackend {
     /// A device with one queue pair per link.
     pub fn new(links: Vec<Arc<dyn Link>>, mac: [u8; 6], mtu: u16, queue_size: usize) -> Self {
@@ -304,6 +307,7 @@ impl NetBackend {
         let mut used = false;
         let (mut frames, mut bytes) = (0u64, 0u64);
         let mut iov = Vec::with_capacity(16);
+        let mut since_notify = 0;
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
             used = true;
@@ -331,6 +335,14 @@ impl NetBackend {
                 }
             }
             let _ = state.add_used(head, 0);
+            // Hand buffers back during a long batch too, not only at its
+            // end: the guest refills the ring while this thread goes on,
+            // instead of finding it empty when the batch is over.
+            since_notify += 1;
+            if since_notify == TX_NOTIFY_EVERY {
+                since_notify = 0;
+                self.notify(&mut state)?;
+            }
         }
         pair.stats.tx_frames.fetch_add(frames, Ordering::Relaxed);
         pair.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
