@@ -103,6 +103,8 @@ pub struct Pair {
     pub stats: PairStats,
     ring_enabled: AtomicBool,
     link_ok: AtomicBool,
+    /// Whether the link takes frames now (what `steer` last set).
+    attached: AtomicBool,
 }
 
 /// The virtio-net device.
@@ -120,6 +122,8 @@ pub struct NetBackend {
     /// (and acknowledges MQ all the same), turning pairs on and off with
     /// SET_VRING_ENABLE instead.
     ctrl_here: AtomicBool,
+    /// Held while tap queues are attached and detached.
+    steering: std::sync::Mutex<()>,
     /// How long a worker watches its transmit ring after the last frame.
     tx_poll: std::time::Duration,
     pub counters: Counters,
@@ -145,6 +149,7 @@ impl NetBackend {
                     stats: PairStats::default(),
                     ring_enabled: AtomicBool::new(true),
                     link_ok: AtomicBool::new(true),
+                    attached: AtomicBool::new(true),
                 })
                 .collect(),
             mac,
@@ -155,6 +160,7 @@ impl NetBackend {
             acked: AtomicU64::new(0),
             active_pairs: AtomicUsize::new(1),
             ctrl_here: AtomicBool::new(false),
+            steering: std::sync::Mutex::new(()),
             tx_poll: std::time::Duration::ZERO,
             counters: Counters::default(),
         }
@@ -239,9 +245,17 @@ impl NetBackend {
 
     /// Attach the tap queues of active pairs and detach the others.
     fn steer(&self) {
+        // One caller at a time, so the last state asked for is the one set.
+        let _one = self.steering.lock().unwrap_or_else(|e| e.into_inner());
         for (p, pair) in self.pairs.iter().enumerate().skip(1) {
-            if let Err(e) = pair.link.set_active(self.pair_active(p)) {
-                warn!(pair = p, error = %e, "cannot attach or detach the tap queue");
+            let on = self.pair_active(p);
+            match pair.link.set_active(on) {
+                Ok(()) => {
+                    if pair.attached.swap(on, Ordering::Relaxed) != on {
+                        info!(pair = p, on, "queue pair switched");
+                    }
+                }
+                Err(e) => warn!(pair = p, error = %e, "cannot attach or detach the tap queue"),
             }
         }
     }
@@ -330,7 +344,7 @@ impl NetBackend {
                         self.link_gone(p, &e);
                     }
                     if let Some(count) = self.counters.tx_dropped.hit() {
-                        warn!(link = pair.link.name(), error = %e, count, "frame not sent");
+                        warn!(pair = p, link = pair.link.name(), error = %e, count, "frame not sent");
                     }
                 }
             }

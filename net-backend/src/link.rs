@@ -268,7 +268,6 @@ impl Link for Tap {
     }
 }
 
-/// A `sockaddr_un` for `path`.
 /// The address of a Unix socket: a path, or with a leading `@` a name in
 /// the abstract namespace (which a socket made before the sandbox still
 /// reaches from inside it: the name is looked up in the socket's own

@@ -301,7 +301,7 @@ impl FuseClient {
     ) -> Result<Vec<u8>, FsError> {
         let (token, unique) = self.push(opcode, nodeid, args, reply_len)?;
         self.req.publish()?;
-        let c = self.req.wait()?;
+        let c = self.req.wait_with(crate::queue::Copy::Written)?;
         if c.token != token {
             return Err(FsError::Malformed(format!(
                 "completion for {} while {} was the only one in flight",

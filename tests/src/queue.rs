@@ -55,7 +55,11 @@ impl Completion {
 /// How much of the writable area a completion copies out.
 #[derive(Clone, Copy, Debug)]
 pub enum Copy {
+    /// The whole writable area, written or not.
     All,
+    /// What the device says it wrote (the used length), as a guest driver
+    /// reads a reply: a large reply buffer then costs nothing extra.
+    Written,
     /// The first n bytes (a reply header).
     Prefix(usize),
     /// The last byte (a virtio-blk status).
@@ -243,6 +247,7 @@ impl ReqQueue {
         let total: u64 = parts.iter().map(|&(_, l)| u64::from(l)).sum();
         let (mut skip, n) = match copy {
             Copy::All => (0, total),
+            Copy::Written => (0, total.min(u64::from(used.len))),
             Copy::Prefix(n) => (0, total.min(n as u64)),
             Copy::Last => (total.saturating_sub(1), total.min(1)),
         };
