@@ -36,8 +36,82 @@ pub enum VuError {
         "{socket}: the backend offers no VIRTIO_F_VERSION_1; vmm-core drives modern devices only"
     )]
     NotModern { socket: PathBuf },
+    #[error("{socket}: not a {expected} backend: {why}")]
+    WrongDevice {
+        socket: PathBuf,
+        expected: &'static str,
+        why: String,
+    },
     #[error("creating an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+}
+
+/// Device-specific feature bits (0 to 23) the types' backends offer.
+mod bits {
+    pub const DEVICE: u64 = (1 << 24) - 1;
+    pub const BLK_SEG_MAX: u64 = 1 << 2;
+    pub const BLK_BLK_SIZE: u64 = 1 << 6;
+    pub const NET_MAC: u64 = 1 << 5;
+    pub const NET_MRG_RXBUF: u64 = 1 << 15;
+    pub const NET_STATUS: u64 = 1 << 16;
+    pub const FS_NOTIFICATION: u64 = 1 << 0;
+}
+
+fn type_name(device_type: u32) -> &'static str {
+    match device_type {
+        1 => "virtio-net",
+        2 => "virtio-blk",
+        26 => "virtio-fs",
+        _ => "virtio",
+    }
+}
+
+/// What a backend offering `features` and `queues` looks like.
+fn looks_like(features: u64, queues: usize) -> String {
+    let d = features & bits::DEVICE;
+    let blk = bits::BLK_SEG_MAX | bits::BLK_BLK_SIZE;
+    let net = bits::NET_MAC | bits::NET_MRG_RXBUF | bits::NET_STATUS;
+    let what = if d & !bits::FS_NOTIFICATION == 0 {
+        "no device features, as a virtio-fs backend"
+    } else if d & blk == blk && d & bits::NET_MRG_RXBUF == 0 {
+        "block-device features (segment limit, block size), as a virtio-blk backend"
+    } else if d & net == net {
+        "a MAC address, mergeable receive buffers and link status, as a virtio-net backend"
+    } else {
+        "device features of another kind"
+    };
+    format!(
+        "it offers {what} does ({queues} queue{})",
+        if queues == 1 { "" } else { "s" }
+    )
+}
+
+/// vhost-user has no message that names the device type, so tell it by
+/// what the backend offers: the device feature bits of each kind do not
+/// mix (a disk has a segment limit, block size and flush; a NIC a MAC,
+/// mergeable buffers and link status; a virtio-fs device neither), and
+/// the queue counts (a NIC needs a receive and a transmit queue, a
+/// virtio-fs device a high-priority and a request queue). A backend that
+/// clearly belongs to another kind is refused here, before any guest
+/// sees a device that cannot work.
+pub fn check_device_type(device_type: u32, features: u64, queues: usize) -> Result<(), String> {
+    let d = features & bits::DEVICE;
+    // Bits shared between kinds mean different things (a disk's flush is
+    // a NIC's ECN, its read-only flag a NIC's MAC): only combinations
+    // that one kind never offers count.
+    let blk = bits::BLK_SEG_MAX | bits::BLK_BLK_SIZE;
+    let net = bits::NET_MAC | bits::NET_MRG_RXBUF | bits::NET_STATUS;
+    let wrong = match device_type {
+        26 => d & !bits::FS_NOTIFICATION != 0 || queues < 2,
+        2 => d == 0 || (d & net == net && d & blk == 0),
+        1 => d == 0 || queues < 2 || (d & blk == blk && d & bits::NET_MRG_RXBUF == 0),
+        _ => false,
+    };
+    if wrong {
+        Err(looks_like(features, queues))
+    } else {
+        Ok(())
+    }
 }
 
 /// Connect and negotiate: the frontend, the backend's features, the
@@ -133,6 +207,13 @@ impl VhostUserDevice {
         queue_max: u16,
     ) -> Result<Self, VuError> {
         let (fe, backend_features, protocol, queues) = handshake(socket, default_queues)?;
+        check_device_type(device_type, backend_features, queues).map_err(|why| {
+            VuError::WrongDevice {
+                socket: socket.to_path_buf(),
+                expected: type_name(device_type),
+                why,
+            }
+        })?;
         let ev = || EventFd::new(libc::EFD_NONBLOCK).map_err(VuError::EventFd);
         let kicks = (0..queues).map(|_| ev()).collect::<Result<_, _>>()?;
         let calls = (0..queues).map(|_| ev()).collect::<Result<_, _>>()?;
@@ -397,5 +478,55 @@ impl VirtioDevice for VhostUserDevice {
         {
             let _ = self.frontend.reset_device();
         }
+    }
+}
+
+#[cfg(test)]
+mod type_tests {
+    use super::*;
+
+    // What the project's backends offer (device bits and queues).
+    const BLK: u64 = (1 << 2) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 12) | (1 << 13) | (1 << 14);
+    const NET: u64 = 1
+        | (1 << 1)
+        | (1 << 3)
+        | (1 << 5)
+        | (1 << 7)
+        | (1 << 8)
+        | (1 << 9)
+        | (1 << 11)
+        | (1 << 12)
+        | (1 << 13)
+        | (1 << 15)
+        | (1 << 16)
+        | (1 << 17)
+        | (1 << 22);
+    const FS: u64 = 0;
+
+    #[test]
+    fn each_backend_passes_as_its_own_kind() {
+        assert!(check_device_type(2, BLK, 1).is_ok());
+        assert!(check_device_type(2, BLK | (1 << 5), 4).is_ok()); // read-only, 4 queues
+        let e = check_device_type(1, BLK | (1 << 5), 4).unwrap_err(); // ... is no NIC
+        assert!(e.contains("virtio-blk"), "{e}");
+        assert!(check_device_type(1, NET, 3).is_ok());
+        assert!(check_device_type(26, FS, 2).is_ok());
+        assert!(check_device_type(26, FS | 1, 3).is_ok());
+    }
+
+    #[test]
+    fn a_backend_of_another_kind_is_named() {
+        let e = check_device_type(2, FS, 2).unwrap_err();
+        assert!(e.contains("virtio-fs"), "{e}");
+        let e = check_device_type(2, NET, 3).unwrap_err();
+        assert!(e.contains("virtio-net"), "{e}");
+        let e = check_device_type(1, BLK, 1).unwrap_err();
+        assert!(e.contains("virtio-blk"), "{e}");
+        let e = check_device_type(1, FS, 2).unwrap_err();
+        assert!(e.contains("virtio-fs"), "{e}");
+        let e = check_device_type(26, BLK, 1).unwrap_err();
+        assert!(e.contains("virtio-blk"), "{e}");
+        let e = check_device_type(26, NET, 3).unwrap_err();
+        assert!(e.contains("virtio-net"), "{e}");
     }
 }

@@ -454,3 +454,35 @@ fn a_tag_the_backend_does_not_serve_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
 }
+
+/// vhost-user cannot name a device type; vmm-core tells it from what the
+/// backend offers and refuses a backend of another kind with a message
+/// that says which kind it looks like.
+#[test]
+fn a_backend_of_the_wrong_device_type_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_blk, blk_sock)) = blk_backend(dir.path()) else {
+        return;
+    };
+    let run = |flag: String| {
+        Command::new(env!("CARGO_BIN_EXE_vmm-core"))
+            .args(["--kernel", "/nonexistent/vmlinux", "--memory", "64M"])
+            .arg(flag)
+            .output()
+            .unwrap()
+    };
+    for flag in [
+        format!("--fs=socket={},tag=share", blk_sock.display()),
+        format!("--net=socket={}", blk_sock.display()),
+    ] {
+        let out = run(flag.clone());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains("not a virtio-"), "{flag}: {err}");
+        assert!(err.contains("as a virtio-blk backend"), "{flag}: {err}");
+    }
+    // The disk as a disk passes that check (and fails later, on the kernel).
+    let out = run(format!("--blk=socket={}", blk_sock.display()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+}
