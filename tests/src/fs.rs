@@ -79,6 +79,8 @@ pub struct Attr {
     pub nlink: u32,
     pub uid: u32,
     pub gid: u32,
+    /// fuse_attr.flags (FUSE_ATTR_SUBMOUNT = 1).
+    pub flags: u32,
 }
 
 /// struct fuse_entry_out, decoded.
@@ -155,8 +157,9 @@ fn parse_attr(r: &mut Rd) -> Result<Attr, FsError> {
     let gid = r.u32()?;
     let _rdev = r.u32()?;
     let _blksize = r.u32()?;
-    let _flags = r.u32()?;
+    let flags = r.u32()?;
     Ok(Attr {
+        flags,
         ino,
         size,
         blocks,
@@ -318,9 +321,19 @@ impl FuseClient {
         a[4..8].copy_from_slice(&KERNEL_MINOR_VERSION.to_le_bytes());
         a[8..12].copy_from_slice(&(128u32 * 1024).to_le_bytes());
         // ASYNC_READ | POSIX_LOCKS | ATOMIC_O_TRUNC | EXPORT_SUPPORT | BIG_WRITES
-        // | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | INIT_EXT
-        let flags: u64 =
-            1 | 2 | 8 | 16 | 32 | (1 << 13) | (1 << 14) | (1 << 18) | (1 << 22) | (1 << 30);
+        // | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | SUBMOUNTS
+        // | INIT_EXT
+        let flags: u64 = 1
+            | 2
+            | 8
+            | 16
+            | 32
+            | (1 << 13)
+            | (1 << 14)
+            | (1 << 18)
+            | (1 << 22)
+            | (1 << 27)
+            | (1 << 30);
         a[12..16].copy_from_slice(&(flags as u32).to_le_bytes());
         a[16..20].copy_from_slice(&((flags >> 32) as u32).to_le_bytes());
         let body = self.call(op::INIT, 0, &[&a], 64)?;

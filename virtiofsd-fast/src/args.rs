@@ -109,7 +109,9 @@ pub struct Args {
     /// Let the guest cache writes (FUSE writeback cache).
     #[arg(long)]
     pub writeback: bool,
-    /// Tell the guest about submounts in the share.
+    /// Tell the guest about filesystems mounted inside the share, so each
+    /// shows there as a mount of its own (its own device number, so inode
+    /// numbers from different host filesystems cannot collide).
     #[arg(long)]
     pub announce_submounts: bool,
     /// File handles for inodes: `prefer` keeps an O_PATH descriptor per
@@ -174,6 +176,7 @@ pub struct Config {
     pub seccomp: SeccompAction,
     pub xattr: bool,
     pub writeback: bool,
+    pub announce_submounts: bool,
     pub inode_file_handles: InodeFileHandles,
     pub rlimit_nofile: Option<u64>,
     pub connections: Option<u64>,
@@ -200,9 +203,6 @@ impl TryFrom<Args> for Config {
         }
         // Accepted by the parser so virtiofsd command lines give a clear
         // message, refused until they do what they say.
-        if a.announce_submounts {
-            return Err(ArgsError::Unsupported("announce-submounts"));
-        }
         if a.posix_acl {
             return Err(ArgsError::Unsupported(
                 "posix-acl (use --xattr for plain xattrs)",
@@ -220,6 +220,7 @@ impl TryFrom<Args> for Config {
             seccomp: a.seccomp,
             xattr: a.xattr,
             writeback: a.writeback,
+            announce_submounts: a.announce_submounts,
             inode_file_handles: a.inode_file_handles,
             rlimit_nofile: a.rlimit_nofile,
             connections: a.connections,

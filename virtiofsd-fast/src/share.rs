@@ -80,6 +80,9 @@ pub struct ShareFs {
     coherent: bool,
     xattr: bool,
     writeback_wanted: bool,
+    /// `--announce-submounts`, and whether the guest took it.
+    submounts_wanted: bool,
+    submounts: AtomicBool,
     writeback: AtomicBool,
     no_opendir_wanted: bool,
     no_opendir: AtomicBool,
@@ -142,6 +145,8 @@ impl ShareFs {
             coherent: cfg.cache == CacheMode::Coherent,
             xattr: cfg.xattr,
             writeback_wanted: cfg.writeback,
+            submounts_wanted: cfg.announce_submounts,
+            submounts: AtomicBool::new(false),
             writeback: AtomicBool::new(false),
             no_opendir_wanted: cfg.cache == CacheMode::Always,
             no_opendir: AtomicBool::new(false),
@@ -249,11 +254,18 @@ impl ShareFs {
     }
 
     fn entry(&self, found: store::Found) -> Entry {
+        // A directory another filesystem is mounted on (the share's own
+        // root aside): with --announce-submounts the guest mounts it apart.
+        let submount = self.submounts.load(Ordering::Relaxed)
+            && found.node.id != ROOT_ID
+            && found.st.stx_mode as u32 & libc::S_IFMT == libc::S_IFDIR
+            && found.st.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT != 0
+            && found.st.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0;
         Entry {
             inode: found.node.id,
             generation: 0,
             attr: to_stat(&found.st),
-            attr_flags: 0,
+            attr_flags: if submount { ATTR_SUBMOUNT } else { 0 },
             attr_timeout: self.timeout,
             entry_timeout: self.timeout,
         }
@@ -530,6 +542,11 @@ fn open_dir(fd: &OwnedFd) -> io::Result<File> {
     .map(File::from)
 }
 
+/// statx: the file is the root of a mount.
+const STATX_ATTR_MOUNT_ROOT: u64 = 0x2000;
+/// fuse_attr.flags: this directory is a submount.
+const ATTR_SUBMOUNT: u32 = 1;
+
 /// The longest linux_dirent64: header, a 255-byte name and its NUL,
 /// rounded up to 8 bytes.
 const DIRENT_MAX: usize = (19 + 256 + 7) & !7;
@@ -566,6 +583,10 @@ impl FileSystem for ShareFs {
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         self.import()?;
         let mut opts = FsOptions::DO_READDIRPLUS;
+        if self.submounts_wanted && capable.contains(FsOptions::SUBMOUNTS) {
+            opts |= FsOptions::SUBMOUNTS;
+            self.submounts.store(true, Ordering::Relaxed);
+        }
         if self.writeback_wanted && capable.contains(FsOptions::WRITEBACK_CACHE) {
             opts |= FsOptions::WRITEBACK_CACHE;
             self.writeback.store(true, Ordering::Relaxed);

@@ -346,3 +346,50 @@ echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
     let cs: u64 = line_after(&out, "after-cs:").parse().unwrap();
     assert!(cs <= 250, "took {cs} centiseconds to show:\n{out}");
 }
+
+/// With --announce-submounts a filesystem mounted inside the share is a
+/// mount of its own in the guest: its own device number, its files served.
+#[test]
+fn a_mount_inside_the_share_is_a_submount_in_the_guest() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tests::require::<()>(Err("mounting a tmpfs in the share needs root".into()));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("mnt");
+    std::fs::create_dir(&sub).unwrap();
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&sub)
+        .status()
+        .unwrap()
+        .success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(sub.clone());
+    std::fs::write(sub.join("inside"), b"on the tmpfs\n").unwrap();
+    let d = daemon(dir.path(), &["--announce-submounts"]);
+    let run = boot(
+        &d,
+        r#"
+echo "inside: $(cat mnt/inside)"
+echo "devs: $(stat -c %d /mnt/host) $(stat -c %d /mnt/host/mnt/inside)"
+echo "mounted: $(grep -c ' /mnt/host/mnt ' /proc/mounts)"
+"#,
+    );
+    let out = run.script_output();
+    assert_eq!(run.exit_code, 0, "{out}\n{}", d.output());
+    let devs: Vec<&str> = line_after(&out, "devs:").split_whitespace().collect();
+    assert_eq!(devs.len(), 2, "{out}");
+    assert_ne!(devs[0], devs[1], "the submount has a device of its own");
+    assert_eq!(line_after(&out, "inside:"), "on the tmpfs");
+    assert_eq!(line_after(&out, "mounted:"), "1", "{out}");
+}
