@@ -89,8 +89,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = default_request_queues(),
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub request_queues: u16,
-    /// Worker threads per request queue (0: handle requests on the queue's
-    /// own thread).
+    /// Threads that serve the request queues' requests (0: each queue's
+    /// own thread serves them, the fastest for most guests; a pool keeps
+    /// one blocking request, such as a FIFO opened with no writer, from
+    /// holding up the rest).
     #[arg(long, default_value_t = 0)]
     pub thread_pool_size: usize,
     /// Sandbox for the daemon.
@@ -177,6 +179,7 @@ pub struct Config {
     pub xattr: bool,
     pub writeback: bool,
     pub announce_submounts: bool,
+    pub thread_pool_size: usize,
     pub inode_file_handles: InodeFileHandles,
     pub rlimit_nofile: Option<u64>,
     pub connections: Option<u64>,
@@ -198,8 +201,8 @@ impl TryFrom<Args> for Config {
         if a.tag.is_empty() || a.tag.len() > 36 {
             return Err(ArgsError::Tag(a.tag.len()));
         }
-        if a.thread_pool_size > 0 {
-            return Err(ArgsError::Unsupported("thread-pool-size"));
+        if a.thread_pool_size > 1024 {
+            return Err(ArgsError::Unsupported("thread-pool-size above 1024"));
         }
         // Accepted by the parser so virtiofsd command lines give a clear
         // message, refused until they do what they say.
@@ -221,6 +224,7 @@ impl TryFrom<Args> for Config {
             xattr: a.xattr,
             writeback: a.writeback,
             announce_submounts: a.announce_submounts,
+            thread_pool_size: a.thread_pool_size,
             inode_file_handles: a.inode_file_handles,
             rlimit_nofile: a.rlimit_nofile,
             connections: a.connections,

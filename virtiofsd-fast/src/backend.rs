@@ -4,7 +4,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use backend_common::FaultCounter;
@@ -62,7 +62,19 @@ pub struct FsBackend {
     /// ring serves that one too, so a FORGET batch costs no thread a
     /// wake-up and the poller is still awake for the next request.
     hiprio: RwLock<Option<VringRwLock>>,
+    /// With `--thread-pool-size`: where request-queue threads hand the
+    /// requests they take, for the pool's threads to serve and return.
+    pool: OnceLock<mpsc::Sender<Job>>,
 }
+
+/// A request taken from a ring, for a pool thread.
+struct Job {
+    chain: virtio_queue::DescriptorChain<Mem>,
+    mem: Mem,
+    vring: VringRwLock,
+}
+
+type Mem = vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// FUSE opcodes counted one by one (FUSE_LOOKUP = 1 .. FUSE_STATX = 52).
 const OPCODES: usize = 53;
@@ -85,6 +97,78 @@ impl FsBackend {
             faults: Faults::default(),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             hiprio: RwLock::new(None),
+            pool: OnceLock::new(),
+        }
+    }
+
+    /// Serve the request queues' requests on `threads` threads of their
+    /// own instead of on each queue's thread, so one request that blocks
+    /// (a FIFO opened with no writer, a read from a slow disk) does not
+    /// hold up the ones behind it. The queue threads then only take
+    /// requests off their rings.
+    pub fn start_pool(self: &Arc<Self>, threads: usize) -> io::Result<()> {
+        if threads == 0 {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = Arc::clone(&rx);
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name(format!("fs-pool-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    me.serve_job(job);
+                })?;
+        }
+        let _ = self.pool.set(tx);
+        Ok(())
+    }
+
+    fn serve_job(&self, job: Job) {
+        let head = job.chain.head_index();
+        let written = self.handle_chain(&job.mem, job.chain);
+        let mut state = job.vring.get_mut();
+        if let Err(e) = state.add_used(head, written) {
+            warn!(queue_head = head, error = %e, "cannot return a used buffer");
+            return;
+        }
+        if !self.event_idx.load(Ordering::Relaxed) || state.needs_notification().unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                debug!(error = %e, "cannot signal the guest");
+            }
+        }
+    }
+
+    /// Hand every request on `vring` to the pool. Returns false when there
+    /// is no pool.
+    fn dispatch(&self, vring: &VringRwLock) -> bool {
+        let Some(tx) = self.pool.get() else {
+            return false;
+        };
+        let Some(mem) = self.mem.memory() else {
+            return true;
+        };
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                return true;
+            };
+            let job = Job {
+                chain,
+                mem: mem.clone(),
+                vring: vring.clone(),
+            };
+            if tx.send(job).is_err() {
+                return true;
+            }
         }
     }
 
@@ -414,7 +498,9 @@ impl VhostUserBackend for FsBackend {
             // available in between would otherwise wait for the next kick.
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(vring)?;
+                if thread == 0 || !self.dispatch(vring) {
+                    self.process_queue(vring)?;
+                }
                 // With kicks still off, watch the ring a little longer: a
                 // guest that sends its next request soon sends it without a
                 // kick, and we take it without a wake-up from epoll.
@@ -428,7 +514,7 @@ impl VhostUserBackend for FsBackend {
                     break;
                 }
             }
-        } else {
+        } else if thread == 0 || !self.dispatch(vring) {
             self.process_queue(vring)?;
         }
         Ok(())

@@ -32,6 +32,8 @@ pub enum RunError {
     Serve(#[from] backend_common::ServeError),
     #[error("setting up the sandbox")]
     Sandbox(#[from] backend_common::sandbox::SandboxError),
+    #[error("starting the thread pool")]
+    Pool(#[source] std::io::Error),
     #[error("installing the seccomp filter")]
     Seccomp(#[from] backend_common::seccomp::SeccompError),
 }
@@ -83,6 +85,9 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         capabilities = format!("{:#x}", sandbox::effective_capabilities().unwrap_or(0)),
         "serving"
     );
+    backend
+        .start_pool(cfg.thread_pool_size)
+        .map_err(RunError::Pool)?;
     let hooks = backend::Hooks(backend.clone());
     backend_common::serve_with_hooks(
         "virtiofsd-fast",

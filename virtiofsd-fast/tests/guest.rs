@@ -87,6 +87,12 @@ fn everyday_file_operations_with_cache_always() {
     everyday_file_operations_with(&["--cache=always"]);
 }
 
+#[test]
+fn everyday_file_operations_with_a_thread_pool() {
+    // Requests served on pool threads, finishing out of order.
+    everyday_file_operations_with(&["--thread-pool-size=4"]);
+}
+
 fn everyday_file_operations_with(flags: &[&str]) {
     if tests::require(guest::qemu_available()).is_none() {
         return;

@@ -251,6 +251,71 @@ fn mounts_inside_the_share_are_announced_when_asked() {
     }
 }
 
+/// With a pool (`--thread-pool-size`) requests taken together are served
+/// on several threads and may finish in any order: each still gets its
+/// own reply.
+#[test]
+fn a_thread_pool_serves_requests_in_flight_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..16u8)
+        .map(|i| {
+            (0..(50_000 + i as usize * 7_001))
+                .map(|j| (j as u8) ^ i)
+                .collect()
+        })
+        .collect();
+    for (i, data) in files.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("f{i}")), data).unwrap();
+    }
+    let mut b = start(dir.path(), &["--thread-pool-size=4", "--sandbox=none"]);
+    let mut c = client(&mut b);
+    let mut opened = Vec::new();
+    for i in 0..files.len() {
+        let e = c.lookup(ROOT_ID, &format!("f{i}")).unwrap();
+        let fh = c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
+        opened.push((e.nodeid, fh));
+    }
+    for round in 0..4 {
+        // Eight READs in flight at once, then their replies in whatever
+        // order they come.
+        let mut want = std::collections::HashMap::new();
+        for k in 0..8 {
+            let i = (round * 8 + k) % files.len();
+            let (node, fh) = opened[i];
+            let a = FuseClient::read_in(fh, 0, 128 * 1024);
+            let (token, unique) = c.push(op::READ, node, &[&a], 128 * 1024).unwrap();
+            want.insert(token, (unique, i));
+        }
+        c.req.publish().unwrap();
+        while !want.is_empty() {
+            let done = c.req.wait().unwrap();
+            let (unique, i) = want
+                .remove(&done.token)
+                .expect("a reply for a request in flight");
+            let body = fs::parse_reply(&done, unique).unwrap();
+            let want = &files[i][..files[i].len().min(128 * 1024)];
+            assert!(
+                body == want,
+                "file {i}: {} bytes, {} wanted",
+                body.len(),
+                want.len()
+            );
+        }
+    }
+    // The pool's threads exist (named fs-pool-N).
+    let pid = b.pid().expect("running");
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("fs-pool-")).count(),
+        4,
+        "{names:?}"
+    );
+    assert!(b.is_running(), "{}", b.output());
+}
+
 #[test]
 fn the_guest_cannot_leave_the_share() {
     let outer = tempfile::tempdir().unwrap();
