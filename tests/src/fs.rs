@@ -585,3 +585,32 @@ pub fn cstr(name: &str) -> Vec<u8> {
     v.push(0);
     v
 }
+
+/// A tmpfs mounted at `dir` (made if missing) until dropped: a second
+/// filesystem inside a share. Needs root; None (a skip, or a failure
+/// under CI) without it.
+pub struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    pub fn new(dir: &std::path::Path) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            crate::require::<()>(Err("mounting a tmpfs in the share needs root".into()));
+            return None;
+        }
+        std::fs::create_dir_all(dir).expect("the mount point");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(st.success(), "mount -t tmpfs tmpfs {}", dir.display());
+        Some(TmpfsMount(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}

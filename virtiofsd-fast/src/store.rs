@@ -360,18 +360,10 @@ impl Store {
         if let Some(fd) = &*slot {
             return Ok(fd.clone());
         }
-        let handle = match &*node.handle.lock().unwrap() {
-            HandleState::Some(h) => h.clone(),
-            _ => return Err(io::Error::from_raw_os_error(libc::EBADF)),
-        };
-        let mount = self
-            .mounts
-            .read()
-            .unwrap()
-            .get(&node.key.0)
-            .cloned()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
-        let fd = Arc::new(handle.open(mount.as_raw_fd(), libc::O_PATH)?);
+        let fd = Arc::new(
+            self.open_by_handle(node, libc::O_PATH)?
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?,
+        );
         *slot = Some(fd.clone());
         drop(slot);
         self.opened();
@@ -386,9 +378,17 @@ impl Store {
         if let Some(fd) = node.fd.lock().unwrap().clone() {
             return openat(fd.as_raw_fd(), c".", flags, 0);
         }
+        match self.open_by_handle(node, flags)? {
+            Some(fd) => Ok(fd),
+            None => openat(self.fd(node)?.as_raw_fd(), c".", flags, 0),
+        }
+    }
+
+    /// Open `node` from its file handle (None: it has none).
+    fn open_by_handle(&self, node: &Node, flags: libc::c_int) -> io::Result<Option<OwnedFd>> {
         let handle = match &*node.handle.lock().unwrap() {
             HandleState::Some(h) => h.clone(),
-            _ => return openat(self.fd(node)?.as_raw_fd(), c".", flags, 0),
+            _ => return Ok(None),
         };
         let mount = self
             .mounts
@@ -397,7 +397,7 @@ impl Store {
             .get(&node.key.0)
             .cloned()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
-        handle.open(mount.as_raw_fd(), flags)
+        handle.open(mount.as_raw_fd(), flags).map(Some)
     }
 
     /// The attributes of `node`: through its descriptor if it has one,

@@ -360,27 +360,11 @@ fn a_mount_inside_the_share_is_a_submount_in_the_guest() {
     if tests::require(guest::qemu_available()).is_none() {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        tests::require::<()>(Err("mounting a tmpfs in the share needs root".into()));
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let sub = dir.path().join("mnt");
-    std::fs::create_dir(&sub).unwrap();
-    assert!(Command::new("mount")
-        .args(["-t", "tmpfs", "tmpfs"])
-        .arg(&sub)
-        .status()
-        .unwrap()
-        .success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(sub.clone());
+    let Some(_tmpfs) = tests::fs::TmpfsMount::new(&sub) else {
+        return;
+    };
     std::fs::write(sub.join("inside"), b"on the tmpfs\n").unwrap();
     let d = daemon(dir.path(), &["--announce-submounts"]);
     let run = boot(

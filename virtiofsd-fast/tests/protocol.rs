@@ -213,28 +213,12 @@ fn a_listing_read_a_page_at_a_time_is_whole_and_a_rewind_sees_new_entries() {
 /// asked (`--announce-submounts`), and only then; the share's root never is.
 #[test]
 fn mounts_inside_the_share_are_announced_when_asked() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        tests::require::<()>(Err("mounting a tmpfs in the share needs root".into()));
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let sub = dir.path().join("mnt");
-    std::fs::create_dir(&sub).unwrap();
+    let Some(_tmpfs) = fs::TmpfsMount::new(&sub) else {
+        return;
+    };
     std::fs::create_dir(dir.path().join("plain")).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "tmpfs"])
-        .arg(&sub)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount -t tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(sub.clone());
     std::fs::write(sub.join("inside"), b"on the tmpfs").unwrap();
 
     for (flags, announced) in [(&["--announce-submounts"][..], true), (&[][..], false)] {
