@@ -13,6 +13,7 @@
 //! shared_dir = "~/project"
 //! tag = "project"
 //! cache = "coherent"
+//! announce_submounts = false   # mounts inside the share: their own mounts in the guest
 //!
 //! [[blk]]
 //! image = "/var/lib/vm/disk.img"
@@ -86,6 +87,10 @@ pub struct Fs {
     pub tag: Spanned<String>,
     /// virtiofsd-fast's --cache.
     pub cache: Option<String>,
+    /// virtiofsd-fast's --announce-submounts: filesystems mounted inside
+    /// the share are mounts of their own in the guest.
+    #[serde(default)]
+    pub announce_submounts: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +162,7 @@ pub struct FsDevice {
     pub shared_dir: PathBuf,
     pub tag: String,
     pub cache: Option<String>,
+    pub announce_submounts: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -270,6 +276,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
             shared_dir,
             tag: f.tag.get_ref().clone(),
             cache: f.cache.clone(),
+            announce_submounts: f.announce_submounts,
         });
     }
     let mut blk = Vec::new();
@@ -429,7 +436,8 @@ mod tests {
         std::fs::write(&img, b"").unwrap();
         let text = format!(
             "[vm]\nname = \"dev\"\ncpus = 2\nmemory = \"2G\"\nvmm = \"qemu\"\n\n\
-             [[fs]]\nshared_dir = \"{d}\"\ntag = \"project\"\ncache = \"always\"\n\n\
+             [[fs]]\nshared_dir = \"{d}\"\ntag = \"project\"\ncache = \"always\"\n\
+             announce_submounts = true\n\n\
              [[blk]]\nimage = \"{i}\"\nreadonly = true\nqueues = 2\n",
             d = dir.path().display(),
             i = img.display()
@@ -439,6 +447,7 @@ mod tests {
         assert_eq!(c.memory_mib, 2048);
         assert_eq!(c.vmm, VmmChoice::Qemu);
         assert_eq!(c.fs[0].tag, "project");
+        assert!(c.fs[0].announce_submounts);
         assert!(c.blk[0].readonly);
     }
 

@@ -117,7 +117,8 @@ fn net_spec(i: usize, n: &NetDevice) -> Result<DeviceSpec, VmError> {
     })
 }
 
-fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
+/// virtiofsd-fast's flags for a share.
+fn fs_args(f: &FsDevice) -> Vec<String> {
     let mut args = vec![
         format!("--shared-dir={}", f.shared_dir.display()),
         format!("--tag={}", f.tag),
@@ -125,10 +126,17 @@ fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
     if let Some(c) = &f.cache {
         args.push(format!("--cache={c}"));
     }
+    if f.announce_submounts {
+        args.push("--announce-submounts".into());
+    }
+    args
+}
+
+fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
     Ok(DeviceSpec {
         name: format!("fs{i}"),
         program: program("virtiofsd-fast")?,
-        args,
+        args: fs_args(f),
         pass_fds: Vec::new(),
         open_tap: None,
     })
@@ -187,6 +195,7 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
             shared_dir: cwd,
             tag: "host".into(),
             cache: None,
+            announce_submounts: false,
         }],
         blk: vec![BlkDevice {
             image: disk,
@@ -329,5 +338,28 @@ impl Running {
         if let Ok(mut s) = self.supervisor.lock() {
             s.shutdown(Duration::from_secs(5));
         }
+    }
+}
+
+#[cfg(test)]
+mod fs_spec_tests {
+    use super::*;
+
+    #[test]
+    fn fs_settings_become_virtiofsd_fast_flags() {
+        let mut f = FsDevice {
+            shared_dir: PathBuf::from("/srv/share"),
+            tag: "project".into(),
+            cache: Some("always".into()),
+            announce_submounts: true,
+        };
+        let args = fs_args(&f);
+        assert!(args.contains(&"--cache=always".to_string()), "{args:?}");
+        assert!(
+            args.contains(&"--announce-submounts".to_string()),
+            "{args:?}"
+        );
+        f.announce_submounts = false;
+        assert!(!fs_args(&f).iter().any(|a| a == "--announce-submounts"));
     }
 }
