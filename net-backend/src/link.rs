@@ -369,11 +369,17 @@ fn recv_frame(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn connect(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+/// connect(2) or bind(2) `fd` to the address of `path`.
+fn at_addr(
+    fd: &OwnedFd,
+    path: &Path,
+    call: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> io::Result<()> {
     let (addr, len) = unix_addr(path)?;
-    // SAFETY: `addr` is a valid sockaddr_un of length `len`.
+    // SAFETY: `addr` is a valid sockaddr_un of length `len`; `call` is
+    // connect or bind, which only read it.
     let r = unsafe {
-        libc::connect(
+        call(
             fd.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
             len,
@@ -383,6 +389,10 @@ fn connect(fd: &OwnedFd, path: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+fn connect(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    at_addr(fd, path, libc::connect)
 }
 
 /// Bind `fd` at `path` (a stale socket file there is replaced).
@@ -395,19 +405,7 @@ fn bind(fd: &OwnedFd, path: &Path) -> io::Result<()> {
             }
         }
     }
-    let (addr, len) = unix_addr(path)?;
-    // SAFETY: `addr` is a valid sockaddr_un of length `len`.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    at_addr(fd, path, libc::bind)
 }
 
 /// A SOCK_SEQPACKET peer we connected to: one message per frame.
