@@ -27,6 +27,7 @@ packages=(
     systemd              # systemd-analyze verifies the generated units
     xz-utils zstd        # compressed kernel modules, where the kernel has them
     lz4                  # unpacks the ELF kernel from a bzImage for vmm-core's boot test
+    acl                  # setfacl/getfacl: ACLs set in a guest on a virtio-fs share
 )
 echo "setup: apt-get update"
 apt-get update -qq

@@ -14,6 +14,8 @@
 //! tag = "project"
 //! cache = "coherent"
 //! announce_submounts = false   # mounts inside the share: their own mounts in the guest
+//! xattr = false                # extended attributes passed through
+//! posix_acl = false            # POSIX ACLs (implies xattr)
 //!
 //! [[blk]]
 //! image = "/var/lib/vm/disk.img"
@@ -91,6 +93,12 @@ pub struct Fs {
     /// the share are mounts of their own in the guest.
     #[serde(default)]
     pub announce_submounts: bool,
+    /// virtiofsd-fast's --xattr.
+    #[serde(default)]
+    pub xattr: bool,
+    /// virtiofsd-fast's --posix-acl (implies --xattr).
+    #[serde(default)]
+    pub posix_acl: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +171,8 @@ pub struct FsDevice {
     pub tag: String,
     pub cache: Option<String>,
     pub announce_submounts: bool,
+    pub xattr: bool,
+    pub posix_acl: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +287,8 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
             tag: f.tag.get_ref().clone(),
             cache: f.cache.clone(),
             announce_submounts: f.announce_submounts,
+            xattr: f.xattr,
+            posix_acl: f.posix_acl,
         });
     }
     let mut blk = Vec::new();
@@ -437,7 +449,7 @@ mod tests {
         let text = format!(
             "[vm]\nname = \"dev\"\ncpus = 2\nmemory = \"2G\"\nvmm = \"qemu\"\n\n\
              [[fs]]\nshared_dir = \"{d}\"\ntag = \"project\"\ncache = \"always\"\n\
-             announce_submounts = true\n\n\
+             announce_submounts = true\nposix_acl = true\n\n\
              [[blk]]\nimage = \"{i}\"\nreadonly = true\nqueues = 2\n",
             d = dir.path().display(),
             i = img.display()
@@ -448,6 +460,7 @@ mod tests {
         assert_eq!(c.vmm, VmmChoice::Qemu);
         assert_eq!(c.fs[0].tag, "project");
         assert!(c.fs[0].announce_submounts);
+        assert!(c.fs[0].posix_acl && !c.fs[0].xattr);
         assert!(c.blk[0].readonly);
     }
 

@@ -129,6 +129,12 @@ fn fs_args(f: &FsDevice) -> Vec<String> {
     if f.announce_submounts {
         args.push("--announce-submounts".into());
     }
+    if f.xattr {
+        args.push("--xattr".into());
+    }
+    if f.posix_acl {
+        args.push("--posix-acl".into());
+    }
     args
 }
 
@@ -196,6 +202,8 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
             tag: "host".into(),
             cache: None,
             announce_submounts: false,
+            xattr: false,
+            posix_acl: false,
         }],
         blk: vec![BlkDevice {
             image: disk,
@@ -352,6 +360,8 @@ mod fs_spec_tests {
             tag: "project".into(),
             cache: Some("always".into()),
             announce_submounts: true,
+            xattr: false,
+            posix_acl: true,
         };
         let args = fs_args(&f);
         assert!(args.contains(&"--cache=always".to_string()), "{args:?}");
@@ -359,7 +369,12 @@ mod fs_spec_tests {
             args.contains(&"--announce-submounts".to_string()),
             "{args:?}"
         );
+        assert!(args.contains(&"--posix-acl".to_string()), "{args:?}");
         f.announce_submounts = false;
-        assert!(!fs_args(&f).iter().any(|a| a == "--announce-submounts"));
+        f.posix_acl = false;
+        let args = fs_args(&f);
+        assert!(!args
+            .iter()
+            .any(|a| a == "--announce-submounts" || a == "--posix-acl"));
     }
 }

@@ -30,6 +30,8 @@ pub mod op {
     pub const STATFS: u32 = 17;
     pub const RELEASE: u32 = 18;
     pub const FSYNC: u32 = 20;
+    pub const SETXATTR: u32 = 21;
+    pub const GETXATTR: u32 = 22;
     pub const FLUSH: u32 = 25;
     pub const INIT: u32 = 26;
     pub const OPENDIR: u32 = 27;
@@ -316,6 +318,12 @@ impl FuseClient {
 
     /// FUSE_INIT, asking for what a Linux 6.x guest asks for.
     pub fn init(&mut self) -> Result<InitReply, FsError> {
+        self.init_with(0)
+    }
+
+    /// FUSE_INIT offering `extra` flags (fuse_init_in's flags, flags2 in
+    /// the high half) besides the usual ones.
+    pub fn init_with(&mut self, extra: u64) -> Result<InitReply, FsError> {
         let mut a = [0u8; 64];
         a[0..4].copy_from_slice(&KERNEL_VERSION.to_le_bytes());
         a[4..8].copy_from_slice(&KERNEL_MINOR_VERSION.to_le_bytes());
@@ -333,7 +341,8 @@ impl FuseClient {
             | (1 << 18)
             | (1 << 22)
             | (1 << 27)
-            | (1 << 30);
+            | (1 << 30)
+            | extra;
         a[12..16].copy_from_slice(&(flags as u32).to_le_bytes());
         a[16..20].copy_from_slice(&((flags >> 32) as u32).to_le_bytes());
         let body = self.call(op::INIT, 0, &[&a], 64)?;

@@ -177,6 +177,7 @@ pub struct Config {
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
     pub xattr: bool,
+    pub posix_acl: bool,
     pub writeback: bool,
     pub announce_submounts: bool,
     pub thread_pool_size: usize,
@@ -204,13 +205,6 @@ impl TryFrom<Args> for Config {
         if a.thread_pool_size > 1024 {
             return Err(ArgsError::Unsupported("thread-pool-size above 1024"));
         }
-        // Accepted by the parser so virtiofsd command lines give a clear
-        // message, refused until they do what they say.
-        if a.posix_acl {
-            return Err(ArgsError::Unsupported(
-                "posix-acl (use --xattr for plain xattrs)",
-            ));
-        }
         Ok(Config {
             socket,
             shared_dir,
@@ -221,7 +215,9 @@ impl TryFrom<Args> for Config {
             request_queues: usize::from(a.request_queues),
             sandbox: a.sandbox,
             seccomp: a.seccomp,
-            xattr: a.xattr,
+            // ACLs are extended attributes (system.posix_acl_*).
+            xattr: a.xattr || a.posix_acl,
+            posix_acl: a.posix_acl,
             writeback: a.writeback,
             announce_submounts: a.announce_submounts,
             thread_pool_size: a.thread_pool_size,
@@ -273,6 +269,9 @@ mod tests {
         assert_eq!(c.cache, CacheMode::Always);
         assert!(c.xattr);
         assert_eq!(c.tag, "myfs");
+        assert!(!c.posix_acl);
+        let c = parse(&["--posix-acl"]).unwrap();
+        assert!(c.posix_acl && c.xattr, "--posix-acl implies --xattr");
     }
 
     #[test]

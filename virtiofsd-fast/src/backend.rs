@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{ByteValued, Bytes, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -82,6 +82,19 @@ const OPCODES: usize = 53;
 /// server answers ENOSYS to both.
 const FUSE_COPY_FILE_RANGE: u32 = Opcode::CopyFileRange as u32;
 const FUSE_SYNCFS: u32 = 50;
+/// FUSE_SETXATTR: served here once FUSE_SETXATTR_EXT is agreed, since
+/// fuse-backend-rs's server reads the older, shorter header.
+const FUSE_SETXATTR: u32 = Opcode::Setxattr as u32;
+const FUSE_INIT: u32 = Opcode::Init as u32;
+/// FUSE_SETXATTR_EXT in fuse_init_in/out's flags (fuse-backend-rs 0.14's
+/// FsOptions has no name for it).
+const SETXATTR_EXT: u32 = 1 << 29;
+/// Where fuse_init_out's flags sit in an INIT reply: after the out header,
+/// major, minor and max_readahead.
+const INIT_OUT_FLAGS_AT: usize = std::mem::size_of::<OutHeader>() + 12;
+/// The largest SETXATTR body: a name (XATTR_NAME_MAX 255 and its NUL) and
+/// a value of XATTR_SIZE_MAX.
+const SETXATTR_BODY_MAX: usize = 256 + 65536;
 
 impl FsBackend {
     pub fn new(fs: ShareFs, tag: String, request_queues: usize, poll: Duration) -> Self {
@@ -270,6 +283,7 @@ impl FsBackend {
             Ok(r) => r,
             Err(e) => return self.bad_chain(&e),
         };
+        let reply_chain = chain.clone();
         let mut writer = match VirtioFsWriter::new(&**mem, chain) {
             Ok(w) => Writer::VirtioFs(w),
             Err(e) => return self.bad_chain(&e),
@@ -295,12 +309,24 @@ impl FsBackend {
                 }
                 return reply_error(&mut writer, h.unique, libc::EINVAL);
             }
-            if matches!(h.opcode, FUSE_COPY_FILE_RANGE | FUSE_SYNCFS) {
+            if matches!(h.opcode, FUSE_COPY_FILE_RANGE | FUSE_SYNCFS)
+                || (h.opcode == FUSE_SETXATTR && self.fs.setxattr_ext())
+            {
                 return self.serve_here(&h, reader, &mut writer);
             }
         }
+        // What the guest offers at INIT, for the flag the server cannot
+        // name (read before the server consumes the request).
+        let init_flags = header
+            .filter(|h| h.opcode == FUSE_INIT)
+            .and_then(|_| init_in_flags(reader.clone()));
         match self.server.handle_message(reader, writer, None, None) {
-            Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+            Ok(n) => {
+                if let Some(offered) = init_flags {
+                    self.agree_setxattr_ext(&**mem, &reply_chain, offered, n);
+                }
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }
             Err(e) => {
                 if let Some(count) = self.faults.bad_requests.hit() {
                     warn!(error = %e, count, "malformed FUSE request");
@@ -339,6 +365,7 @@ impl FsBackend {
                     }),
                 Err(_) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
             },
+            FUSE_SETXATTR => self.setxattr_ext(h, &mut r).map(|()| Vec::new()),
             // fuse_syncfs_in is 8 bytes of padding: nothing to read.
             _ => self.fs.syncfs(h.nodeid).map(|()| Vec::new()),
         };
@@ -360,12 +387,95 @@ impl FsBackend {
         }
     }
 
+    /// SETXATTR with FUSE_SETXATTR_EXT's header: fuse_setxattr_in (size,
+    /// flags, setxattr_flags, padding), then the name and its NUL, then
+    /// `size` bytes of value.
+    fn setxattr_ext(&self, h: &InHeader, r: &mut Reader<'_>) -> io::Result<()> {
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        let mut head = [0u8; 16];
+        std::io::Read::read_exact(r, &mut head).map_err(|_| einval())?;
+        let word = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap());
+        let (size, flags, setxattr_flags) = (word(0), word(4), word(8));
+        let body_len = (h.len as usize)
+            .checked_sub(std::mem::size_of::<InHeader>() + head.len())
+            .ok_or_else(einval)?;
+        if body_len > SETXATTR_BODY_MAX {
+            return Err(io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        let mut body = vec![0u8; body_len];
+        std::io::Read::read_exact(r, &mut body).map_err(|_| einval())?;
+        let nul = body.iter().position(|&b| b == 0).ok_or_else(einval)?;
+        let (name, value) = body.split_at(nul + 1);
+        if value.len() != size as usize {
+            return Err(einval());
+        }
+        let name = std::ffi::CStr::from_bytes_with_nul(name).map_err(|_| einval())?;
+        self.fs
+            .setxattr_flags(h.nodeid, name, value, flags, setxattr_flags)
+    }
+
+    /// After the server answered INIT (`written` bytes): where the guest
+    /// offered FUSE_SETXATTR_EXT and took POSIX ACLs, add the flag to the
+    /// reply, so the guest says which ACL changes must drop the
+    /// set-group-ID bit.
+    fn agree_setxattr_ext<M: vm_memory::GuestMemory>(
+        &self,
+        mem: &M,
+        chain: &virtio_queue::DescriptorChain<impl std::ops::Deref<Target = M> + Clone>,
+        offered: u32,
+        written: usize,
+    ) {
+        let want = offered & SETXATTR_EXT != 0 && self.fs.acl_enabled();
+        let agreed = want
+            && written >= INIT_OUT_FLAGS_AT + 4
+            && patch_reply_u32(mem, chain, INIT_OUT_FLAGS_AT, |f| f | SETXATTR_EXT);
+        self.fs.set_setxattr_ext(agreed);
+    }
+
     fn bad_chain(&self, e: &dyn std::fmt::Display) -> u32 {
         if let Some(count) = self.faults.bad_chains.hit() {
             warn!(error = %e, count, "unusable descriptor chain");
         }
         0
     }
+}
+
+/// fuse_init_in's flags, from a request whose header has not been read.
+fn init_in_flags(mut r: Reader<'_>) -> Option<u32> {
+    let mut b = [0u8; std::mem::size_of::<InHeader>() + 16];
+    std::io::Read::read_exact(&mut r, &mut b).ok()?;
+    let at = std::mem::size_of::<InHeader>() + 12;
+    Some(u32::from_le_bytes(b[at..at + 4].try_into().unwrap()))
+}
+
+/// Rewrite the little-endian u32 at byte `offset` of what the device
+/// wrote into `chain`'s writable buffers. False where the chain has no
+/// whole word there.
+fn patch_reply_u32<M: vm_memory::GuestMemory>(
+    mem: &M,
+    chain: &virtio_queue::DescriptorChain<impl std::ops::Deref<Target = M> + Clone>,
+    offset: usize,
+    f: impl FnOnce(u32) -> u32,
+) -> bool {
+    let mut skip = offset as u64;
+    for d in chain.clone().writable() {
+        let len = u64::from(d.len());
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        if skip + 4 > len {
+            return false;
+        }
+        let Some(at) = d.addr().checked_add(skip) else {
+            return false;
+        };
+        return match mem.read_obj::<u32>(at) {
+            Ok(v) => mem.write_obj(f(u32::from_le(v)).to_le(), at).is_ok(),
+            Err(_) => false,
+        };
+    }
+    false
 }
 
 /// The kernel's name for a FUSE opcode, without the FUSE_ prefix.

@@ -4,8 +4,8 @@
 //! named libc function or raw syscall), then checked by tracing the daemon
 //! under the protocol and guest tests, and widened only to the calls a
 //! different libc picks for the same function (`*v2` I/O, `faccessat2`).
-//! Locks, ioctls and copy_file_range are not served, so `flock`, `fcntl`
-//! locking and `copy_file_range` stay out.
+//! Locks and ioctls are not served, so `flock`, `fcntl` locking and
+//! `ioctl` stay out.
 //!
 //! x86_64 syscall numbers.
 

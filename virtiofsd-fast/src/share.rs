@@ -86,6 +86,13 @@ pub struct ShareFs {
     writeback: AtomicBool,
     no_opendir_wanted: bool,
     no_opendir: AtomicBool,
+    /// `--posix-acl`, and whether the guest took it (FUSE_POSIX_ACL with
+    /// FUSE_DONT_MASK: the guest sends modes unmasked and its umask apart).
+    acl_wanted: bool,
+    acl: AtomicBool,
+    /// FUSE_SETXATTR_EXT: SETXATTR carries the guest's ACL flags (the
+    /// backend negotiates it, fuse-backend-rs has no flag for it).
+    setxattr_ext: AtomicBool,
 }
 
 /// Descriptors the store may keep before it swaps the least recently used
@@ -150,6 +157,9 @@ impl ShareFs {
             writeback: AtomicBool::new(false),
             no_opendir_wanted: cfg.cache == CacheMode::Always,
             no_opendir: AtomicBool::new(false),
+            acl_wanted: cfg.posix_acl,
+            acl: AtomicBool::new(false),
+            setxattr_ext: AtomicBool::new(false),
         })
     }
 
@@ -169,6 +179,93 @@ impl ShareFs {
     /// How many nodes the guest holds and how many descriptors they keep.
     pub fn counts(&self) -> (usize, usize) {
         (self.store.nodes(), self.store.open_fds())
+    }
+
+    /// Whether the guest took POSIX ACLs at its last INIT.
+    pub fn acl_enabled(&self) -> bool {
+        self.acl.load(Ordering::Relaxed)
+    }
+
+    /// The backend agreed FUSE_SETXATTR_EXT with the guest (or, at INIT,
+    /// that it did not).
+    pub fn set_setxattr_ext(&self, on: bool) {
+        self.setxattr_ext.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether SETXATTR requests carry the extended header.
+    pub fn setxattr_ext(&self) -> bool {
+        self.setxattr_ext.load(Ordering::Relaxed)
+    }
+
+    /// The mode to create a file with in `dir`. Without ACLs the guest has
+    /// applied its umask already. With them (DONT_MASK) the umask is ours
+    /// to apply, unless the directory has a default ACL: then the host
+    /// kernel builds the new file's ACL from it and the mode, and the umask
+    /// does not apply (this process's own umask is 0).
+    fn create_mode(&self, dir: &OwnedFd, mode: u32, umask: u32) -> io::Result<u32> {
+        if !self.acl_enabled() || mode & umask == 0 {
+            return Ok(mode & !umask);
+        }
+        let d = open_dir(dir)?;
+        // SAFETY: a size query (no buffer) on a descriptor we hold.
+        let n = unsafe {
+            libc::fgetxattr(
+                d.as_raw_fd(),
+                c"system.posix_acl_default".as_ptr(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if n >= 0 {
+            return Ok(mode);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => Ok(mode & !umask),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
+    /// SETXATTR with FUSE_SETXATTR_EXT's flags. With
+    /// FUSE_SETXATTR_ACL_KILL_SGID the guest found that the caller setting
+    /// an access ACL is neither in the file's group nor privileged, so the
+    /// set-group-ID bit goes, as a local filesystem would drop it. (The
+    /// host kernel keeps it: this process holds CAP_FSETID.)
+    pub fn setxattr_flags(
+        &self,
+        inode: Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+        setxattr_flags: u32,
+    ) -> io::Result<()> {
+        const FUSE_SETXATTR_ACL_KILL_SGID: u32 = 1;
+        let f = self.xattr_file(inode)?;
+        self.set_xattr_on(&f, name, value, flags)?;
+        if setxattr_flags & FUSE_SETXATTR_ACL_KILL_SGID != 0
+            && name.to_bytes() == b"system.posix_acl_access"
+        {
+            let st = statx(f.as_raw_fd(), c"")?;
+            let mode = u32::from(st.stx_mode);
+            if mode & libc::S_ISGID != 0 {
+                // SAFETY: a descriptor we hold; result checked.
+                cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777 & !libc::S_ISGID) })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_xattr_on(&self, f: &File, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
+        // SAFETY: valid name and value buffers; result checked.
+        cvt(unsafe {
+            libc::fsetxattr(
+                f.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags as libc::c_int,
+            )
+        })
+        .map(drop)
     }
 
     /// FUSE_COPY_FILE_RANGE (fuse-backend-rs's server does not dispatch
@@ -600,6 +697,15 @@ impl FileSystem for ShareFs {
         if self.coherent && capable.contains(FsOptions::AUTO_INVAL_DATA) {
             opts |= FsOptions::AUTO_INVAL_DATA;
         }
+        // With ACLs the guest checks permissions against them and leaves the
+        // umask to us: a default ACL on the parent replaces it (see
+        // `create_mode`).
+        let acl = self.acl_wanted && capable.contains(FsOptions::POSIX_ACL | FsOptions::DONT_MASK);
+        if acl {
+            opts |= FsOptions::POSIX_ACL | FsOptions::DONT_MASK;
+        }
+        self.acl.store(acl, Ordering::Relaxed);
+        self.setxattr_ext.store(false, Ordering::Relaxed);
         // READDIRPLUS on every directory read (no READDIRPLUS_AUTO): each
         // reply refreshes a whole directory's dentries and attributes, so a
         // walk like `find` or `git status` revalidates per directory instead
@@ -817,16 +923,10 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         check_name(name)?;
         let dir = self.dir_fd(parent)?;
+        let mode = self.create_mode(&dir, mode, umask)?;
         self.as_caller(ctx, || {
             // SAFETY: as above.
-            cvt(unsafe {
-                libc::mknodat(
-                    dir.as_raw_fd(),
-                    name.as_ptr(),
-                    mode & !umask,
-                    u64::from(rdev),
-                )
-            })
+            cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, u64::from(rdev)) })
         })?;
         self.made(parent, &dir, name)
     }
@@ -841,9 +941,10 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         check_name(name)?;
         let dir = self.dir_fd(parent)?;
+        let mode = self.create_mode(&dir, mode, umask)?;
         self.as_caller(ctx, || {
             // SAFETY: as above.
-            cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode & !umask) })
+            cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
         })?;
         self.made(parent, &dir, name)
     }
@@ -948,9 +1049,8 @@ impl FileSystem for ShareFs {
             | libc::O_CREAT
             | libc::O_NOFOLLOW
             | (args.flags as libc::c_int & libc::O_EXCL);
-        let file = self.as_caller(ctx, || {
-            openat(dir.as_raw_fd(), name, flags, args.mode & !args.umask)
-        })?;
+        let mode = self.create_mode(&dir, args.mode, args.umask)?;
+        let file = self.as_caller(ctx, || openat(dir.as_raw_fd(), name, flags, mode))?;
         // The node names the file just opened, not whatever the name
         // points at by now.
         let path_fd = {
@@ -1108,17 +1208,7 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<()> {
         let f = self.xattr_file(inode)?;
-        // SAFETY: valid name and value buffers; result checked.
-        cvt(unsafe {
-            libc::fsetxattr(
-                f.as_raw_fd(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags as libc::c_int,
-            )
-        })
-        .map(drop)
+        self.set_xattr_on(&f, name, value, flags)
     }
 
     fn getxattr(

@@ -383,3 +383,65 @@ echo "mounted: $(grep -c ' /mnt/host/mnt ' /proc/mounts)"
     assert_eq!(line_after(&out, "inside:"), "on the tmpfs");
     assert_eq!(line_after(&out, "mounted:"), "1", "{out}");
 }
+
+/// With --posix-acl the guest's kernel checks access against ACLs set from
+/// inside the guest, a default ACL decides what new files get (the umask
+/// does not), and the ACLs are the host files' own.
+#[test]
+fn posix_acls_set_in_the_guest_grant_access_and_are_inherited() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    let (Some(setfacl), Some(getfacl), Some(setpriv)) = (
+        tests::require_program("setfacl", "apt-get install acl"),
+        tests::require_program("getfacl", "apt-get install acl"),
+        tests::require_program("setpriv", "apt-get install util-linux"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path(), &["--posix-acl"]);
+    let mut qemu = Qemu::new();
+    for tool in [&setfacl, &getfacl, &setpriv] {
+        qemu = qemu.tool(tool).expect("a guest tool");
+    }
+    let script = r#"
+echo secret > f; chmod 600 f
+TOOL_RUN /tools/setfacl -m u:4242:r f
+echo "acl: $(TOOL_RUN /tools/getfacl -cp f | grep '^user:4242')"
+echo "as-4242: $(TOOL_RUN /tools/setpriv --reuid=4242 --regid=4242 --clear-groups cat f 2>/dev/null || echo denied)"
+echo "as-4343: $(TOOL_RUN /tools/setpriv --reuid=4343 --regid=4343 --clear-groups cat f 2>/dev/null || echo denied)"
+mkdir d
+TOOL_RUN /tools/setfacl -d -m u:4242:rwx d
+umask 077; : > d/new; mkdir d/sub; umask 022
+echo "inherited: $(TOOL_RUN /tools/getfacl -cp d/new | grep '^user:4242' | cut -f1)"
+echo "modes: $(stat -c %a d/new) $(stat -c %a d/sub)"
+"#
+    .replace("TOOL_RUN", guest::TOOL_RUN);
+    let run = boot_with(&d, &script, qemu);
+    let out = run.script_output();
+    assert_eq!(
+        run.exit_code,
+        0,
+        "{out}\n--- console ---\n{}\n--- daemon ---\n{}",
+        run.serial,
+        d.output()
+    );
+    assert_eq!(line_after(&out, "acl:"), "user:4242:r--");
+    // Mode 600 alone would refuse uid 4242; the ACL entry lets it read,
+    // and nobody else.
+    assert_eq!(line_after(&out, "as-4242:"), "secret");
+    assert_eq!(line_after(&out, "as-4343:"), "denied");
+    // Made under umask 077 in a directory with a default ACL: the ACL
+    // decides (group bits = its mask), not the umask.
+    assert_eq!(line_after(&out, "inherited:"), "user:4242:rwx");
+    assert_eq!(line_after(&out, "modes:"), "664 775");
+    // The host file carries the ACL the guest set.
+    let host = Command::new(&getfacl)
+        .args(["-cp"])
+        .arg(dir.path().join("f"))
+        .output()
+        .unwrap();
+    let host = String::from_utf8_lossy(&host.stdout);
+    assert!(host.lines().any(|l| l == "user:4242:r--"), "{host}");
+}

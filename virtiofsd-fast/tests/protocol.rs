@@ -235,6 +235,177 @@ fn mounts_inside_the_share_are_announced_when_asked() {
     }
 }
 
+/// A POSIX ACL in the kernel's xattr format (version 2, entries sorted by
+/// tag then id): (tag, perm, id).
+fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// SETXATTR with FUSE_SETXATTR_EXT's header.
+fn setxattr_ext(
+    c: &mut FuseClient,
+    node: u64,
+    name: &str,
+    value: &[u8],
+    setxattr_flags: u32,
+) -> Result<Vec<u8>, FsError> {
+    let mut a = [0u8; 16];
+    a[0..4].copy_from_slice(&(value.len() as u32).to_le_bytes());
+    a[8..12].copy_from_slice(&setxattr_flags.to_le_bytes());
+    c.call(op::SETXATTR, node, &[&a, &fs::cstr(name), value], 0)
+}
+
+/// A host file's extended attribute, if it has it.
+fn host_xattr(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: valid C strings; the kernel writes at most buf.len() bytes.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| {
+        buf.truncate(r as usize);
+        buf
+    })
+}
+
+fn host_mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn posix_acls_decide_modes_and_drop_the_setgid_bit_when_the_guest_says() {
+    const POSIX_ACL: u64 = 1 << 20;
+    const DONT_MASK: u64 = 1 << 6;
+    const SETXATTR_EXT: u64 = 1 << 29;
+    const KILL_SGID: u32 = 1;
+    // ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER.
+    let (user_obj, user, group_obj, mask, other) = (1u16, 2u16, 4u16, 0x10u16, 0x20u16);
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path();
+
+    // Without --posix-acl the guest is told no, and masks modes itself.
+    let mut b = start(share, &["--xattr"]);
+    let mut c = FuseClient::connect(&mut b, 8).unwrap();
+    c.set_timeout(Duration::from_secs(5));
+    let r = c.init_with(POSIX_ACL | DONT_MASK | SETXATTR_EXT).unwrap();
+    assert_eq!(r.flags & (POSIX_ACL | DONT_MASK | SETXATTR_EXT), 0);
+    drop(c);
+    drop(b);
+
+    let mut b = start(share, &["--posix-acl"]);
+    let mut c = FuseClient::connect(&mut b, 8).unwrap();
+    c.set_timeout(Duration::from_secs(5));
+    let r = c
+        .init_with(POSIX_ACL | DONT_MASK | SETXATTR_EXT)
+        .unwrap_or_else(|e| panic!("INIT: {e}\n{}", b.output()));
+    assert_eq!(
+        r.flags & (POSIX_ACL | DONT_MASK | SETXATTR_EXT),
+        POSIX_ACL | DONT_MASK | SETXATTR_EXT,
+        "flags {:#x}",
+        r.flags
+    );
+
+    // DONT_MASK: the mode comes unmasked with the umask beside it, and
+    // with no default ACL on the parent the daemon applies the umask.
+    let mkdir = |c: &mut FuseClient, parent: u64, name: &str, mode: u32, umask: u32| {
+        let mut a = [0u8; 8];
+        a[0..4].copy_from_slice(&mode.to_le_bytes());
+        a[4..8].copy_from_slice(&umask.to_le_bytes());
+        let body = c
+            .call(op::MKDIR, parent, &[&a, &fs::cstr(name)], 128)
+            .unwrap();
+        u64::from_le_bytes(body[0..8].try_into().unwrap())
+    };
+    mkdir(&mut c, ROOT_ID, "plain", 0o777, 0o022);
+    assert_eq!(host_mode(&share.join("plain")), 0o755);
+
+    // A default ACL on a directory: what is made in it takes its ACL from
+    // there, and the umask (077 here) does not apply.
+    let inherit = mkdir(&mut c, ROOT_ID, "inherit", 0o777, 0o022);
+    let default = acl_xattr(&[
+        (user_obj, 7, u32::MAX),
+        (user, 7, 4242),
+        (group_obj, 5, u32::MAX),
+        (mask, 7, u32::MAX),
+        (other, 0, u32::MAX),
+    ]);
+    setxattr_ext(&mut c, inherit, "system.posix_acl_default", &default, 0)
+        .unwrap_or_else(|e| panic!("default ACL: {e}\n{}", b.output()));
+    let mut a = [0u8; 16];
+    a[0..4].copy_from_slice(&(libc::O_WRONLY as u32).to_le_bytes());
+    a[4..8].copy_from_slice(&0o666u32.to_le_bytes());
+    a[8..12].copy_from_slice(&0o077u32.to_le_bytes());
+    c.call(op::CREATE, inherit, &[&a, &fs::cstr("f")], 144)
+        .unwrap();
+    let made = share.join("inherit/f");
+    // group bits = the ACL mask: rwx from the default ACL, cut to rw- by
+    // the mode 666.
+    assert_eq!(host_mode(&made), 0o660);
+    let access = host_xattr(&made, "system.posix_acl_access").expect("the file has an ACL");
+    assert!(
+        access[4..]
+            .chunks(8)
+            .any(|e| e[0..2] == user.to_le_bytes() && e[4..8] == 4242u32.to_le_bytes()),
+        "user 4242 inherited: {access:?}"
+    );
+    // The same umask in a directory without a default ACL does apply.
+    c.call(op::CREATE, ROOT_ID, &[&a, &fs::cstr("g")], 144)
+        .unwrap();
+    assert_eq!(host_mode(&share.join("g")), 0o600);
+
+    // Setting an access ACL on a set-group-ID file: the bit stays unless
+    // the guest says the caller may not keep it.
+    let access = acl_xattr(&[
+        (user_obj, 6, u32::MAX),
+        (user, 6, 4242),
+        (group_obj, 4, u32::MAX),
+        (mask, 6, u32::MAX),
+        (other, 4, u32::MAX),
+    ]);
+    for (name, flags, kept) in [("keep", 0, true), ("kill", KILL_SGID, false)] {
+        let p = share.join(name);
+        std::fs::write(&p, b"x").unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o2664)).unwrap();
+        let n = c.lookup(ROOT_ID, name).unwrap().nodeid;
+        setxattr_ext(&mut c, n, "system.posix_acl_access", &access, flags).unwrap();
+        assert_eq!(
+            host_mode(&p) & 0o2000 != 0,
+            kept,
+            "{name}: mode {:o}",
+            host_mode(&p)
+        );
+        // The ACL itself landed (group bits follow its mask).
+        assert_eq!(host_mode(&p) & 0o777, 0o664);
+        assert!(host_xattr(&p, "system.posix_acl_access").is_some());
+    }
+
+    // Lengths that lie get EINVAL, and the daemon keeps serving.
+    let mut a = [0u8; 16];
+    a[0..4].copy_from_slice(&100u32.to_le_bytes());
+    match c.call(
+        op::SETXATTR,
+        ROOT_ID,
+        &[&a, &fs::cstr("user.x"), b"short"],
+        0,
+    ) {
+        Err(FsError::Errno(e)) => assert_eq!(e, libc::EINVAL),
+        other => panic!("expected EINVAL, got {other:?}"),
+    }
+    match c.call(op::SETXATTR, ROOT_ID, &[&a[..10]], 0) {
+        Err(FsError::Errno(e)) => assert_eq!(e, libc::EINVAL),
+        other => panic!("expected EINVAL, got {other:?}"),
+    }
+    setxattr_ext(&mut c, ROOT_ID, "user.ok", b"v", 0).unwrap();
+    assert_eq!(host_xattr(share, "user.ok").as_deref(), Some(&b"v"[..]));
+}
+
 /// With a pool (`--thread-pool-size`) requests taken together are served
 /// on several threads and may finish in any order: each still gets its
 /// own reply.
