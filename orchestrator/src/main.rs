@@ -37,7 +37,8 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Logs(a) => logs(&a),
         Command::ShowCmd(a) => {
             let cfg = load_or_default(a.file.as_deref())?;
-            let spec = vm::device_specs(&cfg)?
+            let root = orchestrator::state::base_dir().join(&cfg.name);
+            let spec = vm::device_specs(&cfg, &root)?
                 .into_iter()
                 .find(|s| s.name == a.device)
                 .with_context(|| format!("no device {} in this VM (fs0.., blk0..)", a.device))?;
@@ -46,8 +47,8 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Units(a) => {
             let cfg = load_or_default(a.file.as_deref())?;
-            let specs = vm::device_specs(&cfg)?;
             let run_dir = a.run_dir.join(&cfg.name);
+            let specs = vm::device_specs(&cfg, &run_dir)?;
             let sockets: Vec<_> = specs
                 .iter()
                 .map(|s| run_dir.join(format!("{}.sock", s.name)))

@@ -88,6 +88,12 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
             })
             .collect();
         let readonly = spec.args.iter().any(|a| a == "--readonly");
+        // A share's session file, which the backend writes as it serves.
+        let state_files: Vec<PathBuf> = spec
+            .args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--state-file=").map(PathBuf::from))
+            .collect();
         let mut s = String::new();
         let _ = write!(
             s,
@@ -121,6 +127,9 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
                 "ReadWritePaths"
             };
             let _ = writeln!(s, "{key}={}", quote(&w.display().to_string()));
+        }
+        for f in state_files.iter().filter_map(|f| f.parent()) {
+            let _ = writeln!(s, "ReadWritePaths={}", quote(&f.display().to_string()));
         }
         let _ = write!(s, "\n[Install]\nWantedBy={target}\n");
         units.push(Unit {

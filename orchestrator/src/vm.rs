@@ -73,11 +73,19 @@ pub fn program(name: &'static str) -> Result<PathBuf, VmError> {
     crate::find_program(name).ok_or(VmError::Missing { name })
 }
 
-/// The backend command lines for a config (device names fs0.., blk0..).
-pub fn device_specs(cfg: &VmConfig) -> Result<Vec<DeviceSpec>, VmError> {
+/// The backend command lines for a config (device names fs0.., blk0..),
+/// for a VM whose state lives in `state_root`.
+pub fn device_specs(cfg: &VmConfig, state_root: &Path) -> Result<Vec<DeviceSpec>, VmError> {
     let mut v = Vec::new();
     for (i, f) in cfg.fs.iter().enumerate() {
-        v.push(fs_spec(i, f)?);
+        let mut spec = fs_spec(i, f)?;
+        // The guest's session outlives a crashed daemon: its successor
+        // resumes it from here.
+        spec.args.push(format!(
+            "--state-file={}",
+            state_root.join(format!("{}.state", spec.name)).display()
+        ));
+        v.push(spec);
     }
     for (i, b) in cfg.blk.iter().enumerate() {
         v.push(blk_spec(i, b)?);
@@ -282,9 +290,14 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
             i.display()
         )));
     }
+    let specs = device_specs(cfg, &state.root)?;
+    for f in (0..cfg.fs.len()).map(|i| state.root.join(format!("fs{i}.state"))) {
+        // A new VM: nothing to resume.
+        let _ = std::fs::remove_file(f);
+    }
     let mut sup = Supervisor::new(state, vmm, verbose);
     let mut sockets = Vec::new();
-    for mut spec in device_specs(cfg)? {
+    for mut spec in specs {
         if let Some((name, queues)) = spec.open_tap.clone() {
             // Opened here, so the backend needs no CAP_NET_ADMIN, and kept
             // here, so the tap outlives a backend restart.

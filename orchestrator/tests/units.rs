@@ -117,7 +117,15 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
     ] {
         assert!(blk.contains(want), "blk0 service lacks {want}:\n{blk}");
     }
-    assert!(read("vmm-svc-fs0.service").contains(&format!("ReadWritePaths={}", share.display())));
+    let fs = read("vmm-svc-fs0.service");
+    for want in [
+        format!("ReadWritePaths={}", share.display()),
+        // The session file a restarted virtiofsd-fast resumes from.
+        "--state-file=/run/vmm/svc/fs0.state".into(),
+        "ReadWritePaths=/run/vmm/svc".into(),
+    ] {
+        assert!(fs.contains(&want), "fs0 service lacks {want}:\n{fs}");
+    }
     assert!(read("vmm-svc-fs0.socket").contains("ListenStream=/run/vmm/svc/fs0.sock"));
     let vmm = read("vmm-svc-vmm.service");
     assert!(

@@ -135,6 +135,13 @@ pub struct Args {
     /// again after every disconnect).
     #[arg(long, value_name = "N")]
     pub connections: Option<u64>,
+    /// Keep the guest's session (the node IDs and open files it holds, what
+    /// its mount agreed) in this file, outside the share, so that a daemon
+    /// started after this one dies serves the same guest: the frontend
+    /// reconnects and the guest's mount carries on. Made if missing (mode
+    /// 0600); a sparse file of about 264 MiB.
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
 }
 
 /// One request queue per CPU, at most 8: more queues than CPUs only add
@@ -184,6 +191,7 @@ pub struct Config {
     pub inode_file_handles: InodeFileHandles,
     pub rlimit_nofile: Option<u64>,
     pub connections: Option<u64>,
+    pub state_file: Option<PathBuf>,
 }
 
 impl TryFrom<Args> for Config {
@@ -224,6 +232,7 @@ impl TryFrom<Args> for Config {
             inode_file_handles: a.inode_file_handles,
             rlimit_nofile: a.rlimit_nofile,
             connections: a.connections,
+            state_file: a.state_file,
         })
     }
 }

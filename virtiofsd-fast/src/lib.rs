@@ -10,6 +10,7 @@
 pub mod args;
 pub mod backend;
 pub mod fuzz;
+pub mod ledger;
 pub mod seccomp;
 pub mod share;
 pub mod store;
@@ -34,6 +35,12 @@ pub enum RunError {
     Sandbox(#[from] backend_common::sandbox::SandboxError),
     #[error("starting the thread pool")]
     Pool(#[source] std::io::Error),
+    #[error("opening the state file {path}")]
+    StateFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("installing the seccomp filter")]
     Seccomp(#[from] backend_common::seccomp::SeccompError),
 }
@@ -46,10 +53,20 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     let listener = cfg.socket.listen()?;
     let notifier = backend_common::notify::Notifier::from_env();
     raise_nofile(cfg.rlimit_nofile.unwrap_or(DEFAULT_NOFILE));
+    let ledger = match &cfg.state_file {
+        Some(path) => {
+            let (l, resumed) = ledger::Ledger::open(path).map_err(|e| RunError::StateFile {
+                path: path.clone(),
+                source: e,
+            })?;
+            Some((Arc::new(l), resumed))
+        }
+        None => None,
+    };
     // The filesystem opens /proc/self/fd when it is made, so it is made
     // where it will run: inside the jail (whose /proc is this pid
     // namespace's), or before the chroot (which has no /proc).
-    let fs = match cfg.sandbox {
+    let mut fs = match cfg.sandbox {
         SandboxMode::Namespace => {
             sandbox::enter_namespaces()?;
             sandbox::pivot_into_jail(&cfg.shared_dir)?;
@@ -63,7 +80,21 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         SandboxMode::None => share::ShareFs::new(cfg, &cfg.shared_dir.to_string_lossy()),
     }
     .map_err(RunError::Share)?;
+    if let Some((l, resumed)) = &ledger {
+        fs.attach_ledger(l.clone(), resumed.as_ref());
+    }
     fs.import().map_err(RunError::Share)?;
+    if let Some((_, Some(r))) = &ledger {
+        if fs.resume(r) {
+            tracing::info!(
+                nodes = r.nodes,
+                open_files = r.handles,
+                "resuming the guest's session a previous daemon left"
+            );
+        } else {
+            tracing::warn!("the state file's session was for another shared directory: dropped");
+        }
+    }
     sandbox::drop_capabilities(KEEP_CAPS)?;
     if let Some(n) = &notifier {
         n.ready();

@@ -31,6 +31,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use crate::args::{CacheMode, Config, InodeFileHandles};
+use crate::ledger::{HandleRecord, Ledger, Resumed};
 use crate::store::{self, cvt, openat, statx, to_stat, Handles, Node, Store};
 
 type Inode = u64;
@@ -65,7 +66,17 @@ struct OpenFile {
     /// (Entries made after the read that found the end may or may not show
     /// in this pass, as POSIX allows; a rewind reads again.)
     dir_end: AtomicU64,
+    /// Its slot in the ledger (u32::MAX: not kept).
+    slot: u32,
 }
+
+/// What INIT agreed, as the ledger keeps it for a daemon that resumes the
+/// session (which sees no INIT).
+const AGREED_WRITEBACK: u64 = 1;
+const AGREED_SUBMOUNTS: u64 = 2;
+const AGREED_NO_OPENDIR: u64 = 4;
+const AGREED_ACL: u64 = 8;
+const AGREED_SETXATTR_EXT: u64 = 16;
 
 /// The shared directory as a FUSE filesystem.
 pub struct ShareFs {
@@ -93,6 +104,11 @@ pub struct ShareFs {
     /// FUSE_SETXATTR_EXT: SETXATTR carries the guest's ACL flags (the
     /// backend negotiates it, fuse-backend-rs has no flag for it).
     setxattr_ext: AtomicBool,
+    /// With `--state-file`: the guest's session, kept for a daemon started
+    /// after this one dies.
+    ledger: Option<Arc<Ledger>>,
+    /// One open-file restore at a time.
+    restoring: Mutex<()>,
 }
 
 /// Descriptors the store may keep before it swaps the least recently used
@@ -108,6 +124,18 @@ fn fd_budget() -> usize {
         return 512;
     }
     (lim.rlim_cur / 2).min(1_000_000) as usize
+}
+
+impl OpenFile {
+    fn new(inode: Inode, file: File, slot: u32) -> Self {
+        OpenFile {
+            inode,
+            file,
+            dir_pos: Mutex::new(()),
+            dir_end: AtomicU64::new(u64::MAX),
+            slot,
+        }
+    }
 }
 
 impl ShareFs {
@@ -160,6 +188,8 @@ impl ShareFs {
             acl_wanted: cfg.posix_acl,
             acl: AtomicBool::new(false),
             setxattr_ext: AtomicBool::new(false),
+            ledger: None,
+            restoring: Mutex::new(()),
         })
     }
 
@@ -176,6 +206,55 @@ impl ShareFs {
         self.store.reset(root)
     }
 
+    /// Keep the guest's session in `ledger` (before `import`).
+    pub fn attach_ledger(&mut self, ledger: Arc<Ledger>, resumed: Option<&Resumed>) {
+        self.store
+            .set_ledger(ledger.clone(), resumed.map_or(0, |r| r.next_id));
+        if let Some(r) = resumed {
+            self.next_handle.store(r.next_fh.max(1), Ordering::Relaxed);
+        }
+        self.ledger = Some(ledger);
+    }
+
+    /// Take up the session a previous daemon left (after `import`): what
+    /// INIT agreed then holds now. False (and the session dropped) where the
+    /// share is no longer the directory that session had.
+    pub fn resume(&self, r: &Resumed) -> bool {
+        if self.store.root_key() != Some(r.root) {
+            if let Some(l) = &self.ledger {
+                l.end();
+            }
+            return false;
+        }
+        self.writeback
+            .store(r.agreed & AGREED_WRITEBACK != 0, Ordering::Relaxed);
+        self.submounts
+            .store(r.agreed & AGREED_SUBMOUNTS != 0, Ordering::Relaxed);
+        self.no_opendir
+            .store(r.agreed & AGREED_NO_OPENDIR != 0, Ordering::Relaxed);
+        self.acl
+            .store(r.agreed & AGREED_ACL != 0, Ordering::Relaxed);
+        self.setxattr_ext
+            .store(r.agreed & AGREED_SETXATTR_EXT != 0, Ordering::Relaxed);
+        true
+    }
+
+    fn agreed(&self) -> u64 {
+        let mut a = 0;
+        for (on, bit) in [
+            (&self.writeback, AGREED_WRITEBACK),
+            (&self.submounts, AGREED_SUBMOUNTS),
+            (&self.no_opendir, AGREED_NO_OPENDIR),
+            (&self.acl, AGREED_ACL),
+            (&self.setxattr_ext, AGREED_SETXATTR_EXT),
+        ] {
+            if on.load(Ordering::Relaxed) {
+                a |= bit;
+            }
+        }
+        a
+    }
+
     /// How many nodes the guest holds and how many descriptors they keep.
     pub fn counts(&self) -> (usize, usize) {
         (self.store.nodes(), self.store.open_fds())
@@ -190,6 +269,9 @@ impl ShareFs {
     /// that it did not).
     pub fn set_setxattr_ext(&self, on: bool) {
         self.setxattr_ext.store(on, Ordering::Relaxed);
+        if let Some(l) = &self.ledger {
+            l.set_agreed(self.agreed());
+        }
     }
 
     /// Whether SETXATTR requests carry the extended header.
@@ -417,25 +499,73 @@ impl ShareFs {
         }
     }
 
-    fn add_handle(&self, inode: Inode, file: File) -> Handle {
+    /// A new file handle for `file`, opened with `flags`.
+    fn add_handle(&self, inode: Inode, file: File, flags: libc::c_int) -> Handle {
         let h = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().unwrap().insert(
-            h,
-            Arc::new(OpenFile {
-                inode,
-                file,
-                dir_pos: Mutex::new(()),
-                dir_end: AtomicU64::new(u64::MAX),
-            }),
-        );
+        let slot = match &self.ledger {
+            Some(l) => {
+                l.note_next_fh(h + 1);
+                l.add_handle(HandleRecord {
+                    fh: h,
+                    node: inode,
+                    flags,
+                })
+                .unwrap_or(u32::MAX)
+            }
+            None => u32::MAX,
+        };
+        self.handles
+            .write()
+            .unwrap()
+            .insert(h, Arc::new(OpenFile::new(inode, file, slot)));
         h
     }
 
     fn handle(&self, inode: Inode, handle: Handle) -> io::Result<Arc<OpenFile>> {
         match self.handles.read().unwrap().get(&handle) {
-            Some(f) if f.inode == inode => Ok(f.clone()),
-            _ => Err(err(libc::EBADF)),
+            Some(f) if f.inode == inode => return Ok(f.clone()),
+            Some(_) => return Err(err(libc::EBADF)),
+            None => {}
         }
+        self.restore_handle(inode, handle)
+    }
+
+    /// An open file the previous daemon left, opened again as it was (less
+    /// what only applies at creation).
+    fn restore_handle(&self, inode: Inode, handle: Handle) -> io::Result<Arc<OpenFile>> {
+        let ledger = self.ledger.as_ref().ok_or_else(|| err(libc::EBADF))?;
+        let _one = self.restoring.lock().unwrap();
+        if let Some(f) = self.handles.read().unwrap().get(&handle) {
+            return if f.inode == inode {
+                Ok(f.clone())
+            } else {
+                Err(err(libc::EBADF))
+            };
+        }
+        let (slot, r) = ledger
+            .take_left_handle(handle)
+            .ok_or_else(|| err(libc::EBADF))?;
+        let flags = r.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
+        let file = self.node_fd(r.node).and_then(|(node, fd)| {
+            if node.is_dir() {
+                open_dir(&fd)
+            } else {
+                self.reopen(&fd, flags)
+            }
+        });
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                ledger.drop_handle(slot);
+                return Err(e);
+            }
+        };
+        let f = Arc::new(OpenFile::new(r.node, file, slot));
+        self.handles.write().unwrap().insert(handle, f.clone());
+        if f.inode != inode {
+            return Err(err(libc::EBADF));
+        }
+        Ok(f)
     }
 
     /// Run `f` with the guest caller's uid and gid as this thread's
@@ -679,6 +809,9 @@ impl FileSystem for ShareFs {
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         self.import()?;
+        for flag in [&self.writeback, &self.submounts, &self.no_opendir] {
+            flag.store(false, Ordering::Relaxed);
+        }
         let mut opts = FsOptions::DO_READDIRPLUS;
         if self.submounts_wanted && capable.contains(FsOptions::SUBMOUNTS) {
             opts |= FsOptions::SUBMOUNTS;
@@ -720,6 +853,10 @@ impl FileSystem for ShareFs {
                 | FsOptions::PARALLEL_DIROPS
                 | FsOptions::ASYNC_DIO
                 | FsOptions::ATOMIC_O_TRUNC);
+        // A new mount: whatever session the ledger held is over.
+        if let (Some(l), Some(root)) = (&self.ledger, self.store.root_key()) {
+            l.begin(self.agreed(), root);
+        }
         Ok(opts)
     }
 
@@ -728,6 +865,9 @@ impl FileSystem for ShareFs {
         tracing::info!(nodes, descriptors, "guest unmounted");
         self.handles.write().unwrap().clear();
         self.store.clear();
+        if let Some(l) = &self.ledger {
+            l.end();
+        }
     }
 
     fn lookup(&self, _ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
@@ -1031,8 +1171,9 @@ impl FileSystem for ShareFs {
             // Devices, fifos and sockets are the guest's own business.
             return Err(err(libc::ENXIO));
         }
-        let file = self.reopen(&fd, self.host_flags(flags))?;
-        let h = self.add_handle(inode, file);
+        let flags = self.host_flags(flags);
+        let file = self.reopen(&fd, flags)?;
+        let h = self.add_handle(inode, file, flags);
         Ok((Some(h), self.open_options(node.is_dir()), None))
     }
 
@@ -1061,7 +1202,7 @@ impl FileSystem for ShareFs {
         let found = self.store.adopt(path_fd, sx)?;
         let inode = found.node.id;
         let entry = self.entry(found);
-        let h = self.add_handle(inode, File::from(file));
+        let h = self.add_handle(inode, File::from(file), flags);
         Ok((entry, Some(h), self.open_options(false), None))
     }
 
@@ -1180,9 +1321,14 @@ impl FileSystem for ShareFs {
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        // One the previous daemon left: claimed here so its slot goes.
+        let _ = self.handle(inode, handle);
         let mut handles = self.handles.write().unwrap();
         match handles.get(&handle) {
             Some(f) if f.inode == inode => {
+                if let (Some(l), true) = (&self.ledger, f.slot != u32::MAX) {
+                    l.drop_handle(f.slot);
+                }
                 handles.remove(&handle);
                 Ok(())
             }
@@ -1274,7 +1420,7 @@ impl FileSystem for ShareFs {
             return Err(err(libc::ENOSYS));
         }
         let file = self.open_dir_node(inode)?;
-        let h = self.add_handle(inode, file);
+        let h = self.add_handle(inode, file, libc::O_RDONLY | libc::O_DIRECTORY);
         Ok((Some(h), self.open_options(true)))
     }
 

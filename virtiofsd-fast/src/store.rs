@@ -22,6 +22,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::ledger::{Ledger, NodeRecord};
+
 use fuse_backend_rs::abi::fuse_abi::stat64;
 use fuse_backend_rs::api::filesystem::ROOT_ID;
 
@@ -227,7 +229,12 @@ pub struct Node {
     /// attributes are reported for the old node until the guest looks the
     /// name up again (a lookup compares file handles, which are exact).
     birth: Option<(i64, u32)>,
+    /// Its slot in the ledger (NO_SLOT: not kept there).
+    slot: u32,
 }
+
+/// A node the ledger does not keep.
+const NO_SLOT: u32 = u32::MAX;
 
 enum HandleState {
     NotYet,
@@ -261,6 +268,12 @@ pub struct Store {
     /// One open directory per host filesystem, for `open_by_handle_at`.
     mounts: RwLock<HashMap<u64, Arc<OwnedFd>>>,
     sweeping: Mutex<()>,
+    /// With `--state-file`: where nodes are kept for a daemon started
+    /// after this one dies.
+    ledger: Option<Arc<Ledger>>,
+    /// One restore at a time, so a node left by the previous daemon is
+    /// claimed once.
+    restoring: Mutex<()>,
 }
 
 /// What a lookup found.
@@ -283,7 +296,104 @@ impl Store {
             handles,
             mounts: RwLock::new(HashMap::new()),
             sweeping: Mutex::new(()),
+            ledger: None,
+            restoring: Mutex::new(()),
         }
+    }
+
+    /// Keep nodes in `ledger`, and resolve IDs handed out before this
+    /// process from it; IDs go on from `next_id`.
+    pub fn set_ledger(&mut self, ledger: Arc<Ledger>, next_id: u64) {
+        self.ledger = Some(ledger);
+        self.next_id
+            .store(next_id.max(ROOT_ID + 1), Ordering::Relaxed);
+    }
+
+    /// The root's (device, inode).
+    pub fn root_key(&self) -> Option<Key> {
+        self.maps.read().unwrap().by_id.get(&ROOT_ID).map(|n| n.key)
+    }
+
+    /// A new ID, noted in the ledger before the guest can hear of it.
+    fn new_id(&self) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(l) = &self.ledger {
+            l.note_next_id(id + 1);
+        }
+        id
+    }
+
+    /// Keep a new node in the ledger; its slot (NO_SLOT: not kept).
+    fn keep(&self, id: u64, key: Key, kind: u32, h: Option<&FileHandle>) -> u32 {
+        let (Some(l), Some(h)) = (&self.ledger, h) else {
+            return NO_SLOT;
+        };
+        l.add_node(&NodeRecord {
+            id,
+            refs: 1,
+            dev: key.0,
+            ino: key.1,
+            kind,
+            handle_type: h.kind,
+            handle: h.data.to_vec(),
+        })
+        .unwrap_or(NO_SLOT)
+    }
+
+    /// Mirror `node`'s reference count into the ledger.
+    fn note_refs(&self, node: &Node) {
+        if let (Some(l), true) = (&self.ledger, node.slot != NO_SLOT) {
+            l.set_refs(node.slot, node.refs.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Node `id` as the previous daemon left it, reopened by its handle.
+    fn restore(&self, id: u64) -> io::Result<Arc<Node>> {
+        let ebadf = || io::Error::from_raw_os_error(libc::EBADF);
+        let ledger = self.ledger.as_ref().ok_or_else(ebadf)?;
+        let _one = self.restoring.lock().unwrap();
+        if let Some(n) = self.maps.read().unwrap().by_id.get(&id) {
+            return Ok(n.clone());
+        }
+        let (slot, r) = ledger.take_left_node(id).ok_or_else(ebadf)?;
+        let h = FileHandle {
+            kind: r.handle_type,
+            data: r.handle.into(),
+        };
+        let mount = self.mounts.read().unwrap().get(&r.dev).cloned();
+        let found = mount
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
+            .and_then(|m| h.open(m.as_raw_fd(), libc::O_PATH))
+            .and_then(|fd| Ok((statx(fd.as_raw_fd(), c"")?, fd)));
+        let (sx, fd) = match found {
+            Ok((sx, fd)) if key_of(&sx) == (r.dev, r.ino) => (sx, fd),
+            other => {
+                // Gone (or on a filesystem this daemon has not met): the
+                // guest hears ESTALE, as for any file deleted under it.
+                tracing::debug!(id, error = ?other.err(), "a node left by the previous daemon is gone");
+                ledger.discard_left_node(slot);
+                return Err(io::Error::from_raw_os_error(libc::ESTALE));
+            }
+        };
+        let key = key_of(&sx);
+        let node = Arc::new(Node {
+            id,
+            key,
+            kind: r.kind,
+            refs: AtomicU64::new(r.refs),
+            fd: Mutex::new(Some(Arc::new(fd))),
+            handle: Mutex::new(HandleState::Some(h)),
+            used: AtomicBool::new(true),
+            name: Mutex::new(None),
+            birth: birth(&sx),
+            slot,
+        });
+        let mut maps = self.maps.write().unwrap();
+        maps.by_id.insert(id, node.clone());
+        maps.by_key.entry(key).or_insert(id);
+        drop(maps);
+        self.opened();
+        Ok(node)
     }
 
     /// Forget everything and make `root` node ROOT_ID.
@@ -301,6 +411,7 @@ impl Store {
             used: AtomicBool::new(true),
             name: Mutex::new(None),
             birth: None,
+            slot: NO_SLOT,
         });
         let mut maps = self.maps.write().unwrap();
         maps.by_id.clear();
@@ -334,13 +445,10 @@ impl Store {
 
     /// The node with this ID.
     pub fn get(&self, id: u64) -> io::Result<Arc<Node>> {
-        self.maps
-            .read()
-            .unwrap()
-            .by_id
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+        if let Some(n) = self.maps.read().unwrap().by_id.get(&id) {
+            return Ok(n.clone());
+        }
+        self.restore(id)
     }
 
     /// How many descriptors nodes hold now.
@@ -472,6 +580,7 @@ impl Store {
                 if same {
                     node.refs.fetch_add(1, Ordering::Relaxed);
                     node.used.store(true, Ordering::Relaxed);
+                    self.note_refs(node);
                     return Ok(Found {
                         node: node.clone(),
                         st: sx,
@@ -506,23 +615,27 @@ impl Store {
                 || matches!(&*node.handle.lock().unwrap(), HandleState::Some(o) if *o == h);
             if same {
                 node.refs.fetch_add(1, Ordering::Relaxed);
+                self.note_refs(node);
                 return Found {
                     node: node.clone(),
                     st: sx,
                 };
             }
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.new_id();
+        let kind = u32::from(sx.stx_mode) & libc::S_IFMT;
+        let slot = self.keep(id, key, kind, Some(&h));
         let node = Arc::new(Node {
             id,
             key,
-            kind: u32::from(sx.stx_mode) & libc::S_IFMT,
+            kind,
             refs: AtomicU64::new(1),
             fd: Mutex::new(None),
             handle: Mutex::new(HandleState::Some(h)),
             used: AtomicBool::new(true),
             name: Mutex::new(Some((at.0, at.1.into()))),
             birth: birth(&sx),
+            slot,
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -537,6 +650,11 @@ impl Store {
         let mut handle = HandleState::NotYet;
         if self.handles == Handles::Mandatory {
             handle = HandleState::Some(FileHandle::of(fd.as_raw_fd())?);
+        } else if self.ledger.is_some() && self.handles == Handles::Prefer {
+            // The ledger names nodes by handle: take it now.
+            if let Ok(h) = FileHandle::of(fd.as_raw_fd()) {
+                handle = HandleState::Some(h);
+            }
         }
         let mut fd = Some(fd);
         let mut maps = self.maps.write().unwrap();
@@ -566,12 +684,17 @@ impl Store {
                 drop(slot);
                 node.refs.fetch_add(1, Ordering::Relaxed);
                 node.used.store(true, Ordering::Relaxed);
+                self.note_refs(&node);
                 return Ok(Found { node, st: sx });
             }
             // A new file with a recycled inode number: the old node lives
             // on under its ID until forgotten, but the key is the new one's.
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.new_id();
+        let slot = match &handle {
+            HandleState::Some(h) => self.keep(id, key, kind, Some(h)),
+            _ => NO_SLOT,
+        };
         let node = Arc::new(Node {
             id,
             key,
@@ -582,6 +705,7 @@ impl Store {
             used: AtomicBool::new(true),
             name: Mutex::new(None),
             birth: None,
+            slot,
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -610,7 +734,12 @@ impl Store {
         }
         let node = match self.maps.read().unwrap().by_id.get(&id) {
             Some(n) => n.clone(),
-            None => return,
+            // Maybe one the previous daemon left and the guest has not
+            // used since.
+            None => match self.restore(id) {
+                Ok(n) => n,
+                Err(_) => return,
+            },
         };
         let mut cur = node.refs.load(Ordering::Relaxed);
         loop {
@@ -624,6 +753,7 @@ impl Store {
             }
         }
         if cur > count {
+            self.note_refs(&node);
             return;
         }
         // Lookups take references under the read lock, so under the write
@@ -637,6 +767,9 @@ impl Store {
             maps.by_key.remove(&node.key);
         }
         drop(maps);
+        if let (Some(l), true) = (&self.ledger, node.slot != NO_SLOT) {
+            l.drop_node(node.slot);
+        }
         if node.fd.lock().unwrap().take().is_some() {
             self.open_fds.fetch_sub(1, Ordering::Relaxed);
         }

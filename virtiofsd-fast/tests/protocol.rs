@@ -406,6 +406,99 @@ fn posix_acls_decide_modes_and_drop_the_setgid_bit_when_the_guest_says() {
     assert_eq!(host_xattr(share, "user.ok").as_deref(), Some(&b"v"[..]));
 }
 
+/// A daemon killed with -9 and started again on the same `--state-file`
+/// serves the guest session the dead one had: the node IDs and open file
+/// handles the guest holds work, with no new INIT.
+#[test]
+fn a_restarted_daemon_serves_the_session_the_dead_one_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(share.join("dir")).unwrap();
+    std::fs::write(share.join("dir/file"), b"kept across the crash").unwrap();
+    std::fs::write(share.join("doomed"), b"x").unwrap();
+    let state = dir.path().join("fs.state");
+    let state_flag = format!("--state-file={}", state.display());
+
+    let mut a = start(&share, &[&state_flag]);
+    let mut c = client(&mut a);
+    let d = c.lookup(ROOT_ID, "dir").unwrap();
+    let f = c.lookup(d.nodeid, "file").unwrap();
+    assert_eq!(c.lookup(d.nodeid, "file").unwrap().nodeid, f.nodeid);
+    let doomed = c.lookup(ROOT_ID, "doomed").unwrap();
+    let fh = c.open(f.nodeid, libc::O_RDONLY as u32).unwrap();
+    let dfh = c.opendir(d.nodeid).unwrap();
+    let (n, nfh) = c
+        .create(d.nodeid, "new", 0o644, libc::O_WRONLY as u32)
+        .unwrap();
+    assert_eq!(c.write(n.nodeid, nfh, 0, b"before").unwrap(), 6);
+    let gone = c.lookup(ROOT_ID, "dir").unwrap();
+    c.forget(gone.nodeid, 1).unwrap();
+    drop(c);
+    a.kill();
+    // While no daemon runs, the host deletes one of the files.
+    std::fs::remove_file(share.join("doomed")).unwrap();
+
+    let mut b = start(&share, &[&state_flag]);
+    let mut c = FuseClient::connect(&mut b, 8).unwrap();
+    c.set_timeout(Duration::from_secs(5));
+    // No INIT: the guest's mount carries on.
+    assert_eq!(
+        c.getattr(f.nodeid)
+            .unwrap_or_else(|e| panic!("{e}\n{}", b.output()))
+            .size,
+        21
+    );
+    assert_eq!(
+        c.read(f.nodeid, fh, 0, 4096).unwrap(),
+        b"kept across the crash"
+    );
+    assert_eq!(c.write(n.nodeid, nfh, 6, b" and after").unwrap(), 10);
+    assert_eq!(
+        std::fs::read(share.join("dir/new")).unwrap(),
+        b"before and after"
+    );
+    let names: Vec<Vec<u8>> = c
+        .readdirplus(d.nodeid, dfh, 0, 4096)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.contains(&b"file".to_vec()), "{names:?}");
+    // The same file keeps its node ID.
+    assert_eq!(c.lookup(d.nodeid, "file").unwrap().nodeid, f.nodeid);
+    match c.getattr(doomed.nodeid) {
+        Err(FsError::Errno(e)) => assert_eq!(e, libc::ESTALE),
+        other => panic!("a file deleted meanwhile: {other:?}"),
+    }
+    c.release(f.nodeid, fh).unwrap();
+    c.forget(f.nodeid, 3).unwrap();
+    assert!(
+        b.output().contains("resuming the guest's session"),
+        "{}",
+        b.output()
+    );
+
+    // A new mount starts a new session: the old IDs mean nothing.
+    c.init().unwrap();
+    match c.getattr(d.nodeid) {
+        Err(FsError::Errno(e)) => assert_eq!(e, libc::EBADF),
+        other => panic!("an ID from the old session: {other:?}"),
+    }
+    drop(c);
+    b.kill();
+
+    // Without the state file a restarted daemon cannot know the IDs.
+    let mut a = start(&share, &[]);
+    let mut c = client(&mut a);
+    let d = c.lookup(ROOT_ID, "dir").unwrap();
+    drop(c);
+    a.kill();
+    let mut b = start(&share, &[]);
+    let mut c = FuseClient::connect(&mut b, 8).unwrap();
+    c.set_timeout(Duration::from_secs(5));
+    assert!(c.getattr(d.nodeid).is_err());
+}
+
 /// With a pool (`--thread-pool-size`) requests taken together are served
 /// on several threads and may finish in any order: each still gets its
 /// own reply.

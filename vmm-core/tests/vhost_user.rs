@@ -484,3 +484,224 @@ fn a_backend_of_the_wrong_device_type_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
 }
+
+/// virtiofsd-fast on `sock`, sharing `share`, with extra flags; its log
+/// goes to `log`.
+fn virtiofsd_fast(sock: &Path, share: &Path, extra: &[String], log: &Path) -> Option<Backend> {
+    let bin = sibling("virtiofsd-fast")?;
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(bin)
+        .arg(format!("--socket-path={}", sock.display()))
+        .arg(format!("--shared-dir={}", share.display()))
+        .arg("--sandbox=none")
+        .args(extra)
+        .stdin(Stdio::null())
+        .stderr(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "virtiofsd-fast never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Backend(child))
+}
+
+/// A FUSE request: fuse_in_header (as root) and its arguments.
+fn fuse_request(opcode: u32, unique: u64, nodeid: u64, args: &[&[u8]]) -> Vec<u8> {
+    let len = 40 + args.iter().map(|a| a.len()).sum::<usize>();
+    let mut v = Vec::with_capacity(len);
+    v.extend_from_slice(&(len as u32).to_le_bytes());
+    v.extend_from_slice(&opcode.to_le_bytes());
+    v.extend_from_slice(&unique.to_le_bytes());
+    v.extend_from_slice(&nodeid.to_le_bytes());
+    v.extend_from_slice(&[0u8; 16]); // uid, gid, pid, extlen, padding
+    for a in args {
+        v.extend_from_slice(a);
+    }
+    v
+}
+
+/// Where the fs requests' buffers sit in guest memory, and the words the
+/// program and the host signal each other with.
+const FS_REQ: u64 = 0x20000;
+const FS_REPLY: u64 = 0x24000;
+const GO: u64 = 0x30002;
+const DONE: u64 = 0x30000;
+
+/// A program that brings up virtio-fs request queue 1 and then serves
+/// `rounds` requests one at a time: it waits for the host's go (GO = k),
+/// makes head 0 the k-th available entry, kicks (an ioeventfd), waits for
+/// the used index to reach k and says so (DONE = k). Then it exits with
+/// 0x40 on the debug port.
+fn fs_request_program(base: u64, rounds: u8) -> Vec<u8> {
+    let mut code = Vec::new();
+    for (off, v) in [
+        (reg::STATUS, 3),
+        (reg::DRIVER_FEATURES_SEL, 1),
+        (reg::DRIVER_FEATURES, 1),
+        (reg::STATUS, 0xb),
+        (reg::QUEUE_SEL, 1),
+        (reg::QUEUE_NUM, 16),
+        (reg::QUEUE_DESC_LOW, 0x10000),
+        (reg::QUEUE_DRIVER_LOW, 0x11000),
+        (reg::QUEUE_DEVICE_LOW, 0x12000),
+        (reg::QUEUE_READY, 1),
+        (reg::STATUS, 0xf),
+    ] {
+        write_reg(&mut code, base + off, v);
+    }
+    for k in 1..=rounds {
+        wait_word(&mut code, GO, k);
+        store_word(&mut code, 0x11004 + 2 * u64::from(k - 1), 0);
+        store_word(&mut code, 0x11002, u16::from(k));
+        write_reg(&mut code, base + reg::QUEUE_NOTIFY, 1);
+        wait_word(&mut code, 0x12002, k);
+        store_word(&mut code, DONE, u16::from(k));
+    }
+    exit_with_status(&mut code);
+    code
+}
+
+/// Host side of one round: lay `req` out as head 0 (a readable then a
+/// writable descriptor), give the go, wait for the program to see it used,
+/// and return the reply's error and body.
+fn fs_round(mem: &GuestMemoryMmap, k: u16, req: &[u8]) -> (i32, Vec<u8>) {
+    mem.write_slice(req, GuestAddress(FS_REQ)).unwrap();
+    for (i, (addr, len, flags, next)) in [
+        (FS_REQ, req.len() as u32, 1u16, 1u16),
+        (FS_REPLY, 4096, 2, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let a = 0x10000 + 16 * i as u64;
+        mem.write_obj(addr, GuestAddress(a)).unwrap();
+        mem.write_obj(len, GuestAddress(a + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(a + 14)).unwrap();
+    }
+    mem.write_obj(k, GuestAddress(GO)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mem.read_obj::<u16>(GuestAddress(DONE)).unwrap() != k {
+        assert!(Instant::now() < deadline, "request {k} never completed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let used_len = mem
+        .read_obj::<u32>(GuestAddress(0x12004 + 8 * u64::from(k - 1) + 4))
+        .unwrap() as usize;
+    let mut reply = vec![0u8; used_len.clamp(16, 4096)];
+    mem.read_slice(&mut reply, GuestAddress(FS_REPLY)).unwrap();
+    let error = i32::from_le_bytes(reply[4..8].try_into().unwrap());
+    (error, reply[16..].to_vec())
+}
+
+/// A guest's FUSE session outlives its daemon: a long-mode program's
+/// mount (INIT, LOOKUP, OPEN, READ) goes on through vmm-core after
+/// virtiofsd-fast is killed (-9) and started again on the same socket and
+/// `--state-file`: vmm-core reconnects, and the next READ on the open file
+/// handle and a GETATTR on the node ID are served by the new daemon with no
+/// new INIT. Without the state file, the same READ fails.
+#[test]
+fn a_killed_fs_backend_resumes_the_guests_session_through_vmm_core() {
+    use std::sync::atomic::Ordering;
+    use vmm_core::machine::{load_program, Stop};
+    if !common::kvm() {
+        return;
+    }
+    for with_state in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("file"), b"served twice").unwrap();
+        let sock = dir.path().join("fs.sock");
+        let log = dir.path().join("fs.log");
+        let extra: Vec<String> = if with_state {
+            vec![format!(
+                "--state-file={}",
+                dir.path().join("fs.state").display()
+            )]
+        } else {
+            Vec::new()
+        };
+        let Some(backend) = virtiofsd_fast(&sock, &share, &extra, &log) else {
+            return;
+        };
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let mem = ram.mem.clone();
+        let dev = VhostUserDevice::connect(&sock, 26, &ram.mem, 2, 256).expect("connects");
+        let mut m = vmm_core::machine::Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
+        m.set_seccomp(backend_common::seccomp::Action::Kill);
+        let slot = m.add_virtio_mmio(dev).unwrap();
+        let reconnects = m.mmio_devices()[0]
+            .1
+            .lock()
+            .unwrap()
+            .device
+            .reconnect_counter();
+        mem.write_obj(0u8, GuestAddress(0x22000)).unwrap();
+        load_program(m.ram(), 0x10_0000, &fs_request_program(slot.base, 6)).unwrap();
+        m.start_long_mode(0x10_0000, 0).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(m.run());
+        });
+
+        // INIT (7.38, no flags), LOOKUP, OPEN, READ.
+        let mut init = [0u8; 64];
+        init[0..4].copy_from_slice(&7u32.to_le_bytes());
+        init[4..8].copy_from_slice(&38u32.to_le_bytes());
+        let (e, _) = fs_round(&mem, 1, &fuse_request(26, 1, 0, &[&init]));
+        assert_eq!(e, 0, "INIT");
+        let (e, body) = fs_round(&mem, 2, &fuse_request(1, 2, 1, &[b"file\0"]));
+        assert_eq!(e, 0, "LOOKUP");
+        let node = u64::from_le_bytes(body[0..8].try_into().unwrap());
+        let (e, body) = fs_round(&mem, 3, &fuse_request(14, 3, node, &[&[0u8; 8]]));
+        assert_eq!(e, 0, "OPEN");
+        let fh = u64::from_le_bytes(body[0..8].try_into().unwrap());
+        let mut read_in = [0u8; 40];
+        read_in[0..8].copy_from_slice(&fh.to_le_bytes());
+        read_in[16..20].copy_from_slice(&2048u32.to_le_bytes());
+        let (e, body) = fs_round(&mem, 4, &fuse_request(15, 4, node, &[&read_in]));
+        assert_eq!(
+            (e, body.as_slice()),
+            (0, &b"served twice"[..]),
+            "READ:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+
+        drop(backend);
+        let _backend = virtiofsd_fast(&sock, &share, &extra, &log).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while reconnects.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "never reconnected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (e, body) = fs_round(&mem, 5, &fuse_request(15, 5, node, &[&read_in]));
+        let (ge, attr) = fs_round(&mem, 6, &fuse_request(3, 6, node, &[&[0u8; 16]]));
+        let stop = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the program finishes");
+        assert_eq!(stop, Stop::DebugExit(0x40));
+        let log = std::fs::read_to_string(&log).unwrap();
+        if with_state {
+            assert_eq!(
+                (e, body.as_slice()),
+                (0, &b"served twice"[..]),
+                "READ after the restart:\n{log}"
+            );
+            assert_eq!(ge, 0, "GETATTR after the restart:\n{log}");
+            // fuse_attr_out: valid, valid_nsec, dummy, then ino and size.
+            assert_eq!(u64::from_le_bytes(attr[24..32].try_into().unwrap()), 12);
+            assert!(log.contains("resuming the guest's session"), "{log}");
+        } else {
+            assert_eq!(e, -libc::EBADF, "a new daemon without the session");
+        }
+    }
+}
