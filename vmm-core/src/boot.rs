@@ -83,7 +83,27 @@ pub fn load_linux(
     cmdline: &str,
     acpi_rsdp: Option<u64>,
 ) -> Result<Entry, BootError> {
-    let mem = &ram.mem;
+    let images = load_images(&ram.mem, ram.low_end(), kernel, initramfs)?;
+    finish_boot(ram, images, cmdline, acpi_rsdp)
+}
+
+/// A kernel (and initramfs) in guest memory, its boot_params still to be
+/// completed by [`finish_boot`].
+pub struct Images {
+    rip: u64,
+    params: boot_params,
+}
+
+/// The slow half of [`load_linux`], which needs nothing from the VM but
+/// its memory: copying the kernel and the initramfs in. vmm-core runs it on
+/// a thread of its own while it sets the VM and its devices up. `low_end`
+/// is where RAM below the MMIO hole ends.
+pub fn load_images(
+    mem: &vm_memory::GuestMemoryMmap,
+    low_end: u64,
+    kernel: &Path,
+    initramfs: Option<&Path>,
+) -> Result<Images, BootError> {
     let mut f = open("the kernel", kernel)?;
     let elf = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)));
     let (loaded, rip, mut params) = match elf {
@@ -115,20 +135,6 @@ pub fn load_linux(
         }
     };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    if let Some(rsdp) = acpi_rsdp {
-        params.acpi_rsdp_addr = rsdp;
-    }
-
-    if cmdline.len() + 1 > CMDLINE_MAX {
-        return Err(BootError::Cmdline(cmdline.len()));
-    }
-    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|_| BootError::Cmdline(cmdline.len()))?;
-    cl.insert_str(cmdline)
-        .map_err(|_| BootError::Cmdline(cmdline.len()))?;
-    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
-        .map_err(|_| BootError::Memory("the command line"))?;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
 
     if let Some(path) = initramfs {
         let mut data = Vec::new();
@@ -143,7 +149,7 @@ pub fn load_linux(
             0 => DEFAULT_INITRD_ADDR_MAX,
             m => u64::from(m),
         };
-        let limit = ram.low_end().min(max + 1);
+        let limit = low_end.min(max + 1);
         let size = data.len() as u64;
         let at = limit.saturating_sub(size) & !0xfff;
         if at < loaded.max(HIMEM_START) {
@@ -154,6 +160,33 @@ pub fn load_linux(
         params.hdr.ramdisk_image = at as u32;
         params.hdr.ramdisk_size = size as u32;
     }
+    Ok(Images { rip, params })
+}
+
+/// The rest of the boot set-up once the images are in: the command line,
+/// the RSDP's address, the e820 map and boot_params.
+pub fn finish_boot(
+    ram: &GuestRam,
+    images: Images,
+    cmdline: &str,
+    acpi_rsdp: Option<u64>,
+) -> Result<Entry, BootError> {
+    let mem = &ram.mem;
+    let Images { rip, mut params } = images;
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
+
+    if cmdline.len() + 1 > CMDLINE_MAX {
+        return Err(BootError::Cmdline(cmdline.len()));
+    }
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|_| BootError::Cmdline(cmdline.len()))?;
+    cl.insert_str(cmdline)
+        .map_err(|_| BootError::Cmdline(cmdline.len()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
+        .map_err(|_| BootError::Memory("the command line"))?;
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
 
     // The e820 map: conventional memory, then everything from 1 MiB.
     let mut e820 = vec![(0, EBDA_START)];

@@ -35,6 +35,11 @@ struct Args {
     /// Guest memory: a number of MiB, or with a K, M or G suffix.
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     memory: u64,
+    /// Back guest memory with 2 MiB huge pages (hugetlbfs): the kernel
+    /// loads with one page fault per 2 MiB, and the guest's TLB reaches
+    /// further. The host must have them reserved (vm.nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
     /// Where the serial console goes: stdio, file:PATH, socket:PATH (a Unix
     /// socket to connect to; input goes to the guest) or off.
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
@@ -132,6 +137,7 @@ struct FileConfig {
     cmdline: Option<String>,
     cpus: Option<u8>,
     memory: Option<String>,
+    hugepages: Option<bool>,
     serial: Option<String>,
     #[serde(default)]
     fs: Vec<DeviceSpec>,
@@ -179,6 +185,9 @@ fn merge(a: &mut Args, m: &clap::ArgMatches, path: &std::path::Path) -> Result<(
         if let Some(v) = f.memory {
             a.memory = parse_size(&v).map_err(|e| bad("memory", e))?;
         }
+    }
+    if !given("hugepages") {
+        a.hugepages = f.hugepages.unwrap_or(false);
     }
     if !given("serial") {
         if let Some(v) = f.serial {
@@ -358,7 +367,17 @@ fn run(a: Args) -> Result<ExitCode, String> {
     let Some(kernel) = a.kernel.clone() else {
         return Err("no kernel: give --kernel PATH (or `kernel = ...` in --config)".into());
     };
-    let ram = GuestRam::new(a.memory).map_err(|e| err(&e))?;
+    let ram = GuestRam::with_pages(a.memory, a.hugepages).map_err(|e| err(&e))?;
+    // Copying the kernel in is most of start-up; it needs only the memory,
+    // so it runs while the VM and its devices are set up.
+    let loader = {
+        let (mem, low_end) = (ram.mem.clone(), ram.low_end());
+        let (kernel, initramfs) = (kernel.clone(), a.initramfs.clone());
+        std::thread::Builder::new()
+            .name("loader".into())
+            .spawn(move || boot::load_images(&mem, low_end, &kernel, initramfs.as_deref()))
+            .map_err(|e| format!("starting the kernel loader thread: {e}"))?
+    };
     let mut serial_socket = None;
     let console: Box<dyn Write + Send> = match &a.serial {
         Serial::Stdio => Box::new(std::io::stdout()),
@@ -427,14 +446,11 @@ fn run(a: Args) -> Result<ExitCode, String> {
             .map_err(|e| format!("control API socket {}: {e}", path.display()))?;
     }
     let rsdp = vmm_core::acpi::write_tables(&mem, a.cpus, &slots)?;
-    let entry = boot::load_linux(
-        m.ram(),
-        &kernel,
-        a.initramfs.as_deref(),
-        &cmdline,
-        Some(rsdp),
-    )
-    .map_err(|e| err(&e))?;
+    let images = loader
+        .join()
+        .map_err(|_| "the kernel loader thread panicked".to_string())?
+        .map_err(|e| err(&e))?;
+    let entry = boot::finish_boot(m.ram(), images, &cmdline, Some(rsdp)).map_err(|e| err(&e))?;
     m.start_long_mode(entry.rip, entry.rsi)
         .map_err(|e| err(&e))?;
     if let Some((listener, console)) = serial_socket {
@@ -611,6 +627,7 @@ mod tests {
 kernel = "/boot/vmlinuz"
 cpus = 4
 memory = "2G"
+hugepages = true
 serial = "off"
 api-socket = "/run/vm.sock"
 reconnect-wait-ms = 5000
@@ -628,6 +645,7 @@ queues = 2
         );
         assert_eq!(a.cpus, 2, "the flag wins");
         assert_eq!(a.memory, 2 << 30);
+        assert!(a.hugepages);
         assert!(matches!(a.serial, Serial::Off));
         assert_eq!(a.blk.len(), 1);
         assert_eq!(a.fs[0].tag.as_deref(), Some("host"));

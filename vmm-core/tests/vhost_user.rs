@@ -268,6 +268,7 @@ fn exit_with_status(code: &mut Vec<u8>) {
 /// by [`prepare_read`].
 fn vm_on_blk_backend(
     dir: &Path,
+    huge: bool,
 ) -> Option<(
     (Backend, std::path::PathBuf),
     GuestMemoryMmap,
@@ -275,7 +276,7 @@ fn vm_on_blk_backend(
     vmm_core::machine::MmioSlot,
 )> {
     let backend = blk_backend(dir)?;
-    let ram = GuestRam::new(32 << 20).unwrap();
+    let ram = GuestRam::with_pages(32 << 20, huge).unwrap();
     let mem = ram.mem.clone();
     let dev = VhostUserDevice::connect(&backend.1, 2, &ram.mem, 1, 256).expect("connects");
     let mut m = vmm_core::machine::Machine::new(ram, 1, Box::new(std::io::sink())).unwrap();
@@ -287,12 +288,31 @@ fn vm_on_blk_backend(
 
 #[test]
 fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
+    reads_a_block(false);
+}
+
+/// The same with guest memory in 2 MiB huge pages, which the backend maps
+/// from the hugetlbfs memfd SET_MEM_TABLE hands it.
+#[test]
+fn a_block_read_in_huge_page_memory() {
+    let free = vmm_core::memory::free_huge_pages();
+    if free < 16 {
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("skipped: huge pages: {free} of 16 free (sysctl vm.nr_hugepages=16)\n"),
+        );
+        return;
+    }
+    reads_a_block(true);
+}
+
+fn reads_a_block(huge: bool) {
     use vmm_core::machine::{load_program, Stop};
     if !common::kvm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let Some((_b, mem, m, slot)) = vm_on_blk_backend(dir.path()) else {
+    let Some((_b, mem, m, slot)) = vm_on_blk_backend(dir.path(), huge) else {
         return;
     };
     let notify_exits = std::sync::Arc::clone(&m.mmio_devices()[0].1.lock().unwrap().notify_exits);
@@ -338,7 +358,7 @@ fn a_killed_backend_is_reconnected_and_the_next_request_completes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let Some(((backend, sock), mem, m, slot)) = vm_on_blk_backend(dir.path()) else {
+    let Some(((backend, sock), mem, m, slot)) = vm_on_blk_backend(dir.path(), false) else {
         return;
     };
     let reconnects = m.mmio_devices()[0]
