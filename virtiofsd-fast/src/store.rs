@@ -379,7 +379,8 @@ impl Store {
         let node = Arc::new(Node {
             id,
             key,
-            kind: r.kind,
+            // The file's own type, not the ledger's word for it.
+            kind: u32::from(sx.stx_mode) & libc::S_IFMT,
             refs: AtomicU64::new(r.refs),
             fd: Mutex::new(Some(Arc::new(fd))),
             handle: Mutex::new(HandleState::Some(h)),
