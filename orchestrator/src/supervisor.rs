@@ -307,6 +307,12 @@ impl Supervisor {
             }
             let _ = std::fs::remove_file(&d.socket);
             let _ = std::fs::remove_file(&d.notify_path);
+            // A share's session file: nothing to resume once the VM is down.
+            for a in &d.spec.args {
+                if let Some(p) = a.strip_prefix("--state-file=") {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
         }
         let _ = std::fs::remove_file(self.state.status_file());
         let _ = std::fs::remove_file(self.state.root.join("control.sock"));

@@ -732,6 +732,30 @@ fn up_detached_serves_a_console_and_status_and_goes_down_leaving_nothing() {
     }
     drop((w, r));
 
+    // The guest's mount is a session the share's backend keeps in a file,
+    // so a backend started after this one (here by `restart`) resumes it.
+    let session = state.join("fs0.state");
+    assert!(session.exists(), "no session file\n{}", log());
+    let restart = orch(runtime.path(), dir.path())
+        .args(["restart", "fs0", "--name", "bg"])
+        .output()
+        .unwrap();
+    assert!(
+        restart.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
+    let fs_log = || std::fs::read_to_string(state.join("logs/fs0.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs_log().contains("resuming the guest's session") {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted fs0 did not resume the session:\n{}",
+            fs_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // `down`: everything stops, and nothing is left behind.
     let down = orch(runtime.path(), dir.path())
         .args(["down", "--name", "bg"])
@@ -746,7 +770,13 @@ fn up_detached_serves_a_console_and_status_and_goes_down_leaving_nothing() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    for f in ["console.sock", "qmp.sock", "control.sock", "status.json"] {
+    for f in [
+        "console.sock",
+        "qmp.sock",
+        "control.sock",
+        "status.json",
+        "fs0.state",
+    ] {
         assert!(!state.join(f).exists(), "{f} left behind\n{}", log());
     }
     let sockets: Vec<_> = std::fs::read_dir(state.join("sockets")).unwrap().collect();
