@@ -8,6 +8,7 @@
 //! cpus = 2
 //! memory = "2G"
 //! vmm = "auto"          # auto | core | qemu
+//! hugepages = false     # guest memory in 2 MiB huge pages (vm.nr_hugepages)
 //!
 //! [[fs]]
 //! shared_dir = "~/project"
@@ -68,6 +69,9 @@ pub struct Vm {
     pub memory: Option<Spanned<Memory>>,
     #[serde(default)]
     pub vmm: VmmChoice,
+    /// Guest memory in 2 MiB huge pages (the host's vm.nr_hugepages).
+    #[serde(default)]
+    pub hugepages: Option<Spanned<bool>>,
 }
 
 fn default_cpus() -> u32 {
@@ -140,6 +144,7 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     pub cpus: u32,
     pub memory_mib: u64,
+    pub hugepages: bool,
     pub vmm: VmmChoice,
     pub fs: Vec<FsDevice>,
     pub blk: Vec<BlkDevice>,
@@ -261,6 +266,22 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
             )
         })?,
     };
+    let hugepages = raw.vm.hugepages.as_ref().is_some_and(|h| *h.get_ref());
+    if let Some(h) = raw.vm.hugepages.as_ref().filter(|_| hugepages) {
+        // Checked here, before anything starts: a VMM short of huge pages
+        // fails (QEMU) or must refuse (vmm-core) only once it is up.
+        let need = memory_mib.div_ceil(2);
+        let free = crate::free_huge_pages();
+        if free < need {
+            return Err(loc.at(
+                h.span(),
+                format!(
+                    "vm.hugepages: the VM needs {need} free 2 MiB huge pages and the host has \
+                     {free}; reserve them (sysctl vm.nr_hugepages=N) or set hugepages = false"
+                ),
+            ));
+        }
+    }
     if raw.vm.cpus == 0 || raw.vm.cpus > 255 {
         return Err(loc.at(0..0, "vm.cpus: from 1 to 255"));
     }
@@ -384,6 +405,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
         cmdline: raw.vm.cmdline.clone(),
         cpus: raw.vm.cpus,
         memory_mib,
+        hugepages,
         vmm: raw.vm.vmm,
         fs,
         blk,
@@ -490,6 +512,14 @@ mod tests {
 
         let e = check("[vm]\nvmm = \"bochs\"\n").unwrap_err();
         assert_eq!(e.line, 2);
+
+        // More huge pages than any host here has: refused, saying how many.
+        let e = check("[vm]\nmemory = \"512G\"\nhugepages = true\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(
+            e.message.contains("vm.hugepages") && e.message.contains("262144"),
+            "{e}"
+        );
 
         let e = check("[[fs]]\nshared_dir = \"/\"\ntag = \"a\"\n").unwrap_err();
         assert!(e.message.contains("missing field `vm`"), "{e}");

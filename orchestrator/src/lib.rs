@@ -48,6 +48,17 @@ pub fn unblock_signals_in_child() -> std::io::Result<()> {
 
 /// Whether process `pid` runs: it exists and is not a zombie waiting for
 /// whoever adopted it to reap it.
+/// 2 MiB huge pages the host has free now (/proc/meminfo; 0 if unknown).
+pub fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 pub fn process_runs(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     !stat.is_empty()

@@ -163,6 +163,7 @@ pub struct Qemu {
     image: ImageConfig,
     accel: Accel,
     memory_mib: u64,
+    hugepages: bool,
     cpus: u32,
     append: Vec<String>,
     devices: Vec<OsString>,
@@ -208,6 +209,7 @@ impl Qemu {
             image: default_image_config(),
             accel: Accel::detect(),
             memory_mib: 512,
+            hugepages: false,
             cpus: 1,
             append: Vec::new(),
             devices: Vec::new(),
@@ -347,6 +349,12 @@ impl Qemu {
     /// Guest memory size in MiB.
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
+        self
+    }
+
+    /// Guest memory in 2 MiB huge pages (hugetlbfs), for either VMM.
+    pub fn hugepages(mut self, on: bool) -> Self {
+        self.hugepages = on;
         self
     }
 
@@ -537,7 +545,14 @@ impl Qemu {
         // Backends map guest memory through the fds QEMU sends them: it must be shared.
         .args([
             "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            &format!(
+                "memory-backend-memfd,id=mem,size={mem},share=on{}",
+                if self.hugepages {
+                    ",hugetlb=on,hugetlbsize=2M"
+                } else {
+                    ""
+                }
+            ),
         ])
         .args(["-machine", "q35,memory-backend=mem"]);
         match self.accel {
@@ -600,6 +615,9 @@ impl Qemu {
             .arg(format!("--cmdline={}", append.join(" ")))
             .arg(format!("--cpus={}", self.cpus))
             .arg(format!("--memory={}M", self.memory_mib));
+        if self.hugepages {
+            cmd.arg("--hugepages");
+        }
         match &self.console {
             Some(path) => cmd.arg(format!("--serial=socket:{}", path.display())),
             None => cmd.arg("--serial=stdio"),
@@ -915,6 +933,7 @@ mod tests {
         }
         let cmdline = args.iter().find(|a| a.starts_with("--cmdline=")).unwrap();
         assert!(cmdline.contains("reboot=k") && cmdline.contains("testbed.fs=host:/mnt/host"));
+        assert!(!args.iter().any(|a| a == "--hugepages"));
         assert!(!args
             .iter()
             .any(|a| a.starts_with('-') && a.contains("accel")));
@@ -941,5 +960,13 @@ mod tests {
         assert!(joined.contains("vhost-user-blk-pci,chardev=c2"));
         assert!(joined.contains("-netdev user,id=n3"));
         assert!(joined.contains("testbed.ip=10.0.2.15/24,10.0.2.2"));
+        let huge = q.hugepages(true).command(Path::new("/k"), Path::new("/i"));
+        let joined: Vec<String> = huge
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(joined
+            .iter()
+            .any(|a| a.ends_with("share=on,hugetlb=on,hugetlbsize=2M")));
     }
 }

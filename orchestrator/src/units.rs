@@ -251,6 +251,7 @@ mod launchd_tests {
             cmdline: None,
             cpus: 1,
             memory_mib: 512,
+            hugepages: false,
             vmm: crate::config::VmmChoice::Qemu,
             fs: Vec::new(),
             blk: Vec::new(),

@@ -204,6 +204,7 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
         cmdline: None,
         cpus: 1,
         memory_mib: 1024,
+        hugepages: false,
         vmm: VmmChoice::Auto,
         fs: vec![FsDevice {
             shared_dir: cwd,
@@ -232,7 +233,10 @@ pub fn qemu_for(cfg: &VmConfig, sockets: &[PathBuf]) -> Qemu {
 /// [`qemu_for`], or with `vmm_core` the same VM under vmm-core (which has
 /// no user-mode network: a VM without a `[[net]]` has no NIC there).
 pub fn vmm_for(cfg: &VmConfig, sockets: &[PathBuf], vmm_core: Option<&Path>) -> Qemu {
-    let mut q = Qemu::new().cpus(cfg.cpus).memory_mib(cfg.memory_mib);
+    let mut q = Qemu::new()
+        .cpus(cfg.cpus)
+        .memory_mib(cfg.memory_mib)
+        .hugepages(cfg.hugepages);
     if let Some(k) = &cfg.kernel {
         let mut image = qemu::default_image_config();
         image.kernel = Some(k.clone());
