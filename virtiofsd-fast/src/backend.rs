@@ -283,7 +283,10 @@ impl FsBackend {
             Ok(r) => r,
             Err(e) => return self.bad_chain(&e),
         };
-        let reply_chain = chain.clone();
+        // An INIT reply may need a flag added after the server wrote it.
+        let init_chain = header
+            .filter(|h| h.opcode == FUSE_INIT)
+            .map(|_| chain.clone());
         let mut writer = match VirtioFsWriter::new(&**mem, chain) {
             Ok(w) => Writer::VirtioFs(w),
             Err(e) => return self.bad_chain(&e),
@@ -317,13 +320,11 @@ impl FsBackend {
         }
         // What the guest offers at INIT, for the flag the server cannot
         // name (read before the server consumes the request).
-        let init_flags = header
-            .filter(|h| h.opcode == FUSE_INIT)
-            .and_then(|_| init_in_flags(reader.clone()));
+        let init = init_chain.and_then(|c| Some((c, init_in_flags(reader.clone())?)));
         match self.server.handle_message(reader, writer, None, None) {
             Ok(n) => {
-                if let Some(offered) = init_flags {
-                    self.agree_setxattr_ext(&**mem, &reply_chain, offered, n);
+                if let Some((chain, offered)) = init {
+                    self.agree_setxattr_ext(&**mem, &chain, offered, n);
                 }
                 u32::try_from(n).unwrap_or(u32::MAX)
             }

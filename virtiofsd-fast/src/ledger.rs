@@ -111,10 +111,44 @@ impl Drop for Ledger {
     }
 }
 
+/// How long a daemon waits for the state file's lock: a predecessor that
+/// was just killed lets go of it as soon as the kernel has reaped it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One daemon per session: two writing one file would each corrupt the
+/// other's. The lock goes with the process that holds it.
+fn lock(file: &File, wait: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "another virtiofsd-fast is using it; give each share its own state file",
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 impl Ledger {
     /// Open (or make) the ledger at `path`. Returns what a previous daemon
     /// left, if its guest session is still live.
     pub fn open(path: &Path) -> io::Result<(Ledger, Option<Resumed>)> {
+        Self::open_waiting(path, LOCK_WAIT)
+    }
+
+    fn open_waiting(
+        path: &Path,
+        wait: std::time::Duration,
+    ) -> io::Result<(Ledger, Option<Resumed>)> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -127,6 +161,7 @@ impl Ledger {
         if !file.metadata()?.is_file() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
+        lock(&file, wait)?;
         if file.metadata()?.len() != SIZE as u64 {
             // New, or from another layout: start empty.
             file.set_len(0)?;
@@ -459,6 +494,22 @@ mod tests {
         drop(l);
         let (_, resumed) = Ledger::open(&path).unwrap();
         assert_eq!(resumed, None, "the guest unmounted");
+    }
+
+    #[test]
+    fn one_daemon_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (first, _) = Ledger::open(&path).unwrap();
+        let e = Ledger::open_waiting(&path, std::time::Duration::from_millis(50))
+            .err()
+            .expect("the second is refused");
+        assert!(e.to_string().contains("another virtiofsd-fast"), "{e}");
+        drop(first);
+        assert!(
+            Ledger::open(&path).is_ok(),
+            "free again once the first goes"
+        );
     }
 
     #[test]
