@@ -155,6 +155,18 @@ fn fails_nothing_that_virtiofsd_passes() {
         ],
         tools.path(),
     );
+    // With POSIX ACLs the daemon applies the guest's umask itself
+    // (DONT_MASK): the suite's creation-mode tests check it does so right.
+    let acl = run_suite(
+        "virtiofsd-fast --posix-acl",
+        &[
+            env!("CARGO_BIN_EXE_virtiofsd-fast").into(),
+            "--fd={fd}".into(),
+            "--shared-dir={dir}".into(),
+            "--posix-acl".into(),
+        ],
+        tools.path(),
+    );
     let peer = run_suite(
         "virtiofsd",
         &[
@@ -165,7 +177,11 @@ fn fails_nothing_that_virtiofsd_passes() {
         tools.path(),
     );
     let count = |r: &BTreeMap<String, String>, v: &str| r.values().filter(|x| *x == v).count();
-    for (name, r) in [("virtiofsd-fast", &ours), ("virtiofsd", &peer)] {
+    for (name, r) in [
+        ("virtiofsd-fast", &ours),
+        ("virtiofsd-fast --posix-acl", &acl),
+        ("virtiofsd", &peer),
+    ] {
         eprintln!(
             "{name}: {} passed, {} failed, {} skipped",
             count(r, "ok"),
@@ -173,10 +189,13 @@ fn fails_nothing_that_virtiofsd_passes() {
             count(r, "skipped")
         );
     }
-    let worse: Vec<&String> = ours
+    let worse: Vec<String> = [("", &ours), (" (--posix-acl)", &acl)]
         .iter()
-        .filter(|(t, v)| *v == "FAILED" && peer.get(*t).map(String::as_str) == Some("ok"))
-        .map(|(t, _)| t)
+        .flat_map(|(how, r)| {
+            r.iter()
+                .filter(|(t, v)| *v == "FAILED" && peer.get(*t).map(String::as_str) == Some("ok"))
+                .map(move |(t, _)| format!("{t}{how}"))
+        })
         .collect();
     assert!(
         worse.is_empty(),
