@@ -5,6 +5,8 @@
 //!   syscalls relative to descriptors, with our boundary and cache policy.
 //! - [`store`]: the inode store behind it (node IDs to host files, bounded
 //!   descriptors, file handles).
+//! - [`ledger`]: the guest's session kept in a file (`--state-file`), so a
+//!   restarted daemon resumes it.
 //! - [`backend`]: virtqueues to FUSE requests and back.
 
 pub mod args;

@@ -31,8 +31,11 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use crate::args::{CacheMode, Config, InodeFileHandles};
-use crate::ledger::{HandleRecord, Ledger, Resumed};
+use crate::ledger::Ledger;
 use crate::store::{self, cvt, openat, statx, to_stat, Handles, Node, Store};
+
+mod acl;
+mod session;
 
 type Inode = u64;
 type Handle = u64;
@@ -69,14 +72,6 @@ struct OpenFile {
     /// Its slot in the ledger (u32::MAX: not kept).
     slot: u32,
 }
-
-/// What INIT agreed, as the ledger keeps it for a daemon that resumes the
-/// session (which sees no INIT).
-const AGREED_WRITEBACK: u64 = 1;
-const AGREED_SUBMOUNTS: u64 = 2;
-const AGREED_NO_OPENDIR: u64 = 4;
-const AGREED_ACL: u64 = 8;
-const AGREED_SETXATTR_EXT: u64 = 16;
 
 /// The shared directory as a FUSE filesystem.
 pub struct ShareFs {
@@ -206,148 +201,9 @@ impl ShareFs {
         self.store.reset(root)
     }
 
-    /// Keep the guest's session in `ledger` (before `import`).
-    pub fn attach_ledger(&mut self, ledger: Arc<Ledger>, resumed: Option<&Resumed>) {
-        self.store
-            .set_ledger(ledger.clone(), resumed.map_or(0, |r| r.next_id));
-        if let Some(r) = resumed {
-            self.next_handle.store(r.next_fh.max(1), Ordering::Relaxed);
-        }
-        self.ledger = Some(ledger);
-    }
-
-    /// Take up the session a previous daemon left (after `import`): what
-    /// INIT agreed then holds now. False (and the session dropped) where the
-    /// share is no longer the directory that session had.
-    pub fn resume(&self, r: &Resumed) -> bool {
-        if self.store.root_key() != Some(r.root) {
-            if let Some(l) = &self.ledger {
-                l.end();
-            }
-            return false;
-        }
-        self.writeback
-            .store(r.agreed & AGREED_WRITEBACK != 0, Ordering::Relaxed);
-        self.submounts
-            .store(r.agreed & AGREED_SUBMOUNTS != 0, Ordering::Relaxed);
-        self.no_opendir
-            .store(r.agreed & AGREED_NO_OPENDIR != 0, Ordering::Relaxed);
-        self.acl
-            .store(r.agreed & AGREED_ACL != 0, Ordering::Relaxed);
-        self.setxattr_ext
-            .store(r.agreed & AGREED_SETXATTR_EXT != 0, Ordering::Relaxed);
-        true
-    }
-
-    fn agreed(&self) -> u64 {
-        let mut a = 0;
-        for (on, bit) in [
-            (&self.writeback, AGREED_WRITEBACK),
-            (&self.submounts, AGREED_SUBMOUNTS),
-            (&self.no_opendir, AGREED_NO_OPENDIR),
-            (&self.acl, AGREED_ACL),
-            (&self.setxattr_ext, AGREED_SETXATTR_EXT),
-        ] {
-            if on.load(Ordering::Relaxed) {
-                a |= bit;
-            }
-        }
-        a
-    }
-
     /// How many nodes the guest holds and how many descriptors they keep.
     pub fn counts(&self) -> (usize, usize) {
         (self.store.nodes(), self.store.open_fds())
-    }
-
-    /// Whether the guest took POSIX ACLs at its last INIT.
-    pub fn acl_enabled(&self) -> bool {
-        self.acl.load(Ordering::Relaxed)
-    }
-
-    /// The backend agreed FUSE_SETXATTR_EXT with the guest (or, at INIT,
-    /// that it did not).
-    pub fn set_setxattr_ext(&self, on: bool) {
-        self.setxattr_ext.store(on, Ordering::Relaxed);
-        if let Some(l) = &self.ledger {
-            l.set_agreed(self.agreed());
-        }
-    }
-
-    /// Whether SETXATTR requests carry the extended header.
-    pub fn setxattr_ext(&self) -> bool {
-        self.setxattr_ext.load(Ordering::Relaxed)
-    }
-
-    /// The mode to create a file with in `dir`. Without ACLs the guest has
-    /// applied its umask already. With them (DONT_MASK) the umask is ours
-    /// to apply, unless the directory has a default ACL: then the host
-    /// kernel builds the new file's ACL from it and the mode, and the umask
-    /// does not apply (this process's own umask is 0).
-    fn create_mode(&self, dir: &OwnedFd, mode: u32, umask: u32) -> io::Result<u32> {
-        if !self.acl_enabled() || mode & umask == 0 {
-            return Ok(mode & !umask);
-        }
-        let d = open_dir(dir)?;
-        // SAFETY: a size query (no buffer) on a descriptor we hold.
-        let n = unsafe {
-            libc::fgetxattr(
-                d.as_raw_fd(),
-                c"system.posix_acl_default".as_ptr(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if n >= 0 {
-            return Ok(mode);
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => Ok(mode & !umask),
-            _ => Err(io::Error::last_os_error()),
-        }
-    }
-
-    /// SETXATTR with FUSE_SETXATTR_EXT's flags. With
-    /// FUSE_SETXATTR_ACL_KILL_SGID the guest found that the caller setting
-    /// an access ACL is neither in the file's group nor privileged, so the
-    /// set-group-ID bit goes, as a local filesystem would drop it. (The
-    /// host kernel keeps it: this process holds CAP_FSETID.)
-    pub fn setxattr_flags(
-        &self,
-        inode: Inode,
-        name: &CStr,
-        value: &[u8],
-        flags: u32,
-        setxattr_flags: u32,
-    ) -> io::Result<()> {
-        const FUSE_SETXATTR_ACL_KILL_SGID: u32 = 1;
-        let f = self.xattr_file(inode)?;
-        self.set_xattr_on(&f, name, value, flags)?;
-        if setxattr_flags & FUSE_SETXATTR_ACL_KILL_SGID != 0
-            && name.to_bytes() == b"system.posix_acl_access"
-        {
-            let st = statx(f.as_raw_fd(), c"")?;
-            let mode = u32::from(st.stx_mode);
-            if mode & libc::S_ISGID != 0 {
-                // SAFETY: a descriptor we hold; result checked.
-                cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777 & !libc::S_ISGID) })?;
-            }
-        }
-        Ok(())
-    }
-
-    fn set_xattr_on(&self, f: &File, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
-        // SAFETY: valid name and value buffers; result checked.
-        cvt(unsafe {
-            libc::fsetxattr(
-                f.as_raw_fd(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags as libc::c_int,
-            )
-        })
-        .map(drop)
     }
 
     /// FUSE_COPY_FILE_RANGE (fuse-backend-rs's server does not dispatch
@@ -497,75 +353,6 @@ impl ShareFs {
             Policy::Always if dir => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
             Policy::Always => OpenOptions::KEEP_CACHE,
         }
-    }
-
-    /// A new file handle for `file`, opened with `flags`.
-    fn add_handle(&self, inode: Inode, file: File, flags: libc::c_int) -> Handle {
-        let h = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let slot = match &self.ledger {
-            Some(l) => {
-                l.note_next_fh(h + 1);
-                l.add_handle(HandleRecord {
-                    fh: h,
-                    node: inode,
-                    flags,
-                })
-                .unwrap_or(u32::MAX)
-            }
-            None => u32::MAX,
-        };
-        self.handles
-            .write()
-            .unwrap()
-            .insert(h, Arc::new(OpenFile::new(inode, file, slot)));
-        h
-    }
-
-    fn handle(&self, inode: Inode, handle: Handle) -> io::Result<Arc<OpenFile>> {
-        match self.handles.read().unwrap().get(&handle) {
-            Some(f) if f.inode == inode => return Ok(f.clone()),
-            Some(_) => return Err(err(libc::EBADF)),
-            None => {}
-        }
-        self.restore_handle(inode, handle)
-    }
-
-    /// An open file the previous daemon left, opened again as it was (less
-    /// what only applies at creation).
-    fn restore_handle(&self, inode: Inode, handle: Handle) -> io::Result<Arc<OpenFile>> {
-        let ledger = self.ledger.as_ref().ok_or_else(|| err(libc::EBADF))?;
-        let _one = self.restoring.lock().unwrap();
-        if let Some(f) = self.handles.read().unwrap().get(&handle) {
-            return if f.inode == inode {
-                Ok(f.clone())
-            } else {
-                Err(err(libc::EBADF))
-            };
-        }
-        let (slot, r) = ledger
-            .take_left_handle(handle)
-            .ok_or_else(|| err(libc::EBADF))?;
-        let flags = r.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
-        let file = self.node_fd(r.node).and_then(|(node, fd)| {
-            if node.is_dir() {
-                open_dir(&fd)
-            } else {
-                self.reopen(&fd, flags)
-            }
-        });
-        let file = match file {
-            Ok(f) => f,
-            Err(e) => {
-                ledger.drop_handle(slot);
-                return Err(e);
-            }
-        };
-        let f = Arc::new(OpenFile::new(r.node, file, slot));
-        self.handles.write().unwrap().insert(handle, f.clone());
-        if f.inode != inode {
-            return Err(err(libc::EBADF));
-        }
-        Ok(f)
     }
 
     /// Run `f` with the guest caller's uid and gid as this thread's
@@ -1520,22 +1307,5 @@ impl FileSystem for ShareFs {
             return Err(io::Error::last_os_error());
         }
         Ok(r as u64)
-    }
-}
-
-impl ShareFs {
-    /// A real descriptor for the xattr calls (which refuse O_PATH ones).
-    fn xattr_file(&self, inode: Inode) -> io::Result<File> {
-        if !self.xattr {
-            return Err(err(libc::ENOSYS));
-        }
-        let (node, fd) = self.node_fd(inode)?;
-        if node.is_dir() {
-            open_dir(&fd)
-        } else if node.is_reg() {
-            self.reopen(&fd, libc::O_RDONLY | libc::O_NONBLOCK)
-        } else {
-            Err(err(libc::ENOTSUP))
-        }
     }
 }
