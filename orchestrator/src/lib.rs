@@ -8,6 +8,7 @@ pub mod control;
 pub mod image;
 pub mod qemu;
 pub mod qmp;
+pub mod relay;
 pub mod state;
 pub mod supervisor;
 pub mod units;

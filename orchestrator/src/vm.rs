@@ -282,6 +282,8 @@ pub struct Running {
     stop: Arc<AtomicBool>,
     watcher: Option<std::thread::JoinHandle<()>>,
     pub qemu: Qemu,
+    /// The relays' sockets (QEMU's side of each share).
+    relays: Vec<PathBuf>,
 }
 
 /// Start every backend of `cfg` and prepare the VMM around their sockets.
@@ -301,6 +303,7 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
     }
     let mut sup = Supervisor::new(state, vmm, verbose);
     let mut sockets = Vec::new();
+    let mut relays = Vec::new();
     for mut spec in specs {
         if let Some((name, queues)) = spec.open_tap.clone() {
             // Opened here, so the backend needs no CAP_NET_ADMIN, and kept
@@ -317,7 +320,28 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
             spec.name,
             spec.command_line().join(" ")
         );
-        sockets.push(sup.add(spec)?);
+        let name = spec.name.clone();
+        let socket = sup.add(spec)?;
+        if vmm == "qemu" && name.starts_with("fs") {
+            // QEMU 7.2 cannot reconnect vhost-user-fs: it talks to a relay
+            // that survives the backend's restarts (see relay.rs).
+            let front = sup.state().root.join(format!("{name}.vmm.sock"));
+            let _ = std::fs::remove_file(&front);
+            let listener = std::os::unix::net::UnixListener::bind(&front).map_err(|source| {
+                VmError::Scratch {
+                    path: front.clone(),
+                    source,
+                }
+            })?;
+            crate::relay::spawn(name, listener, socket).map_err(|source| VmError::Scratch {
+                path: front.clone(),
+                source,
+            })?;
+            relays.push(front.clone());
+            sockets.push(front);
+        } else {
+            sockets.push(socket);
+        }
     }
     let core = match vmm {
         "vmm-core" => Some(program("vmm-core")?),
@@ -350,6 +374,7 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
         stop,
         watcher: Some(watcher),
         qemu: q,
+        relays,
     })
 }
 
@@ -362,6 +387,9 @@ impl Running {
         }
         if let Ok(mut s) = self.supervisor.lock() {
             s.shutdown(Duration::from_secs(5));
+        }
+        for r in &self.relays {
+            let _ = std::fs::remove_file(r);
         }
     }
 }

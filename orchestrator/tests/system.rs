@@ -297,6 +297,95 @@ fn a_killed_disk_backend_is_restarted_and_the_guest_keeps_its_disk() {
     assert!(err.contains("blk0 exited"), "{err}");
 }
 
+/// QEMU 7.2 cannot reconnect vhost-user-fs, so the orchestrator relays a
+/// share's vhost-user connection: a share backend killed with -9 while the
+/// guest uses the mount is restarted, the relay replays the device to the
+/// new one, which resumes the guest's session from its state file, and
+/// the guest's mount carries on (its open file, its names, new writes).
+#[test]
+fn a_killed_share_backend_is_restarted_and_the_guest_keeps_its_mount() {
+    if !backends_built() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = share_and_disk_vm(dir.path(), "fsrestart", 16);
+    std::fs::write(dir.path().join("data.txt"), b"before and after\n").unwrap();
+    let script = "cd /mnt/host; exec 3< data.txt; echo \"FIRST=$(cat data.txt)\"; echo PHASE1; \
+        while [ ! -e go ]; do sleep 0.2; done; \
+        echo \"AGAIN=$(cat data.txt)\"; echo \"OPEN=$(cat <&3)\"; \
+        echo written-after > after.txt && echo WRITE=ok; ls > /dev/null && echo LIST=ok";
+    let mut child = orch(runtime.path(), dir.path())
+        .args(["run", "-f"])
+        .arg(&cfg)
+        .args(["--timeout", "90", "--", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).unwrap();
+        s
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = Vec::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        let phase1 = l.contains("PHASE1");
+        out.push(l);
+        if phase1 {
+            break;
+        }
+    }
+    assert!(out.iter().any(|l| l.contains("PHASE1")), "{out:?}");
+    let status = || VmStatus::read_in(runtime.path(), "fsrestart").expect("status file");
+    let fs0 = |s: &VmStatus| {
+        s.devices
+            .iter()
+            .find(|d| d.device == "fs0")
+            .unwrap()
+            .clone()
+    };
+    let pid = fs0(&status()).pid.expect("fs0 runs");
+    // SAFETY: killing the backend the orchestrator started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = fs0(&status());
+        if now.restarts == 1 && now.pid.is_some_and(|p| p != pid) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fs0 was not restarted: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The guest polls for `go` through the share, so the first requests
+    // after the kill wait in the ring until the new backend takes them.
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    for l in lines {
+        out.push(l.unwrap());
+    }
+    let code = child.wait().unwrap();
+    let err = err_thread.join().unwrap();
+    let text = out.join("\n");
+    for want in [
+        "FIRST=before and after",
+        "AGAIN=before and after",
+        "OPEN=before and after",
+        "WRITE=ok",
+        "LIST=ok",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}\n{err}");
+    }
+    assert!(code.success(), "{text}\n{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("after.txt")).unwrap(),
+        b"written-after\n"
+    );
+    assert!(err.contains("relay reconnected"), "{err}");
+}
+
 /// `orchestrator run -f CFG -- SCRIPT` in the background, with its stdout
 /// and stderr readable while it runs.
 fn run_in_guest(

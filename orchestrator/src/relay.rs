@@ -1,0 +1,477 @@
+//! A vhost-user relay that keeps QEMU's virtio-fs devices across backend
+//! restarts.
+//!
+//! QEMU 7.2 has no reconnect for vhost-user-fs: when the backend's socket
+//! hangs up, the device is dead for the rest of the VM's life. So for a
+//! share under QEMU the orchestrator puts this relay between the two. QEMU
+//! talks to the relay, which forwards every message (and its descriptors)
+//! to the backend and every reply back, and keeps what set the device up:
+//! features, the memory table, each running ring. When the backend dies the
+//! relay connects to its successor (the socket path is the orchestrator's,
+//! so the connection waits in its backlog until the new process serves),
+//! replays that state with each ring's base read from its used index in
+//! guest memory, and kicks the rings, so requests the guest made meanwhile
+//! are served. QEMU never sees the hang-up. The data path does not pass
+//! through here: kicks, interrupts and guest memory go between QEMU and the
+//! backend as before. With `--state-file` the new virtiofsd-fast also
+//! knows the guest's node IDs and open files, so the mount carries on.
+
+use std::collections::BTreeMap;
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+const HEADER: usize = 12;
+/// The largest message body the relay takes (a memory table of 8 regions
+/// is 264 bytes; config space at most 256).
+const MAX_BODY: usize = 64 << 10;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+// Front-end requests (vhost-user spec).
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+const SET_OWNER: u32 = 3;
+const RESET_OWNER: u32 = 4;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_BASE: u32 = 10;
+const GET_VRING_BASE: u32 = 11;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const SET_VRING_ERR: u32 = 14;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_QUEUE_NUM: u32 = 17;
+const SET_VRING_ENABLE: u32 = 18;
+const SET_BACKEND_REQ_FD: u32 = 21;
+const GET_CONFIG: u32 = 24;
+const GET_INFLIGHT_FD: u32 = 31;
+const RESET_DEVICE: u32 = 34;
+const GET_MAX_MEM_SLOTS: u32 = 36;
+const GET_STATUS: u32 = 40;
+/// Protocol features the relay takes out of the backend's offer: with
+/// CONFIGURE_MEM_SLOTS QEMU would send memory regions one by one, and the
+/// inflight area would be a second memory the relay would have to carry.
+const MASKED_PROTOCOL: u64 = (1 << 15) | (1 << 12);
+
+/// How long the relay waits for a dead backend's successor.
+const RECONNECT_WAIT: Duration = Duration::from_secs(60);
+
+/// One vhost-user message and the descriptors that came with it.
+struct Msg {
+    header: [u8; HEADER],
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Msg {
+    fn request(&self) -> u32 {
+        u32::from_le_bytes(self.header[0..4].try_into().unwrap())
+    }
+    fn flags(&self) -> u32 {
+        u32::from_le_bytes(self.header[4..8].try_into().unwrap())
+    }
+    /// A request whose answer the front end waits for.
+    fn wants_reply(&self) -> bool {
+        matches!(
+            self.request(),
+            GET_FEATURES
+                | GET_PROTOCOL_FEATURES
+                | GET_VRING_BASE
+                | GET_QUEUE_NUM
+                | GET_CONFIG
+                | GET_INFLIGHT_FD
+                | GET_MAX_MEM_SLOTS
+                | GET_STATUS
+        ) || self.flags() & FLAG_NEED_REPLY != 0
+    }
+    fn u32_at(&self, at: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(
+            self.body.get(at..at + 4)?.try_into().ok()?,
+        ))
+    }
+    fn u64_at(&self, at: usize) -> Option<u64> {
+        Some(u64::from_le_bytes(
+            self.body.get(at..at + 8)?.try_into().ok()?,
+        ))
+    }
+    /// The ring a ring message names.
+    fn ring(&self) -> Option<u32> {
+        match self.request() {
+            SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => {
+                self.u64_at(0).map(|v| (v & 0xff) as u32)
+            }
+            _ => self.u32_at(0),
+        }
+    }
+    fn dup(&self) -> io::Result<Msg> {
+        Ok(Msg {
+            header: self.header,
+            body: self.body.clone(),
+            fds: self
+                .fds
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<io::Result<_>>()?,
+        })
+    }
+    fn request_only(request: u32) -> Msg {
+        let mut header = [0u8; HEADER];
+        header[0..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&1u32.to_le_bytes());
+        Msg {
+            header,
+            body: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+}
+
+fn recv(sock: &UnixStream) -> io::Result<Option<Msg>> {
+    let mut header = [0u8; HEADER];
+    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
+    let (n, fds) = {
+        let mut iov = [IoSliceMut::new(&mut header)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(got) = c {
+                // SAFETY: descriptors just received are ours alone.
+                fds.extend(got.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+            }
+        }
+        (msg.bytes, fds)
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut r = sock;
+    if n < HEADER {
+        r.read_exact(&mut header[n..])?;
+    }
+    let size = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+    if size > MAX_BODY {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a {size}-byte vhost-user message"),
+        ));
+    }
+    let mut body = vec![0u8; size];
+    r.read_exact(&mut body)?;
+    Ok(Some(Msg { header, body, fds }))
+}
+
+fn send(sock: &UnixStream, m: &Msg) -> io::Result<()> {
+    let raw: Vec<RawFd> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [IoSlice::new(&m.header), IoSlice::new(&m.body)];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+    let total = HEADER + m.body.len();
+    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)?;
+    if n < total {
+        // The descriptors went with the first bytes; the rest as plain data.
+        let mut rest = m.header.to_vec();
+        rest.extend_from_slice(&m.body);
+        io::Write::write_all(&mut &*sock, &rest[n..])?;
+    }
+    Ok(())
+}
+
+/// Guest memory as the memory table describes it, mapped read-only for
+/// the rings' used indexes.
+struct Memory {
+    regions: Vec<(u64, u64, *const u8)>, // (front-end address, size, mapping)
+}
+
+// SAFETY: the mappings are only read, through volatile loads.
+unsafe impl Send for Memory {}
+
+impl Memory {
+    fn map(table: &Msg) -> Option<Memory> {
+        let n = table.u32_at(0)? as usize;
+        let mut regions = Vec::new();
+        for (i, fd) in table.fds.iter().enumerate().take(n) {
+            let at = 8 + i * 32;
+            let (size, user, offset) = (
+                table.u64_at(at + 8)?,
+                table.u64_at(at + 16)?,
+                table.u64_at(at + 24)?,
+            );
+            // SAFETY: a new read-only shared mapping of a descriptor QEMU
+            // sent; checked below, unmapped in Drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    offset as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            regions.push((user, size, p as *const u8));
+        }
+        Some(Memory { regions })
+    }
+
+    /// The 16-bit word at front-end address `addr`.
+    fn u16_at(&self, addr: u64) -> Option<u16> {
+        let &(user, _, p) = self
+            .regions
+            .iter()
+            .find(|&&(user, size, _)| addr >= user && addr + 2 <= user + size)?;
+        // SAFETY: inside a live mapping, as the find above checked.
+        Some(unsafe { std::ptr::read_volatile(p.add((addr - user) as usize) as *const u16) })
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        for &(_, size, p) in &self.regions {
+            // SAFETY: mappings made in `map`, unmapped once.
+            unsafe { libc::munmap(p as *mut libc::c_void, size as usize) };
+        }
+    }
+}
+
+/// What set the device up, as the front end last said it.
+#[derive(Default)]
+struct Setup {
+    device: BTreeMap<u32, Msg>,
+    rings: BTreeMap<(u32, u32), Msg>,
+    memory: Option<Memory>,
+}
+
+impl Setup {
+    fn record(&mut self, m: &Msg) -> io::Result<()> {
+        match m.request() {
+            SET_OWNER | SET_FEATURES | SET_PROTOCOL_FEATURES | SET_BACKEND_REQ_FD => {
+                self.device.insert(m.request(), m.dup()?);
+            }
+            SET_MEM_TABLE => {
+                self.memory = Memory::map(m);
+                self.device.insert(SET_MEM_TABLE, m.dup()?);
+            }
+            SET_VRING_NUM | SET_VRING_ADDR | SET_VRING_BASE | SET_VRING_KICK | SET_VRING_CALL
+            | SET_VRING_ERR | SET_VRING_ENABLE => {
+                if let Some(ring) = m.ring() {
+                    self.rings.insert((ring, m.request()), m.dup()?);
+                }
+            }
+            // A stopped ring is set up afresh before it runs again.
+            GET_VRING_BASE => {
+                if let Some(ring) = m.ring() {
+                    self.rings.retain(|&(r, _), _| r != ring);
+                }
+            }
+            RESET_OWNER | RESET_DEVICE => {
+                self.rings.clear();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Where ring `ring` has got to: its used index in guest memory.
+    fn used_index(&self, ring: u32) -> Option<u16> {
+        let addr = self.rings.get(&(ring, SET_VRING_ADDR))?;
+        // vhost_vring_addr: index, flags, desc, used, avail, log.
+        let used = addr.u64_at(16)?;
+        self.memory.as_ref()?.u16_at(used + 2)
+    }
+
+    /// Bring a new backend to where its predecessor was.
+    fn replay(&self, b: &UnixStream) -> io::Result<()> {
+        let ask = |request: u32| -> io::Result<()> {
+            send(b, &Msg::request_only(request))?;
+            recv(b)?.ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            Ok(())
+        };
+        let say = |m: &Msg| -> io::Result<()> {
+            send(b, m)?;
+            if m.flags() & FLAG_NEED_REPLY != 0 {
+                recv(b)?.ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            }
+            Ok(())
+        };
+        ask(GET_FEATURES)?;
+        if self.device.contains_key(&SET_PROTOCOL_FEATURES) {
+            ask(GET_PROTOCOL_FEATURES)?;
+        }
+        for request in [
+            SET_PROTOCOL_FEATURES,
+            SET_OWNER,
+            SET_BACKEND_REQ_FD,
+            SET_FEATURES,
+            SET_MEM_TABLE,
+        ] {
+            if let Some(m) = self.device.get(&request) {
+                say(m)?;
+            }
+        }
+        let rings: Vec<u32> = self.rings.keys().map(|&(r, _)| r).collect();
+        let mut done = Vec::new();
+        for ring in rings {
+            if done.contains(&ring) {
+                continue;
+            }
+            done.push(ring);
+            for request in [
+                SET_VRING_NUM,
+                SET_VRING_ADDR,
+                SET_VRING_BASE,
+                SET_VRING_KICK,
+                SET_VRING_CALL,
+                SET_VRING_ERR,
+                SET_VRING_ENABLE,
+            ] {
+                let Some(m) = self.rings.get(&(ring, request)) else {
+                    continue;
+                };
+                if request == SET_VRING_BASE {
+                    // Go on from what the dead backend finished: anything
+                    // it took and did not answer is taken again.
+                    let mut m = m.dup()?;
+                    if let Some(used) = self.used_index(ring) {
+                        m.body[4..8].copy_from_slice(&u32::from(used).to_le_bytes());
+                    }
+                    say(&m)?;
+                } else {
+                    say(m)?;
+                }
+            }
+            // Requests made while no backend was there were kicked into
+            // the void: kick once more.
+            if let Some(kick) = self.rings.get(&(ring, SET_VRING_KICK)) {
+                if let Some(fd) = kick.fds.first() {
+                    let one = 1u64.to_ne_bytes();
+                    // SAFETY: an eventfd write of 8 bytes from a buffer we own.
+                    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Take the front end's connections on `front` and relay each to the
+/// backend at `backend`, for as long as the listener lives. `name` labels
+/// the log lines.
+pub fn spawn(name: String, front: UnixListener, backend: PathBuf) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("relay-{name}"))
+        .spawn(move || {
+            for q in front.incoming() {
+                let Ok(q) = q else { continue };
+                if let Err(e) = relay(&name, &q, &backend) {
+                    eprintln!("orchestrator: {name} relay: {e}; the VMM's connection is closed");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn connect(backend: &Path, wait: Duration) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match UnixStream::connect(backend) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn relay(name: &str, q: &UnixStream, backend: &Path) -> io::Result<()> {
+    let mut b = connect(backend, RECONNECT_WAIT)?;
+    let mut setup = Setup::default();
+    // A request sent to a backend that died before it answered.
+    let mut pending: Option<Msg> = None;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: q.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: b.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[0].revents != 0 {
+            let Some(m) = recv(q)? else {
+                return Ok(()); // the VMM went away
+            };
+            setup.record(&m)?;
+            if m.wants_reply() {
+                pending = Some(m.dup()?);
+            }
+            if send(&b, &m).is_err() {
+                b = reconnect(name, backend, &setup, &mut pending)?;
+            }
+            continue;
+        }
+        if fds[1].revents != 0 {
+            match recv(&b) {
+                Ok(Some(mut m)) => {
+                    if m.flags() & FLAG_REPLY != 0 {
+                        pending = None;
+                    }
+                    if m.request() == GET_PROTOCOL_FEATURES {
+                        if let Some(f) = m.u64_at(0) {
+                            m.body[0..8].copy_from_slice(&(f & !MASKED_PROTOCOL).to_le_bytes());
+                        }
+                    }
+                    send(q, &m)?;
+                }
+                Ok(None) | Err(_) => {
+                    b = reconnect(name, backend, &setup, &mut pending)?;
+                }
+            }
+        }
+    }
+}
+
+/// The backend hung up: connect to its successor, replay the set-up, and
+/// send again the request the dead one left unanswered.
+fn reconnect(
+    name: &str,
+    backend: &Path,
+    setup: &Setup,
+    pending: &mut Option<Msg>,
+) -> io::Result<UnixStream> {
+    eprintln!("orchestrator: {name}: backend hung up; the relay waits for the next one");
+    let b = connect(backend, RECONNECT_WAIT)?;
+    setup.replay(&b)?;
+    if let Some(m) = pending.as_ref() {
+        send(&b, m)?;
+    }
+    eprintln!("orchestrator: {name}: relay reconnected; the device state was replayed");
+    Ok(b)
+}
