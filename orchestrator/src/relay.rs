@@ -232,10 +232,9 @@ impl Memory {
 
     /// The 16-bit word at front-end address `addr`.
     fn u16_at(&self, addr: u64) -> Option<u16> {
-        let &(user, _, p) = self
-            .regions
-            .iter()
-            .find(|&&(user, size, _)| addr >= user && addr + 2 <= user + size)?;
+        let &(user, _, p) = self.regions.iter().find(|&&(user, size, _)| {
+            addr >= user && addr.checked_add(2).is_some_and(|end| end - user <= size)
+        })?;
         // SAFETY: inside a live mapping, as the find above checked.
         Some(unsafe { std::ptr::read_volatile(p.add((addr - user) as usize) as *const u16) })
     }
@@ -348,8 +347,8 @@ impl Setup {
                     // Go on from what the dead backend finished: anything
                     // it took and did not answer is taken again.
                     let mut m = m.dup()?;
-                    if let Some(used) = self.used_index(ring) {
-                        m.body[4..8].copy_from_slice(&u32::from(used).to_le_bytes());
+                    if let (Some(used), Some(num)) = (self.used_index(ring), m.body.get_mut(4..8)) {
+                        num.copy_from_slice(&u32::from(used).to_le_bytes());
                     }
                     say(&m)?;
                 } else {
@@ -474,4 +473,71 @@ fn reconnect(
     }
     eprintln!("orchestrator: {name}: relay reconnected; the device state was replayed");
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(request: u32, body: Vec<u8>, fds: Vec<OwnedFd>) -> Msg {
+        let mut header = [0u8; HEADER];
+        header[0..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&1u32.to_le_bytes());
+        header[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        Msg { header, body, fds }
+    }
+
+    fn words(v: &[u64]) -> Vec<u8> {
+        v.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn a_rings_base_comes_from_its_used_index_in_guest_memory() {
+        // 64 KiB of "guest memory" that QEMU maps at 0x7f00_0000_0000.
+        let mem = tempfile::tempfile().unwrap();
+        mem.set_len(64 << 10).unwrap();
+        let user = 0x7f00_0000_0000u64;
+        let used = user + 0x3000;
+        std::os::unix::fs::FileExt::write_all_at(&mem, &77u16.to_le_bytes(), 0x3002).unwrap();
+        let mut table = 1u64.to_le_bytes().to_vec(); // one region, padding
+        table.extend(words(&[0, 64 << 10, user, 0]));
+        let mut setup = Setup::default();
+        setup
+            .record(&msg(SET_MEM_TABLE, table, vec![OwnedFd::from(mem)]))
+            .unwrap();
+        let mut addr = 1u32.to_le_bytes().to_vec(); // ring 1, flags 0
+        addr.extend_from_slice(&0u32.to_le_bytes());
+        addr.extend(words(&[user + 0x1000, used, user + 0x2000, 0]));
+        setup.record(&msg(SET_VRING_ADDR, addr, vec![])).unwrap();
+        assert_eq!(setup.used_index(1), Some(77));
+        assert_eq!(setup.used_index(0), None, "ring 0 was never set up");
+
+        // QEMU stopping the ring (GET_VRING_BASE) forgets it: a stopped
+        // ring is not restarted on the next backend.
+        setup
+            .record(&msg(GET_VRING_BASE, words(&[1]), vec![]))
+            .unwrap();
+        assert_eq!(setup.used_index(1), None);
+        assert!(setup.rings.is_empty());
+    }
+
+    #[test]
+    fn messages_and_their_descriptors_cross_a_socket_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let fd = OwnedFd::from(tempfile::tempfile().unwrap());
+        let kick = words(&[0x101]); // ring 1, no fd flag set
+        send(&a, &msg(SET_VRING_KICK, kick.clone(), vec![fd])).unwrap();
+        let got = recv(&b).unwrap().unwrap();
+        assert_eq!((got.request(), got.body.clone()), (SET_VRING_KICK, kick));
+        assert_eq!((got.fds.len(), got.ring()), (1, Some(1)));
+        assert!(!got.wants_reply());
+        assert!(Msg::request_only(GET_FEATURES).wants_reply());
+        // A length past what the relay takes is an error, not an allocation.
+        let mut huge = msg(GET_CONFIG, vec![], vec![]);
+        huge.header[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        send(&a, &huge).unwrap();
+        assert!(recv(&b).is_err());
+        drop(a);
+        assert!(recv(&b).unwrap().is_none(), "end of stream");
+    }
 }
