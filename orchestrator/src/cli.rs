@@ -46,6 +46,11 @@ pub enum Command {
     /// Write systemd units for a VM: a socket and a service per backend, a
     /// service for the VMM, and a target grouping them.
     Units(UnitsArgs),
+    /// Relay a VMM's vhost-user connection to a share's backend, so the
+    /// VMM keeps the device when the backend restarts (QEMU 7.2 cannot
+    /// reconnect vhost-user-fs). `up` and `run` do this themselves; the
+    /// systemd units run it as a service.
+    Relay(RelayArgs),
     /// The default guest image.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -105,6 +110,23 @@ pub struct NameArgs {
     /// The VM's name ([vm] name in its config; "default" without one).
     #[arg(long, default_value = "default")]
     pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Where the VMM connects (bound here).
+    #[arg(long, value_name = "PATH", required_unless_present = "fd")]
+    pub listen: Option<std::path::PathBuf>,
+    /// An already bound listening socket to take instead (systemd's
+    /// socket activation hands it over as fd 3).
+    #[arg(long, value_name = "N", conflicts_with = "listen")]
+    pub fd: Option<i32>,
+    /// The backend's socket.
+    #[arg(long, value_name = "PATH")]
+    pub backend: std::path::PathBuf,
+    /// The device, for log lines.
+    #[arg(long, default_value = "fs0")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]

@@ -49,9 +49,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let cfg = load_or_default(a.file.as_deref())?;
             let run_dir = a.run_dir.join(&cfg.name);
             let specs = vm::device_specs(&cfg, &run_dir)?;
+            // QEMU reaches each share through its relay's socket.
             let sockets: Vec<_> = specs
                 .iter()
-                .map(|s| run_dir.join(format!("{}.sock", s.name)))
+                .map(|s| match s.name.starts_with("fs") {
+                    true => run_dir.join(format!("{}.vmm.sock", s.name)),
+                    false => run_dir.join(format!("{}.sock", s.name)),
+                })
                 .collect();
             let q = vm::qemu_for(&cfg, &sockets);
             let img = image::build(q.image_config())?;
@@ -90,6 +94,29 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Attach(a) => attach(&a),
+        Command::Relay(a) => {
+            let listener = match (&a.listen, a.fd) {
+                (_, Some(fd)) => {
+                    use std::os::fd::FromRawFd;
+                    // SAFETY: the descriptor systemd (or the caller) handed
+                    // over for this; nothing else here owns it.
+                    unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) }
+                }
+                (Some(path), None) => {
+                    let _ = std::fs::remove_file(path);
+                    std::os::unix::net::UnixListener::bind(path)
+                        .with_context(|| format!("binding {}", path.display()))?
+                }
+                (None, None) => anyhow::bail!("give --listen PATH or --fd N"),
+            };
+            eprintln!(
+                "orchestrator: relaying {} to {}",
+                a.device,
+                a.backend.display()
+            );
+            orchestrator::relay::serve(&a.device, &listener, &a.backend);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Down(a) => down(&a.name),
     }
 }

@@ -372,17 +372,20 @@ impl Setup {
 /// Take the front end's connections on `front` and relay each to the
 /// backend at `backend`, for as long as the listener lives. `name` labels
 /// the log lines.
+pub fn serve(name: &str, front: &UnixListener, backend: &Path) {
+    for q in front.incoming() {
+        let Ok(q) = q else { continue };
+        if let Err(e) = relay(name, &q, backend) {
+            eprintln!("orchestrator: {name} relay: {e}; the VMM's connection is closed");
+        }
+    }
+}
+
+/// [`serve`] on a thread of its own.
 pub fn spawn(name: String, front: UnixListener, backend: PathBuf) -> io::Result<()> {
     std::thread::Builder::new()
         .name(format!("relay-{name}"))
-        .spawn(move || {
-            for q in front.incoming() {
-                let Ok(q) = q else { continue };
-                if let Err(e) = relay(&name, &q, &backend) {
-                    eprintln!("orchestrator: {name} relay: {e}; the VMM's connection is closed");
-                }
-            }
-        })?;
+        .spawn(move || serve(&name, &front, &backend))?;
     Ok(())
 }
 

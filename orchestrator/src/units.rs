@@ -137,6 +137,45 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
             text: s,
         });
         services.push(format!("{base}.service"));
+        if dev.starts_with("fs") {
+            // QEMU 7.2 cannot reconnect vhost-user-fs: it reaches the share
+            // through a relay that outlives the backend's restarts.
+            let relay = format!("{base}-relay");
+            let front = run_dir.join(format!("{dev}.vmm.sock"));
+            let me = std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "orchestrator".into());
+            units.push(Unit {
+                name: format!("{relay}.socket"),
+                text: format!(
+                    "[Unit]\nDescription=vmm {vm}: {dev} relay socket\nPartOf={target}\n\n\
+                     [Socket]\nListenStream={}\nSocketMode=0600\nService={relay}.service\n\n\
+                     [Install]\nWantedBy={target}\n",
+                    front.display()
+                ),
+            });
+            units.push(Unit {
+                name: format!("{relay}.service"),
+                text: format!(
+                    "[Unit]\nDescription=vmm {vm}: {dev} vhost-user relay\nPartOf={target}\n\
+                     Requires={relay}.socket\nAfter={relay}.socket {base}.socket\n\
+                     Wants={base}.socket\n\n\
+                     [Service]\nType=simple\nExecStart={}\nRestart=always\n\
+                     NoNewPrivileges=yes\nProtectSystem=strict\nPrivateTmp=yes\n\
+                     ProtectHome=read-only\nRestrictAddressFamilies=AF_UNIX\n\
+                     CapabilityBoundingSet=\n\n\
+                     [Install]\nWantedBy={target}\n",
+                    exec(&[
+                        me,
+                        "relay".into(),
+                        "--fd=3".into(),
+                        format!("--backend={}", socket.display()),
+                        format!("--device={dev}"),
+                    ]),
+                ),
+            });
+            services.push(format!("{relay}.service"));
+        }
     }
     let vmm_unit = format!("vmm-{vm}-vmm.service");
     units.push(Unit {

@@ -81,6 +81,8 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
         [
             "vmm-svc-blk0.service",
             "vmm-svc-blk0.socket",
+            "vmm-svc-fs0-relay.service",
+            "vmm-svc-fs0-relay.socket",
             "vmm-svc-fs0.service",
             "vmm-svc-fs0.socket",
             "vmm-svc-vmm.service",
@@ -127,9 +129,19 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
         assert!(fs.contains(&want), "fs0 service lacks {want}:\n{fs}");
     }
     assert!(read("vmm-svc-fs0.socket").contains("ListenStream=/run/vmm/svc/fs0.sock"));
+    // QEMU reaches the share through a relay that outlives fs0's restarts.
+    assert!(read("vmm-svc-fs0-relay.socket").contains("ListenStream=/run/vmm/svc/fs0.vmm.sock"));
+    let relay = read("vmm-svc-fs0-relay.service");
+    for want in [
+        " relay --fd=3 --backend=/run/vmm/svc/fs0.sock --device=fs0",
+        "Restart=always",
+        "CapabilityBoundingSet=\n",
+    ] {
+        assert!(relay.contains(want), "relay service lacks {want}:\n{relay}");
+    }
     let vmm = read("vmm-svc-vmm.service");
     assert!(
-        vmm.contains("Wants=vmm-svc-fs0.service vmm-svc-blk0.service"),
+        vmm.contains("Wants=vmm-svc-fs0.service vmm-svc-fs0-relay.service vmm-svc-blk0.service"),
         "{vmm}"
     );
     assert!(
@@ -140,4 +152,5 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
         vmm.contains("path=/run/vmm/svc/blk0.sock,reconnect=1"),
         "{vmm}"
     );
+    assert!(vmm.contains("path=/run/vmm/svc/fs0.vmm.sock"), "{vmm}");
 }
