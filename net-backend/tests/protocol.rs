@@ -355,7 +355,21 @@ fn listening_as(link: &Path, kind: &str) -> BackendProcess {
         format!("--socket-type={kind}"),
         "--mac=52:54:00:aa:bb:01".into(),
     ];
-    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts")
+    let b = BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("net-backend starts");
+    // The link socket is bound as the process starts, not before `spawn`
+    // returns: a peer started at once may not find it yet.
+    if !link.to_string_lossy().starts_with('@') {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !link.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the link socket never appeared:\n{}",
+                b.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    b
 }
 
 /// A net-backend that connects to the one listening at `link`.
