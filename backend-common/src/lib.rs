@@ -8,6 +8,7 @@ pub mod sandbox;
 pub mod seccomp;
 mod serve;
 pub mod shim;
+pub mod vu_msg;
 
 pub use serve::{serve, serve_with_hooks, ConnectionHooks, NoHooks, ServeError};
 

@@ -10,11 +10,11 @@
 //! frontend's SET_FEATURES. Everything else, descriptors included, passes
 //! through unchanged, in order, both ways.
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use crate::vu_msg::{read_message, write_message, Message, HDR};
 
 const SET_FEATURES: u32 = 2;
 const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -29,92 +29,6 @@ const GET_VRING_BASE: u32 = 11;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
-const HDR: usize = 12;
-/// The largest vhost-user message body (a memory table of 509 regions is
-/// smaller than this).
-const MAX_BODY: usize = 0x1_0000;
-
-struct Message {
-    hdr: [u8; HDR],
-    body: Vec<u8>,
-    fds: Vec<OwnedFd>,
-}
-
-impl Message {
-    fn request(&self) -> u32 {
-        u32::from_le_bytes([self.hdr[0], self.hdr[1], self.hdr[2], self.hdr[3]])
-    }
-    fn flags(&self) -> u32 {
-        u32::from_le_bytes([self.hdr[4], self.hdr[5], self.hdr[6], self.hdr[7]])
-    }
-    fn set_flags(&mut self, f: u32) {
-        self.hdr[4..8].copy_from_slice(&f.to_le_bytes());
-    }
-}
-
-/// Read one message; `None` at the end of the stream.
-fn read_message(s: &UnixStream) -> io::Result<Option<Message>> {
-    let mut hdr = [0u8; HDR];
-    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
-    let (n, fds) = {
-        let mut iov = [IoSliceMut::new(&mut hdr)];
-        let msg = recvmsg::<()>(
-            s.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(v) = c {
-                // SAFETY: descriptors just received are ours alone.
-                fds.extend(v.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
-            }
-        }
-        (msg.bytes, fds)
-    };
-    if n == 0 {
-        return Ok(None);
-    }
-    let mut r = s;
-    if n < HDR {
-        r.read_exact(&mut hdr[n..])?;
-    }
-    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
-    if size > MAX_BODY {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "vhost-user message too large",
-        ));
-    }
-    let mut body = vec![0u8; size];
-    r.read_exact(&mut body)?;
-    Ok(Some(Message { hdr, body, fds }))
-}
-
-fn write_message(s: &UnixStream, m: &Message) -> io::Result<()> {
-    let fds: Vec<RawFd> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    let iov = [IoSlice::new(&m.hdr), IoSlice::new(&m.body)];
-    let total = HDR + m.body.len();
-    let sent = sendmsg::<()>(
-        s.as_raw_fd(),
-        &iov,
-        if fds.is_empty() { &[] } else { &cmsg },
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(io::Error::from)?;
-    if sent < total {
-        // The rest, without descriptors (they went with the first byte).
-        let mut all = m.hdr.to_vec();
-        all.extend_from_slice(&m.body);
-        let mut w = s;
-        w.write_all(&all[sent..])?;
-    }
-    Ok(())
-}
 
 /// Where the shim leaves a copy of the backend channel (the socket the
 /// frontend passes in SET_BACKEND_REQ_FD), so the backend can send its own
@@ -404,6 +318,7 @@ pub fn send_config_change(channel: &OwnedFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     fn msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {
         let mut v = req.to_le_bytes().to_vec();

@@ -17,18 +17,14 @@
 //! knows the guest's node IDs and open files, so the mount carries on.
 
 use std::collections::BTreeMap;
-use std::io::{self, IoSlice, IoSliceMut, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use backend_common::vu_msg::{read_message as recv, write_message as send, Message as Msg, HDR};
 
-const HEADER: usize = 12;
-/// The largest message body the relay takes (a memory table of 8 regions
-/// is 264 bytes; config space at most 256).
-const MAX_BODY: usize = 64 << 10;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 
@@ -63,20 +59,17 @@ const MASKED_PROTOCOL: u64 = (1 << 15) | (1 << 12);
 /// How long the relay waits for a dead backend's successor.
 const RECONNECT_WAIT: Duration = Duration::from_secs(60);
 
-/// One vhost-user message and the descriptors that came with it.
-struct Msg {
-    header: [u8; HEADER],
-    body: Vec<u8>,
-    fds: Vec<OwnedFd>,
+/// What the relay needs to know of a message beyond its framing.
+trait MsgExt: Sized {
+    fn wants_reply(&self) -> bool;
+    fn u32_at(&self, at: usize) -> Option<u32>;
+    fn u64_at(&self, at: usize) -> Option<u64>;
+    fn ring(&self) -> Option<u32>;
+    fn dup(&self) -> io::Result<Self>;
+    fn request_only(request: u32) -> Self;
 }
 
-impl Msg {
-    fn request(&self) -> u32 {
-        u32::from_le_bytes(self.header[0..4].try_into().unwrap())
-    }
-    fn flags(&self) -> u32 {
-        u32::from_le_bytes(self.header[4..8].try_into().unwrap())
-    }
+impl MsgExt for Msg {
     /// A request whose answer the front end waits for.
     fn wants_reply(&self) -> bool {
         matches!(
@@ -112,7 +105,7 @@ impl Msg {
     }
     fn dup(&self) -> io::Result<Msg> {
         Ok(Msg {
-            header: self.header,
+            hdr: self.hdr,
             body: self.body.clone(),
             fds: self
                 .fds
@@ -122,72 +115,15 @@ impl Msg {
         })
     }
     fn request_only(request: u32) -> Msg {
-        let mut header = [0u8; HEADER];
-        header[0..4].copy_from_slice(&request.to_le_bytes());
-        header[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let mut hdr = [0u8; HDR];
+        hdr[0..4].copy_from_slice(&request.to_le_bytes());
+        hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
         Msg {
-            header,
+            hdr,
             body: Vec::new(),
             fds: Vec::new(),
         }
     }
-}
-
-fn recv(sock: &UnixStream) -> io::Result<Option<Msg>> {
-    let mut header = [0u8; HEADER];
-    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
-    let (n, fds) = {
-        let mut iov = [IoSliceMut::new(&mut header)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(got) = c {
-                // SAFETY: descriptors just received are ours alone.
-                fds.extend(got.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
-            }
-        }
-        (msg.bytes, fds)
-    };
-    if n == 0 {
-        return Ok(None);
-    }
-    let mut r = sock;
-    if n < HEADER {
-        r.read_exact(&mut header[n..])?;
-    }
-    let size = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
-    if size > MAX_BODY {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a {size}-byte vhost-user message"),
-        ));
-    }
-    let mut body = vec![0u8; size];
-    r.read_exact(&mut body)?;
-    Ok(Some(Msg { header, body, fds }))
-}
-
-fn send(sock: &UnixStream, m: &Msg) -> io::Result<()> {
-    let raw: Vec<RawFd> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
-    let iov = [IoSlice::new(&m.header), IoSlice::new(&m.body)];
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
-    let total = HEADER + m.body.len();
-    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-        .map_err(io::Error::from)?;
-    if n < total {
-        // The descriptors went with the first bytes; the rest as plain data.
-        let mut rest = m.header.to_vec();
-        rest.extend_from_slice(&m.body);
-        io::Write::write_all(&mut &*sock, &rest[n..])?;
-    }
-    Ok(())
 }
 
 /// Guest memory as the memory table describes it, mapped read-only for
@@ -481,13 +417,14 @@ fn reconnect(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::OwnedFd;
 
     fn msg(request: u32, body: Vec<u8>, fds: Vec<OwnedFd>) -> Msg {
-        let mut header = [0u8; HEADER];
-        header[0..4].copy_from_slice(&request.to_le_bytes());
-        header[4..8].copy_from_slice(&1u32.to_le_bytes());
-        header[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        Msg { header, body, fds }
+        let mut hdr = [0u8; HDR];
+        hdr[0..4].copy_from_slice(&request.to_le_bytes());
+        hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
+        hdr[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        Msg { hdr, body, fds }
     }
 
     fn words(v: &[u64]) -> Vec<u8> {
@@ -537,7 +474,7 @@ mod tests {
         assert!(Msg::request_only(GET_FEATURES).wants_reply());
         // A length past what the relay takes is an error, not an allocation.
         let mut huge = msg(GET_CONFIG, vec![], vec![]);
-        huge.header[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge.hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         send(&a, &huge).unwrap();
         assert!(recv(&b).is_err());
         drop(a);
