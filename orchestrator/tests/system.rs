@@ -206,6 +206,89 @@ fn config_errors_start_nothing() {
     );
 }
 
+/// `orchestrator run -f CFG -- SCRIPT` whose guest has printed PHASE1 and
+/// waits for the host (the script's second half).
+struct GuestUntilPhase1 {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    out: Vec<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl GuestUntilPhase1 {
+    fn start(runtime: &Path, dir: &Path, cfg: &Path, script: &str, timeout_s: u32) -> Self {
+        let mut child = orch(runtime, dir)
+            .args(["run", "-f"])
+            .arg(cfg)
+            .args(["--timeout", &timeout_s.to_string(), "--", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).unwrap();
+            s
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut out = Vec::new();
+        for l in lines.by_ref() {
+            let l = l.unwrap();
+            let phase1 = l.contains("PHASE1");
+            out.push(l);
+            if phase1 {
+                break;
+            }
+        }
+        assert!(out.iter().any(|l| l.contains("PHASE1")), "{out:?}");
+        GuestUntilPhase1 {
+            child,
+            lines,
+            out,
+            err,
+        }
+    }
+
+    /// The rest of the guest's output, the orchestrator's stderr, and how
+    /// it exited.
+    fn finish(mut self) -> (String, String, std::process::ExitStatus) {
+        for l in self.lines {
+            self.out.push(l.unwrap());
+        }
+        let code = self.child.wait().unwrap();
+        (self.out.join("\n"), self.err.join().unwrap(), code)
+    }
+}
+
+/// Kill backend `dev` of VM `name` with -9 and wait until its supervisor
+/// has started it again, once.
+fn kill_and_wait_restart(runtime: &Path, name: &str, dev: &str) {
+    let device = || {
+        VmStatus::read_in(runtime, name)
+            .expect("status file")
+            .devices
+            .into_iter()
+            .find(|d| d.device == dev)
+            .unwrap()
+    };
+    let pid = device().pid.unwrap_or_else(|| panic!("{dev} runs"));
+    // SAFETY: killing the backend the orchestrator started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = device();
+        if now.restarts == 1 && now.pid.is_some_and(|p| p != pid) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dev} was not restarted: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_killed_disk_backend_is_restarted_and_the_guest_keeps_its_disk() {
     if !backends_built() {
@@ -223,52 +306,8 @@ fn a_killed_disk_backend_is_restarted_and_the_guest_keeps_its_disk() {
         B=$(dd if=/dev/vda bs=64k count=64 iflag=direct 2>/dev/null | md5sum); \
         dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=100 oflag=direct 2>/dev/null && echo WRITE=ok; \
         [ \"$A\" = \"$B\" ] && echo VERIFY=ok";
-    let mut child = orch(runtime.path(), dir.path())
-        .args(["run", "-f"])
-        .arg(&cfg)
-        .args(["--timeout", "300", "--", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).unwrap();
-        s
-    });
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut out = Vec::new();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        let phase1 = l.contains("PHASE1");
-        out.push(l);
-        if phase1 {
-            break;
-        }
-    }
-    assert!(out.iter().any(|l| l.contains("PHASE1")), "{out:?}");
-    let status = || VmStatus::read_in(runtime.path(), "restart").expect("status file");
-    let blk = |s: &VmStatus| {
-        s.devices
-            .iter()
-            .find(|d| d.device == "blk0")
-            .unwrap()
-            .clone()
-    };
-    let before = blk(&status());
-    let pid = before.pid.expect("blk0 runs");
-    // SAFETY: killing the backend the orchestrator started.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = blk(&status());
-        if now.restarts == 1 && now.pid.is_some_and(|p| p != pid) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "blk0 was not restarted: {now:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let guest = GuestUntilPhase1::start(runtime.path(), dir.path(), &cfg, script, 300);
+    kill_and_wait_restart(runtime.path(), "restart", "blk0");
     // `status` shows the restart.
     let st = orch(runtime.path(), dir.path())
         .args(["status", "--name", "restart"])
@@ -283,12 +322,7 @@ fn a_killed_disk_backend_is_restarted_and_the_guest_keeps_its_disk() {
     // QEMU reconnects within a second or so; then let the guest go on.
     std::thread::sleep(Duration::from_secs(3));
     std::fs::write(dir.path().join("go"), b"").unwrap();
-    for l in lines {
-        out.push(l.unwrap());
-    }
-    let code = child.wait().unwrap();
-    let err = err_thread.join().unwrap();
-    let text = out.join("\n");
+    let (text, err, code) = guest.finish();
     assert!(
         text.contains("WRITE=ok") && text.contains("VERIFY=ok"),
         "{text}\n{err}"
@@ -315,60 +349,12 @@ fn a_killed_share_backend_is_restarted_and_the_guest_keeps_its_mount() {
         while [ ! -e go ]; do sleep 0.2; done; \
         echo \"AGAIN=$(cat data.txt)\"; echo \"OPEN=$(cat <&3)\"; \
         echo written-after > after.txt && echo WRITE=ok; ls > /dev/null && echo LIST=ok";
-    let mut child = orch(runtime.path(), dir.path())
-        .args(["run", "-f"])
-        .arg(&cfg)
-        .args(["--timeout", "90", "--", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s).unwrap();
-        s
-    });
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut out = Vec::new();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        let phase1 = l.contains("PHASE1");
-        out.push(l);
-        if phase1 {
-            break;
-        }
-    }
-    assert!(out.iter().any(|l| l.contains("PHASE1")), "{out:?}");
-    let status = || VmStatus::read_in(runtime.path(), "fsrestart").expect("status file");
-    let fs0 = |s: &VmStatus| {
-        s.devices
-            .iter()
-            .find(|d| d.device == "fs0")
-            .unwrap()
-            .clone()
-    };
-    let pid = fs0(&status()).pid.expect("fs0 runs");
-    // SAFETY: killing the backend the orchestrator started.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = fs0(&status());
-        if now.restarts == 1 && now.pid.is_some_and(|p| p != pid) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "fs0 was not restarted: {now:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let guest = GuestUntilPhase1::start(runtime.path(), dir.path(), &cfg, script, 90);
+    kill_and_wait_restart(runtime.path(), "fsrestart", "fs0");
     // The guest polls for `go` through the share, so the first requests
     // after the kill wait in the ring until the new backend takes them.
     std::fs::write(dir.path().join("go"), b"").unwrap();
-    for l in lines {
-        out.push(l.unwrap());
-    }
-    let code = child.wait().unwrap();
-    let err = err_thread.join().unwrap();
-    let text = out.join("\n");
+    let (text, err, code) = guest.finish();
     for want in [
         "FIRST=before and after",
         "AGAIN=before and after",

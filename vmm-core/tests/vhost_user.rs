@@ -235,19 +235,25 @@ fn store_word(code: &mut Vec<u8>, addr: u64, v: u16) {
 /// laid out (MMIO exits into vmm-core), then the kick (an ioeventfd: no
 /// exit).
 fn bring_up_queue(code: &mut Vec<u8>, base: u64) {
+    set_up_queue(code, base, 0);
+    write_reg(code, base + reg::QUEUE_NOTIFY, 0);
+}
+
+/// The driver's register writes that make `queue` live on the rings at
+/// 0x10000 (descriptors), 0x11000 (available) and 0x12000 (used).
+fn set_up_queue(code: &mut Vec<u8>, base: u64, queue: u32) {
     for (off, v) in [
         (reg::STATUS, 3),
         (reg::DRIVER_FEATURES_SEL, 1),
         (reg::DRIVER_FEATURES, 1),
         (reg::STATUS, 0xb),
-        (reg::QUEUE_SEL, 0),
+        (reg::QUEUE_SEL, queue),
         (reg::QUEUE_NUM, 16),
         (reg::QUEUE_DESC_LOW, 0x10000),
         (reg::QUEUE_DRIVER_LOW, 0x11000),
         (reg::QUEUE_DEVICE_LOW, 0x12000),
         (reg::QUEUE_READY, 1),
         (reg::STATUS, 0xf),
-        (reg::QUEUE_NOTIFY, 0),
     ] {
         write_reg(code, base + off, v);
     }
@@ -562,21 +568,7 @@ const DONE: u64 = 0x30000;
 /// 0x40 on the debug port.
 fn fs_request_program(base: u64, rounds: u8) -> Vec<u8> {
     let mut code = Vec::new();
-    for (off, v) in [
-        (reg::STATUS, 3),
-        (reg::DRIVER_FEATURES_SEL, 1),
-        (reg::DRIVER_FEATURES, 1),
-        (reg::STATUS, 0xb),
-        (reg::QUEUE_SEL, 1),
-        (reg::QUEUE_NUM, 16),
-        (reg::QUEUE_DESC_LOW, 0x10000),
-        (reg::QUEUE_DRIVER_LOW, 0x11000),
-        (reg::QUEUE_DEVICE_LOW, 0x12000),
-        (reg::QUEUE_READY, 1),
-        (reg::STATUS, 0xf),
-    ] {
-        write_reg(&mut code, base + off, v);
-    }
+    set_up_queue(&mut code, base, 1);
     for k in 1..=rounds {
         wait_word(&mut code, GO, k);
         store_word(&mut code, 0x11004 + 2 * u64::from(k - 1), 0);
