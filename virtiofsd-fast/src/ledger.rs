@@ -227,27 +227,8 @@ impl Ledger {
     fn scan(&self) -> Resumed {
         let mut nodes = self.nodes.lock().unwrap();
         let mut handles = self.handles.lock().unwrap();
-        let node_hwm = (self.word(H_NODE_HWM).load(Ordering::Acquire) as usize).min(NODE_SLOTS);
-        for s in 0..node_hwm as u32 {
-            match self.word(Self::node_at(s)).load(Ordering::Acquire) {
-                0 => nodes.free.push(s),
-                id => {
-                    nodes.left.insert(id, s);
-                }
-            }
-        }
-        nodes.hwm = node_hwm as u32;
-        let handle_hwm =
-            (self.word(H_HANDLE_HWM).load(Ordering::Acquire) as usize).min(HANDLE_SLOTS);
-        for s in 0..handle_hwm as u32 {
-            match self.word(Self::handle_at(s)).load(Ordering::Acquire) {
-                0 => handles.free.push(s),
-                fh => {
-                    handles.left.insert(fh, s);
-                }
-            }
-        }
-        handles.hwm = handle_hwm as u32;
+        *nodes = self.index(H_NODE_HWM, NODE_SLOTS, Self::node_at);
+        *handles = self.index(H_HANDLE_HWM, HANDLE_SLOTS, Self::handle_at);
         Resumed {
             agreed: self.word(H_AGREED).load(Ordering::Acquire),
             root: (
@@ -259,6 +240,25 @@ impl Ledger {
             nodes: nodes.left.len(),
             handles: handles.left.len(),
         }
+    }
+
+    /// One table's slots up to its high-water mark: free ones, and the
+    /// ones in use by the key in their first word.
+    fn index(&self, hwm_word: usize, cap: usize, at: fn(u32) -> usize) -> Slots {
+        let hwm = (self.word(hwm_word).load(Ordering::Acquire) as usize).min(cap) as u32;
+        let mut t = Slots {
+            hwm,
+            ..Slots::default()
+        };
+        for s in 0..hwm {
+            match self.word(at(s)).load(Ordering::Acquire) {
+                0 => t.free.push(s),
+                key => {
+                    t.left.insert(key, s);
+                }
+            }
+        }
+        t
     }
 
     /// Clear every slot in use and the header's session fields.
@@ -383,12 +383,6 @@ impl Ledger {
             handle,
         };
         Some((slot, r))
-    }
-
-    /// Give back a left node that could not be resolved (its file is gone):
-    /// the guest will be told so.
-    pub fn discard_left_node(&self, slot: u32) {
-        self.drop_node(slot);
     }
 
     /// Keep an open file; returns its slot.

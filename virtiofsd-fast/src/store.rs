@@ -371,7 +371,7 @@ impl Store {
                 // Gone (or on a filesystem this daemon has not met): the
                 // guest hears ESTALE, as for any file deleted under it.
                 tracing::debug!(id, error = ?other.err(), "a node left by the previous daemon is gone");
-                ledger.discard_left_node(slot);
+                ledger.drop_node(slot);
                 return Err(io::Error::from_raw_os_error(libc::ESTALE));
             }
         };

@@ -48,27 +48,38 @@ fn blk_backend(dir: &Path) -> Option<(Backend, std::path::PathBuf)> {
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     std::fs::write(&image, &data).unwrap();
     let sock = dir.join("blk.sock");
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("--image={}", image.display()))
+        .arg("--log-level=info");
+    Some((listening(cmd, &sock, &dir.join("blk.log")), sock))
+}
+
+/// `cmd` (a backend) serving `sock` without a sandbox, its stderr appended
+/// to `log`; returns once the socket is there.
+fn listening(mut cmd: Command, sock: &Path, log: &Path) -> Backend {
+    let child = cmd
         .arg(format!("--socket-path={}", sock.display()))
-        .arg(format!("--image={}", image.display()))
         .arg("--sandbox=none")
-        .arg("--log-level=info")
         .stdin(Stdio::null())
         .stderr(
             std::fs::File::options()
                 .create(true)
                 .append(true)
-                .open(dir.join("blk.log"))
+                .open(log)
                 .unwrap(),
         )
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
-        assert!(Instant::now() < deadline, "blk-backend never listened");
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened",
+            cmd.get_program().to_string_lossy()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Some((Backend(child), sock))
+    Backend(child)
 }
 
 fn wr<D: vmm_core::virtio_mmio::VirtioDevice>(t: &mut MmioTransport<D>, off: u64, v: u32) {
@@ -516,27 +527,10 @@ fn a_backend_of_the_wrong_device_type_is_a_clear_error() {
 fn virtiofsd_fast(sock: &Path, share: &Path, extra: &[String], log: &Path) -> Option<Backend> {
     let bin = sibling("virtiofsd-fast")?;
     let _ = std::fs::remove_file(sock);
-    let child = Command::new(bin)
-        .arg(format!("--socket-path={}", sock.display()))
-        .arg(format!("--shared-dir={}", share.display()))
-        .arg("--sandbox=none")
-        .args(extra)
-        .stdin(Stdio::null())
-        .stderr(
-            std::fs::File::options()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "virtiofsd-fast never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(Backend(child))
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("--shared-dir={}", share.display()))
+        .args(extra);
+    Some(listening(cmd, sock, log))
 }
 
 /// A FUSE request: fuse_in_header (as root) and its arguments.
