@@ -64,6 +64,11 @@ pub struct Args {
     /// back to back then cost no kick and no wake-up. 0 turns it off.
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
+    /// How transmitted frames reach a tap: a batch per io_uring submission
+    /// (a ring that can only write to the tap), or one writev per frame.
+    /// Without io_uring in the kernel, uring falls back to writev.
+    #[arg(long, value_enum, default_value_t = TxEngine::Uring)]
+    pub tx_engine: TxEngine,
     /// Sandbox for the backend.
     #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
     pub sandbox: SandboxMode,
@@ -112,6 +117,13 @@ pub enum SocketType {
     Dgram,
 }
 
+/// How transmitted frames reach a tap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TxEngine {
+    Uring,
+    Writev,
+}
+
 /// Errors in a command line that clap accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -137,6 +149,7 @@ pub struct Config {
     pub queue_pairs: usize,
     pub queue_size: usize,
     pub poll: std::time::Duration,
+    pub tx_engine: TxEngine,
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
     pub connections: Option<u64>,
@@ -176,6 +189,7 @@ impl TryFrom<Args> for Config {
             queue_pairs: pairs,
             queue_size: usize::from(a.queue_size),
             poll: std::time::Duration::from_micros(a.poll_us),
+            tx_engine: a.tx_engine,
             sandbox: a.sandbox,
             seccomp: a.seccomp,
             connections: a.connections,

@@ -131,8 +131,35 @@ pub struct NetBackend {
 
 type Mem = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
-/// Transmitted frames between used-ring notifications within one batch.
-const TX_NOTIFY_EVERY: u32 = 32;
+/// Transmitted frames handed to the link at once, and between used-ring
+/// notifications during a long run of them.
+const TX_BATCH: usize = 32;
+
+/// Frames popped from the transmit ring and not yet sent: their buffers
+/// (one iovec list), where each frame's iovecs are, and their heads.
+#[derive(Default)]
+struct TxBatch {
+    iov: Vec<libc::iovec>,
+    frames: Vec<std::ops::Range<usize>>,
+    heads: Vec<u16>,
+    results: Vec<io::Result<usize>>,
+}
+
+impl TxBatch {
+    fn push(&mut self, head: u16, frame: &[libc::iovec]) {
+        let start = self.iov.len();
+        self.iov.extend_from_slice(frame);
+        self.frames.push(start..self.iov.len());
+        self.heads.push(head);
+    }
+
+    fn clear(&mut self) {
+        self.iov.clear();
+        self.frames.clear();
+        self.heads.clear();
+        self.results.clear();
+    }
+}
 
 impl NetBackend {
     /// A device with one queue pair per link.
@@ -311,29 +338,55 @@ impl NetBackend {
         }
     }
 
-    /// Send every frame the guest queued on pair `p`.
+    /// Send every frame the guest queued on pair `p`, in batches of up to
+    /// [`TX_BATCH`] frames handed to the link at once.
     fn process_tx(&self, p: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(mem) = self.memory() else {
             return Ok(());
         };
-        let pair = &self.pairs[p];
         let mut state = vring.get_mut();
-        let mut used = false;
-        let (mut frames, mut bytes) = (0u64, 0u64);
-        let mut iov = Vec::with_capacity(16);
-        let mut since_notify = 0;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-            let head = chain.head_index();
-            used = true;
-            let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
-            if let Err(why) = tx_frame_into(&mem, descs, &mut iov) {
-                self.bad_chain(&mut state, head, why);
-                continue;
+        let mut batch = TxBatch::default();
+        let mut frame = Vec::with_capacity(16);
+        loop {
+            let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone());
+            if let Some(chain) = chain {
+                let head = chain.head_index();
+                let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+                match tx_frame_into(&mem, descs, &mut frame) {
+                    Ok(()) => batch.push(head, &frame),
+                    Err(why) => self.bad_chain(&mut state, head, why),
+                }
+                if batch.heads.len() < TX_BATCH {
+                    continue;
+                }
             }
-            match pair.link.send(&iov) {
+            if batch.heads.is_empty() {
+                break;
+            }
+            self.send_batch(p, &mut batch);
+            for &head in &batch.heads {
+                let _ = state.add_used(head, 0);
+            }
+            // Hand buffers back after each batch, not only when the ring
+            // is empty: the guest refills the ring while this thread goes
+            // on, instead of finding it empty when the whole run is over.
+            self.notify(&mut state)?;
+            batch.clear();
+        }
+        Ok(())
+    }
+
+    /// Send a batch on pair `p`'s link and count what went.
+    fn send_batch(&self, p: usize, batch: &mut TxBatch) {
+        let pair = &self.pairs[p];
+        pair.link
+            .send_many(&batch.iov, &batch.frames, &mut batch.results);
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        for r in &batch.results {
+            match r {
                 Ok(n) => {
                     frames += 1;
-                    bytes += n as u64;
+                    bytes += *n as u64;
                 }
                 Err(e) => {
                     // A full or gone link drops the frame, as a wire would;
@@ -341,29 +394,16 @@ impl NetBackend {
                     if e.kind() == io::ErrorKind::NotConnected
                         && pair.link_ok.load(Ordering::Relaxed)
                     {
-                        self.link_gone(p, &e);
+                        self.link_gone(p, e);
                     }
                     if let Some(count) = self.counters.tx_dropped.hit() {
                         warn!(pair = p, link = pair.link.name(), error = %e, count, "frame not sent");
                     }
                 }
             }
-            let _ = state.add_used(head, 0);
-            // Hand buffers back during a long batch too, not only at its
-            // end: the guest refills the ring while this thread goes on,
-            // instead of finding it empty when the batch is over.
-            since_notify += 1;
-            if since_notify == TX_NOTIFY_EVERY {
-                since_notify = 0;
-                self.notify(&mut state)?;
-            }
         }
         pair.stats.tx_frames.fetch_add(frames, Ordering::Relaxed);
         pair.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if used {
-            self.notify(&mut state)?;
-        }
-        Ok(())
     }
 
     /// Fill pair `p`'s receive buffers from its link until one runs out.

@@ -3,16 +3,18 @@
 //! - [`args`]: the command line, turned into a [`Config`].
 //! - [`link`]: where frames go (a tap, or a SOCK_SEQPACKET peer).
 //! - [`backend`]: the queue pair to the link and back.
+//! - [`uring`]: batched transmit into a tap through a locked-down io_uring.
 
 pub mod args;
 pub mod backend;
 pub mod fuzz;
 pub mod link;
+pub mod uring;
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use args::{LinkChoice, SocketType};
+use args::{LinkChoice, SocketType, TxEngine};
 use backend::{Hooks, NetBackend};
 use backend_common::sandbox;
 use libc::c_long;
@@ -77,9 +79,33 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
 /// The links, one per queue pair.
 fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
     let as_links = |v: Vec<link::Tap>| {
-        v.into_iter()
+        let mut refused = None;
+        let links: Vec<_> = v
+            .into_iter()
+            .map(|mut t| {
+                // The ring is opened here, before the sandbox and the
+                // seccomp filter, which then allow io_uring_enter only.
+                if cfg.tx_engine == TxEngine::Uring && refused.is_none() {
+                    if let Err(e) = t.enable_tx_ring() {
+                        refused = Some(e);
+                    }
+                }
+                t
+            })
             .map(|t| Arc::new(t) as Arc<dyn link::Link>)
-            .collect()
+            .collect();
+        match refused {
+            Some(e) => tracing::warn!(
+                error = %e,
+                "io_uring refused; transmitting with one writev per frame (--tx-engine=writev \
+                 says so without trying)"
+            ),
+            None if cfg.tx_engine == TxEngine::Uring => {
+                tracing::info!("transmitting in batches through io_uring")
+            }
+            None => {}
+        }
+        links
     };
     Ok(match &cfg.link {
         LinkChoice::Tap(name) => as_links(link::Tap::open_queues(name, cfg.queue_pairs).map_err(|source| {
@@ -146,6 +172,9 @@ pub fn allowlist() -> Vec<c_long> {
     v.extend_from_slice(&[
         libc::SYS_readv,
         libc::SYS_writev,
+        // Batched transmit (the ring is set up before the filter, and can
+        // only write to its tap).
+        libc::SYS_io_uring_enter,
         libc::SYS_recvmsg,
         libc::SYS_sendmsg,
         // The message shim's private socket, one per frontend.

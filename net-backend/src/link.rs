@@ -2,14 +2,19 @@
 //! SOCK_SEQPACKET peer, or a datagram socket. All carry each frame behind
 //! the 12-byte virtio_net_hdr the guest uses, so frames move between guest
 //! memory and the link with one copy (the kernel's), through readv/writev
-//! or sendmsg/recvmsg on iovecs into guest memory.
+//! or sendmsg/recvmsg on iovecs into guest memory; a tap can take a batch
+//! of transmitted frames in one io_uring submission instead.
 //!
 //! A third kind of link (a user-mode NAT) implements [`Link`] the same way.
 
 use std::ffi::CString;
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::Mutex;
+
+use crate::uring::TxRing;
 
 /// sizeof(struct virtio_net_hdr_v1): the header on every frame.
 pub const VNET_HDR_LEN: usize = 12;
@@ -34,6 +39,16 @@ pub trait Link: Send + Sync {
     /// full for now; `NotConnected` that it is gone (a deleted tap, a peer
     /// that closed).
     fn send(&self, iov: &[libc::iovec]) -> io::Result<usize>;
+    /// Send several frames, each a range of `iov`, pushing each one's
+    /// result on `out` in order (as [`Link::send`] would answer it).
+    fn send_many(
+        &self,
+        iov: &[libc::iovec],
+        frames: &[Range<usize>],
+        out: &mut Vec<io::Result<usize>>,
+    ) {
+        out.extend(frames.iter().map(|r| self.send(&iov[r.clone()])));
+    }
     /// Receive one frame (header included) into `iov`; `WouldBlock` when
     /// none is waiting, `NotConnected` when the link is gone, `InvalidData`
     /// when a frame larger than `iov` was consumed.
@@ -74,6 +89,9 @@ pub struct Tap {
     fd: OwnedFd,
     name: String,
     multi_queue: bool,
+    /// Batches transmitted frames into one syscall, when turned on (and
+    /// until it fails, when frames go by writev again).
+    tx_ring: Option<Mutex<Option<TxRing>>>,
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -155,9 +173,24 @@ impl Tap {
             fd,
             name: name.to_string(),
             multi_queue,
+            tx_ring: None,
         };
         tap.set_hdr_len()?;
         Ok(tap)
+    }
+
+    /// Send batches of frames through an io_uring restricted to writing
+    /// to this tap queue (see [`crate::uring`]).
+    pub fn enable_tx_ring(&mut self) -> io::Result<()> {
+        self.tx_ring = Some(Mutex::new(Some(TxRing::new(self.fd.as_raw_fd())?)));
+        Ok(())
+    }
+
+    /// Whether transmitted frames go through the io_uring.
+    pub fn tx_ring_active(&self) -> bool {
+        self.tx_ring
+            .as_ref()
+            .is_some_and(|m| m.lock().unwrap_or_else(|e| e.into_inner()).is_some())
     }
 
     /// The descriptor, for a supervisor that hands it to a backend.
@@ -197,6 +230,7 @@ impl Tap {
             fd,
             name: String::from_utf8_lossy(&req.name[..end]).into_owned(),
             multi_queue: req.flags & IFF_MULTI_QUEUE != 0,
+            tx_ring: None,
         };
         // A queue a previous backend detached comes back; an attached one
         // answers EINVAL, which is fine.
@@ -219,12 +253,67 @@ impl Link for Tap {
     fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+    fn fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.fd()];
+        if let Some(m) = &self.tx_ring {
+            let ring = m.lock().unwrap_or_else(|e| e.into_inner());
+            v.extend(ring.as_ref().map(|r| r.as_raw_fd()));
+        }
+        v
+    }
     fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: the iovecs point into guest memory that the caller keeps
         // mapped for the call.
         tap_gone(rc(unsafe {
             libc::writev(self.fd(), iov.as_ptr(), iov.len() as libc::c_int)
         }))
+    }
+    fn send_many(
+        &self,
+        iov: &[libc::iovec],
+        frames: &[Range<usize>],
+        out: &mut Vec<io::Result<usize>>,
+    ) {
+        // One frame costs one syscall either way.
+        let Some(m) = self.tx_ring.as_ref().filter(|_| frames.len() > 1) else {
+            out.extend(frames.iter().map(|r| self.send(&iov[r.clone()])));
+            return;
+        };
+        // Only this queue pair's worker sends here: never contended.
+        let mut ring = m.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = ring.as_mut() else {
+            out.extend(frames.iter().map(|r| self.send(&iov[r.clone()])));
+            return;
+        };
+        let base = out.len();
+        let failed = match r.write(iov, frames, out) {
+            Err(e) => Some(e.to_string()),
+            Ok(()) => None,
+        };
+        // A tap without non-blocking writes for io_uring (an older kernel)
+        // refuses RWF_NOWAIT: those frames go by writev, and so does
+        // everything after them.
+        let mut refused = false;
+        for (r, range) in out[base..].iter_mut().zip(frames) {
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    refused = true;
+                    *r = self.send(&iov[range.clone()]);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    *r = tap_gone(Err(io::Error::from_raw_os_error(libc::EBADFD)));
+                }
+                _ => {}
+            }
+        }
+        let failed = failed.or(refused.then(|| "the tap refuses RWF_NOWAIT".to_string()));
+        if let Some(why) = failed {
+            tracing::warn!(
+                tap = %self.name,
+                "transmit io_uring: {why}; sending by writev from now on"
+            );
+            *ring = None;
+        }
     }
     fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: as above, writable guest buffers.
