@@ -233,8 +233,18 @@ impl Drop for Injector {
 }
 
 /// The physical limit: a plain loop on a tap this process opens, writing
-/// (tx) or reading (rx) frames with their header, one syscall per frame.
-pub fn raw_tap(tap: &str, dir: Direction, frame_len: usize, limit: Limit) -> anyhow::Result<Stats> {
+/// (tx) or reading (rx) frames with their header, one syscall per frame,
+/// cycling through `buffers` frame buffers (as many as the backend has
+/// frames in flight gives both sides the same memory to touch; at 64 KiB
+/// frames a single buffer stays in the core's cache and the backend's 128
+/// do not).
+pub fn raw_tap(
+    tap: &str,
+    dir: Direction,
+    frame_len: usize,
+    buffers: usize,
+    limit: Limit,
+) -> anyhow::Result<Stats> {
     wait_tap_gone(tap);
     let fd = net_backend::link::Tap::open(tap)?.into_fd();
     // Blocking, so the loop sleeps in the kernel as the backend does.
@@ -250,6 +260,7 @@ pub fn raw_tap(tap: &str, dir: Direction, frame_len: usize, limit: Limit) -> any
     let (hdr, f) = frame(frame_len, PEER_MAC, GUEST_MAC);
     let mut msg = hdr.encode().to_vec();
     msg.extend_from_slice(&f);
+    let msgs = vec![msg; buffers.max(1)];
     let mut stats = Stats::default();
     let start = Instant::now();
     let deadline = start + limit.duration;
@@ -258,14 +269,14 @@ pub fn raw_tap(tap: &str, dir: Direction, frame_len: usize, limit: Limit) -> any
         Direction::Tx => {
             while Instant::now() < deadline && n < limit.max_requests {
                 let t = Instant::now();
-                write_all(fd.as_raw_fd(), &msg)?;
+                write_all(fd.as_raw_fd(), &msgs[n as usize % msgs.len()])?;
                 stats.record(t.elapsed(), f.len() as u64);
                 n += 1;
             }
         }
         Direction::Rx => {
             let inj = Injector::start(tap, frame_len)?;
-            let mut buf = vec![0u8; 65_600];
+            let mut bufs = vec![vec![0u8; 65_600]; buffers.max(1)];
             let mut errors = 0u64;
             let mut last = Instant::now();
             while Instant::now() < deadline && n < limit.max_requests {
@@ -282,6 +293,7 @@ pub fn raw_tap(tap: &str, dir: Direction, frame_len: usize, limit: Limit) -> any
                     }
                     continue;
                 }
+                let buf = &mut bufs[n as usize % buffers.max(1)];
                 // SAFETY: reading into our buffer.
                 let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if r < 0 {

@@ -110,6 +110,12 @@ struct Args {
     /// passes whole).
     #[arg(long, default_value_t = 1514)]
     frame_size: usize,
+    /// net: frame buffers the plain tap loop (raw-tap) cycles through;
+    /// 0, the default, means as many as --qd, the memory the backend's
+    /// frames in flight occupy. 1 is one cache-hot buffer, which flatters
+    /// the loop at 64 KiB frames (BENCHMARKS.md).
+    #[arg(long, default_value_t = 0)]
+    raw_buffers: usize,
     /// net: the tap to create for the run.
     #[arg(long, default_value = "vubench0")]
     tap: String,
@@ -207,7 +213,12 @@ fn run_one(w: Workload, a: &Args, b: &Backend, limit: Limit) -> Result<Report> {
     let cmd = b.argv.join(" ");
     if b.argv == ["raw-tap"] {
         anyhow::ensure!(w.is_net(), "raw-tap is a baseline for the net workloads");
-        return netbench::raw_tap(&a.tap, dir, a.frame_size, limit)
+        let buffers = if a.raw_buffers == 0 {
+            a.qd
+        } else {
+            a.raw_buffers
+        };
+        return netbench::raw_tap(&a.tap, dir, a.frame_size, buffers.max(1), limit)
             .map(|s| s.report(&b.name, "plain loop on the tap"))
             .context("the raw tap loop");
     }
@@ -370,7 +381,7 @@ fn main() -> Result<()> {
         params: serde_json::json!({
             "seconds": a.seconds, "qd": a.qd, "rounds": a.rounds, "dirs": a.dirs, "files": a.files,
             "cache": a.cache, "bs": a.bs, "queues": a.queues, "image_mib": a.image_mib,
-            "frame_size": a.frame_size,
+            "frame_size": a.frame_size, "raw_buffers": a.raw_buffers,
         }),
         results,
         rounds,
