@@ -419,7 +419,7 @@ fn two_pairs_in_the_sandbox_hold_two_tap_queues_and_nothing_else() {
         );
     }
     assert_eq!(taps, 2);
-    assert_eq!(rings, 2);
+    assert_eq!(rings, if uring().is_ok() { 2 } else { 0 });
 }
 
 #[test]
@@ -474,6 +474,12 @@ fn oversized_and_nonsense_frames_are_dropped_and_counted() {
     );
 }
 
+/// Whether this kernel gives net-backend its transmit ring.
+fn uring() -> std::io::Result<()> {
+    let null = std::fs::File::open("/dev/null")?;
+    net_backend::uring::TxRing::new(null.as_raw_fd()).map(drop)
+}
+
 /// Write syscalls made by process `pid` so far (all its threads).
 fn write_syscalls(pid: u32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
@@ -495,7 +501,17 @@ fn a_burst_of_transmitted_frames_reaches_the_tap_intact_through_either_engine() 
     // A local experimental ethertype: the host stack leaves these alone.
     const ETHERTYPE: u16 = 0x88b5;
     const FRAMES: usize = 200;
-    for engine in ["uring", "writev"] {
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let mut engines = vec!["writev"];
+    match net_backend::uring::TxRing::new(null.as_raw_fd()) {
+        Ok(_) => engines.insert(0, "uring"),
+        Err(e) => {
+            tests::require::<()>(Err(format!(
+                "the io_uring engine: this kernel refuses a ring ({e})"
+            )));
+        }
+    }
+    for engine in engines {
         let tap = tap_name(&engine[..1]);
         let _guard = TapGuard(tap.clone());
         let mut b = start_with(&tap, 1, &[&format!("--tx-engine={engine}")]);
