@@ -28,6 +28,7 @@ packages=(
     xz-utils zstd        # compressed kernel modules, where the kernel has them
     lz4                  # unpacks the ELF kernel from a bzImage for vmm-core's boot test
     acl                  # setfacl/getfacl: ACLs set in a guest on a virtio-fs share
+    gdb gdbserver        # orchestrator attach --gdb, and its test
 )
 echo "setup: apt-get update"
 apt-get update -qq

@@ -143,7 +143,10 @@ pub struct AttachArgs {
     pub device: String,
     #[arg(long, default_value = "default")]
     pub name: String,
-    /// Run it under gdbserver on this address (e.g. :1234).
+    /// Run it under gdbserver on this address (e.g. :1234). The backend
+    /// waits at its first instruction until a debugger connects
+    /// (gdb -ex 'target remote ADDR'); it forks into its sandbox, so to
+    /// debug the process that serves, `set follow-fork-mode child` first.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = ":1234")]
     pub gdb: Option<String>,
 }

@@ -455,6 +455,17 @@ fn attach(a: &cli::AttachArgs) -> anyhow::Result<ExitCode> {
             .context("gdbserver not found: apt-get install gdbserver")?;
         argv.insert(0, addr.clone());
         argv.insert(0, gdb.display().to_string());
+        let host = if addr.starts_with(':') {
+            format!("localhost{addr}")
+        } else {
+            addr.clone()
+        };
+        eprintln!(
+            "orchestrator: {} waits for a debugger: gdb -ex 'set follow-fork-mode child' \
+             -ex 'target remote {host}' -ex continue (the serving process is the child \
+             that enters the sandbox)",
+            a.device
+        );
     }
     eprintln!(
         "orchestrator: {} attached here: {}",

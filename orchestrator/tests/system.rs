@@ -615,6 +615,146 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
 }
 
 #[test]
+fn attach_gdb_runs_the_backend_under_gdbserver_and_the_guest_keeps_its_disk() {
+    if !backends_built() {
+        return;
+    }
+    let (Some(gdb), Some(_)) = (
+        orchestrator::find_program("gdb"),
+        orchestrator::find_program("gdbserver"),
+    ) else {
+        orchestrator_tests_require(Err(
+            "gdb and gdbserver are not installed (apt-get install gdb gdbserver)".into(),
+        ));
+        return;
+    };
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"gdb\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
+             [[blk]]\nimage = \"{}\"\n",
+            dir.path().display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    let script = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
+          dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
+        r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
+        wait_for() { while [ ! -e /mnt/host/$1 ]; do sleep 0.2; done; }; \
+        w a 0; echo PHASE1; wait_for go1; \
+        w b 16; r a 0; r b 16; echo DONE";
+    let (mut vm, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, script);
+    let vm_err = || err.text();
+    out.wait_for("PHASE1", 120, &vm_err);
+
+    // A free port for gdbserver.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut att = orch(runtime.path(), dir.path())
+        .args(["attach", "blk0", "--name", "gdb", "--gdb"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let att_pid = att.id();
+    let att_out = Lines::of(att.stderr.take().unwrap());
+    let _att_stdout = Lines::of(att.stdout.take().unwrap());
+    att_out.wait_for("Listening on port", 30, &vm_err);
+    // gdbserver holds the backend stopped at its first instruction until
+    // a debugger connects and lets it go.
+    let mut debugger = Command::new(gdb)
+        .args(["-batch", "-nx", "-ex", "handle SIGTERM nostop noprint pass"])
+        // As attach says: follow the backend into its sandbox, where it
+        // serves.
+        .args(["-ex", "set follow-fork-mode child"])
+        .arg("-ex")
+        .arg(format!("target remote 127.0.0.1:{port}"))
+        .args(["-ex", "continue"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _gdb_out = Lines::of(debugger.stdout.take().unwrap());
+    let _gdb_err = Lines::of(debugger.stderr.take().unwrap());
+    att_out.wait_for("frontend connected", 60, &vm_err);
+    // The backend is gdbserver's child, and traced.
+    let children =
+        std::fs::read_to_string(format!("/proc/{att_pid}/task/{att_pid}/children")).unwrap();
+    let server: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
+    assert_eq!(comm.trim(), "gdbserver");
+    let children =
+        std::fs::read_to_string(format!("/proc/{server}/task/{server}/children")).unwrap();
+    let backend: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    // The process that serves is the one in the sandbox, the backend's
+    // child: that is the one under the debugger.
+    let serving = std::fs::read_to_string(format!("/proc/{backend}/task/{backend}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+        .expect("the backend forked into its sandbox");
+    let status = std::fs::read_to_string(format!("/proc/{serving}/status")).unwrap();
+    assert!(
+        status.contains(&format!("TracerPid:\t{server}")),
+        "the serving process is not traced by gdbserver:\n{status}"
+    );
+    let st = VmStatus::read_in(runtime.path(), "gdb").unwrap();
+    let blk = st.devices.iter().find(|d| d.device == "blk0").unwrap();
+    assert_eq!(blk.state.as_str(), "attached");
+
+    // The guest's disk works through the backend under the debugger.
+    std::fs::write(dir.path().join("go1"), b"").unwrap();
+    out.wait_for("DONE", 60, &vm_err);
+    let text = out.text();
+    assert!(
+        text.contains("a=ok") && text.contains("b=ok"),
+        "{text}\n{}",
+        err.text()
+    );
+
+    // Ending it hands blk0 back to supervision.
+    // SAFETY: signalling the backend gdbserver started.
+    unsafe { libc::kill(backend, libc::SIGTERM) };
+    att.wait().unwrap();
+    let _ = debugger.wait();
+    att_out.wait_for("back under supervision", 20, &vm_err);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = VmStatus::read_in(runtime.path(), "gdb").unwrap();
+        let blk = st
+            .devices
+            .iter()
+            .find(|d| d.device == "blk0")
+            .unwrap()
+            .clone();
+        if blk.state == "running" && blk.pid.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blk0 not supervised again: {blk:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(vm.wait().unwrap().success(), "{}", err.text());
+}
+
+#[test]
 fn a_two_queue_nic_on_a_tap_the_orchestrator_opens_survives_a_killed_backend() {
     if !backends_built() {
         return;
