@@ -347,6 +347,8 @@ impl NetBackend {
         let mut state = vring.get_mut();
         let mut batch = TxBatch::default();
         let mut frame = Vec::with_capacity(16);
+        // Chains given back (dropped as bad) since the last notification.
+        let mut unsignalled = false;
         loop {
             let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone());
             if let Some(chain) = chain {
@@ -354,13 +356,19 @@ impl NetBackend {
                 let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
                 match tx_frame_into(&mem, descs, &mut frame) {
                     Ok(()) => batch.push(head, &frame),
-                    Err(why) => self.bad_chain(&mut state, head, why),
+                    Err(why) => {
+                        self.bad_chain(&mut state, head, why);
+                        unsignalled = true;
+                    }
                 }
                 if batch.heads.len() < TX_BATCH {
                     continue;
                 }
             }
             if batch.heads.is_empty() {
+                if unsignalled {
+                    self.notify(&mut state)?;
+                }
                 break;
             }
             self.send_batch(p, &mut batch);
@@ -371,6 +379,7 @@ impl NetBackend {
             // is empty: the guest refills the ring while this thread goes
             // on, instead of finding it empty when the whole run is over.
             self.notify(&mut state)?;
+            unsignalled = false;
             batch.clear();
         }
         Ok(())

@@ -236,6 +236,12 @@ fn hostile_chains_are_dropped_and_the_backend_keeps_serving() {
     tx.push_avail(h).unwrap();
     tx.publish().unwrap();
     tx.kick_now().unwrap();
+    // The driver is told, though no good frame follows them.
+    assert!(
+        tests::ring::wait_readable(tx.call_fd(), Duration::from_secs(2)).unwrap(),
+        "bad chains given back with no interrupt:\n{}",
+        b.output()
+    );
     let mut back = 0;
     while tx.wait_used(Duration::from_millis(300)).is_ok() {
         back += 1;
