@@ -504,22 +504,7 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
     }
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let cfg = dir.path().join("vm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[vm]\nname = \"attach\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
-             [[blk]]\nimage = \"{}\"\n",
-            dir.path().display(),
-            img.display()
-        ),
-    )
-    .unwrap();
+    let cfg = share_and_disk_vm(dir.path(), "attach", 64);
     let script = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
           dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
         r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
@@ -630,28 +615,13 @@ fn attach_gdb_runs_the_backend_under_gdbserver_and_the_guest_keeps_its_disk() {
     };
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let cfg = dir.path().join("vm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[vm]\nname = \"gdb\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
-             [[blk]]\nimage = \"{}\"\n",
-            dir.path().display(),
-            img.display()
-        ),
-    )
-    .unwrap();
+    let cfg = share_and_disk_vm(dir.path(), "gdb", 64);
     let script = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
           dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
         r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
         wait_for() { while [ ! -e /mnt/host/$1 ]; do sleep 0.2; done; }; \
         w a 0; echo PHASE1; wait_for go1; \
-        w b 16; r a 0; r b 16; echo DONE";
+        w b 16; r a 0; r b 16; echo PHASE2; wait_for go2; echo DONE";
     let (mut vm, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, script);
     let vm_err = || err.text();
     out.wait_for("PHASE1", 120, &vm_err);
@@ -719,7 +689,7 @@ fn attach_gdb_runs_the_backend_under_gdbserver_and_the_guest_keeps_its_disk() {
 
     // The guest's disk works through the backend under the debugger.
     std::fs::write(dir.path().join("go1"), b"").unwrap();
-    out.wait_for("DONE", 60, &vm_err);
+    out.wait_for("PHASE2", 60, &vm_err);
     let text = out.text();
     assert!(
         text.contains("a=ok") && text.contains("b=ok"),
@@ -751,6 +721,9 @@ fn attach_gdb_runs_the_backend_under_gdbserver_and_the_guest_keeps_its_disk() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The guest ends only now, so the VM's state was there to read.
+    std::fs::write(dir.path().join("go2"), b"").unwrap();
+    out.wait_for("DONE", 60, &vm_err);
     assert!(vm.wait().unwrap().success(), "{}", err.text());
 }
 
