@@ -139,6 +139,13 @@ mod tests {
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }
 
+    /// A ring on `fd`, or None (said) where the kernel refuses one.
+    fn ring_on(fd: &OwnedFd) -> Option<TxRing> {
+        TxRing::new(fd.as_raw_fd())
+            .map_err(|e| eprintln!("skipped: this kernel refuses a restricted io_uring ({e})"))
+            .ok()
+    }
+
     fn iov(b: &[u8]) -> libc::iovec {
         libc::iovec {
             iov_base: b.as_ptr() as *mut _,
@@ -157,8 +164,7 @@ mod tests {
     #[test]
     fn a_batch_is_written_in_order_with_each_result() {
         let (r, w) = pipe();
-        let Ok(mut ring) = TxRing::new(w.as_raw_fd()) else {
-            eprintln!("skipped: this kernel refuses a restricted io_uring");
+        let Some(mut ring) = ring_on(&w) else {
             return;
         };
         let (a, b, c) = (b"one ".to_vec(), b"two ".to_vec(), b"three".to_vec());
@@ -181,8 +187,7 @@ mod tests {
     #[test]
     fn a_full_file_answers_eagain_per_frame() {
         let (_r, w) = pipe();
-        let Ok(mut ring) = TxRing::new(w.as_raw_fd()) else {
-            eprintln!("skipped: this kernel refuses a restricted io_uring");
+        let Some(mut ring) = ring_on(&w) else {
             return;
         };
         let big = vec![7u8; 64 * 1024];
@@ -201,8 +206,7 @@ mod tests {
     #[test]
     fn the_ring_does_nothing_but_write_to_its_file() {
         let (r, w) = pipe();
-        let Ok(mut ring) = TxRing::new(w.as_raw_fd()) else {
-            eprintln!("skipped: this kernel refuses a restricted io_uring");
+        let Some(mut ring) = ring_on(&w) else {
             return;
         };
         let mut buf = [0u8; 8];
