@@ -105,6 +105,9 @@ pub struct Pair {
     link_ok: AtomicBool,
     /// Whether the link takes frames now (what `steer` last set).
     attached: AtomicBool,
+    /// The transmit batch's vectors, kept between calls so sending
+    /// allocates nothing; only this pair's worker takes the lock.
+    tx_batch: std::sync::Mutex<TxBatch>,
 }
 
 /// The virtio-net device.
@@ -143,7 +146,14 @@ struct TxBatch {
     frames: Vec<std::ops::Range<usize>>,
     heads: Vec<u16>,
     results: Vec<io::Result<usize>>,
+    /// One chain's buffers, checked before they join `iov`.
+    frame: Vec<libc::iovec>,
 }
+
+// SAFETY: the iovecs are plain addresses into guest memory, used only by
+// the thread holding the batch's lock and cleared before it lets go
+// (process_tx), so no pointer crosses threads.
+unsafe impl Send for TxBatch {}
 
 impl TxBatch {
     fn push(&mut self, head: u16, frame: &[libc::iovec]) {
@@ -158,6 +168,7 @@ impl TxBatch {
         self.frames.clear();
         self.heads.clear();
         self.results.clear();
+        self.frame.clear();
     }
 }
 
@@ -177,6 +188,7 @@ impl NetBackend {
                     ring_enabled: AtomicBool::new(true),
                     link_ok: AtomicBool::new(true),
                     attached: AtomicBool::new(true),
+                    tx_batch: Default::default(),
                 })
                 .collect(),
             mac,
@@ -345,8 +357,25 @@ impl NetBackend {
             return Ok(());
         };
         let mut state = vring.get_mut();
-        let mut batch = TxBatch::default();
-        let mut frame = Vec::with_capacity(16);
+        let mut batch = self.pairs[p]
+            .tx_batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let batch = &mut *batch;
+        batch.clear();
+        let result = self.fill_and_send(p, &mem, &mut state, batch);
+        batch.clear();
+        result
+    }
+
+    /// [`Self::process_tx`]'s loop, with the pair's batch.
+    fn fill_and_send(
+        &self,
+        p: usize,
+        mem: &Mem,
+        state: &mut VringState,
+        batch: &mut TxBatch,
+    ) -> io::Result<()> {
         // Chains given back (dropped as bad) since the last notification.
         let mut unsignalled = false;
         loop {
@@ -354,31 +383,33 @@ impl NetBackend {
             if let Some(chain) = chain {
                 let head = chain.head_index();
                 let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
-                match tx_frame_into(&mem, descs, &mut frame) {
+                let mut frame = std::mem::take(&mut batch.frame);
+                match tx_frame_into(mem, descs, &mut frame) {
                     Ok(()) => batch.push(head, &frame),
                     Err(why) => {
-                        self.bad_chain(&mut state, head, why);
+                        self.bad_chain(state, head, why);
                         unsignalled = true;
                     }
                 }
+                batch.frame = frame;
                 if batch.heads.len() < TX_BATCH {
                     continue;
                 }
             }
             if batch.heads.is_empty() {
                 if unsignalled {
-                    self.notify(&mut state)?;
+                    self.notify(state)?;
                 }
                 break;
             }
-            self.send_batch(p, &mut batch);
+            self.send_batch(p, batch);
             for &head in &batch.heads {
                 let _ = state.add_used(head, 0);
             }
             // Hand buffers back after each batch, not only when the ring
             // is empty: the guest refills the ring while this thread goes
             // on, instead of finding it empty when the whole run is over.
-            self.notify(&mut state)?;
+            self.notify(state)?;
             unsignalled = false;
             batch.clear();
         }
