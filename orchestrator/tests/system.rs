@@ -497,6 +497,57 @@ impl Lines {
     }
 }
 
+/// Shell functions for a guest script: `w NAME AT` writes 1 MiB of
+/// random data to /dev/vda at AT x 64 KiB (kept as /tmp/NAME), `r NAME AT`
+/// reads it back and prints NAME=ok when it matches, `wait_for FILE` waits
+/// for FILE to appear in the share.
+const DISK_FNS: &str = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
+      dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
+    r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
+    wait_for() { while [ ! -e /mnt/host/$1 ]; do sleep 0.2; done; }; ";
+
+/// `orchestrator attach blk0` on VM `name` with `extra` flags: the child,
+/// its stderr and its stdout.
+fn attach(
+    runtime: &Path,
+    cwd: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (std::process::Child, Lines, Lines) {
+    let mut att = orch(runtime, cwd)
+        .args(["attach", "blk0", "--name", name])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = Lines::of(att.stderr.take().unwrap());
+    let out = Lines::of(att.stdout.take().unwrap());
+    (att, err, out)
+}
+
+/// Wait until blk0 of VM `name` runs under supervision again; its restarts.
+fn supervised_again(runtime: &Path, name: &str) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = VmStatus::read_in(runtime, name).unwrap();
+        let blk = st
+            .devices
+            .iter()
+            .find(|d| d.device == "blk0")
+            .unwrap()
+            .clone();
+        if blk.state == "running" && blk.pid.is_some() {
+            return blk.restarts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blk0 not supervised again: {blk:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
     if !backends_built() {
@@ -505,27 +556,17 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = share_and_disk_vm(dir.path(), "attach", 64);
-    let script = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
-          dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
-        r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
-        wait_for() { while [ ! -e /mnt/host/$1 ]; do sleep 0.2; done; }; \
-        w a 0; echo PHASE1; wait_for go1; \
+    let script = DISK_FNS.to_string()
+        + "w a 0; echo PHASE1; wait_for go1; \
         w b 16; r a 0; echo PHASE2; wait_for go2; \
         w c 32; r b 16; r c 32; echo DONE";
-    let (mut vm, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, script);
+    let (mut vm, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, &script);
     let vm_err = || err.text();
     out.wait_for("PHASE1", 120, &vm_err);
 
     // Attach blk0 here; QEMU reconnects to the attached process.
-    let mut att = orch(runtime.path(), dir.path())
-        .args(["attach", "blk0", "--name", "attach"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut att, att_out, _att_stdout) = attach(runtime.path(), dir.path(), "attach", &[]);
     let att_pid = att.id();
-    let att_out = Lines::of(att.stderr.take().unwrap());
-    let _att_stdout = Lines::of(att.stdout.take().unwrap());
     att_out.wait_for("frontend connected", 30, &vm_err);
     assert!(
         att_out.text().contains("--log-level=debug"),
@@ -548,24 +589,7 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
     att.wait().unwrap();
     // The exit and the last line read from its stderr race: wait for it.
     att_out.wait_for("back under supervision", 20, &vm_err);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let restarts = loop {
-        let st = VmStatus::read_in(runtime.path(), "attach").unwrap();
-        let blk = st
-            .devices
-            .iter()
-            .find(|d| d.device == "blk0")
-            .unwrap()
-            .clone();
-        if blk.state == "running" && blk.pid.is_some() {
-            break blk.restarts;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "blk0 not supervised again: {blk:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let restarts = supervised_again(runtime.path(), "attach");
     // And `restart` replaces it once more.
     let r = orch(runtime.path(), dir.path())
         .args(["restart", "blk0", "--name", "attach"])
@@ -616,13 +640,10 @@ fn attach_gdb_runs_the_backend_under_gdbserver_and_the_guest_keeps_its_disk() {
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = share_and_disk_vm(dir.path(), "gdb", 64);
-    let script = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
-          dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
-        r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
-        wait_for() { while [ ! -e /mnt/host/$1 ]; do sleep 0.2; done; }; \
-        w a 0; echo PHASE1; wait_for go1; \
+    let script = DISK_FNS.to_string()
+        + "w a 0; echo PHASE1; wait_for go1; \
         w b 16; r a 0; r b 16; echo PHASE2; wait_for go2; echo DONE";
-    let (mut vm, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, script);
+    let (mut vm, out, err) = run_in_guest(runtime.path(), dir.path(), &cfg, &script);
     let vm_err = || err.text();
     out.wait_for("PHASE1", 120, &vm_err);
 
@@ -632,16 +653,9 @@ fn attach_gdb_runs_the_backend_under_gdbserver_and_the_guest_keeps_its_disk() {
         .local_addr()
         .unwrap()
         .port();
-    let mut att = orch(runtime.path(), dir.path())
-        .args(["attach", "blk0", "--name", "gdb", "--gdb"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let gdb_at = format!("--gdb=127.0.0.1:{port}");
+    let (mut att, att_out, _att_stdout) = attach(runtime.path(), dir.path(), "gdb", &[&gdb_at]);
     let att_pid = att.id();
-    let att_out = Lines::of(att.stderr.take().unwrap());
-    let _att_stdout = Lines::of(att.stdout.take().unwrap());
     att_out.wait_for("Listening on port", 30, &vm_err);
     // gdbserver holds the backend stopped at its first instruction until
     // a debugger connects and lets it go.
@@ -703,24 +717,7 @@ fn attach_gdb_runs_the_backend_under_gdbserver_and_the_guest_keeps_its_disk() {
     att.wait().unwrap();
     let _ = debugger.wait();
     att_out.wait_for("back under supervision", 20, &vm_err);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = VmStatus::read_in(runtime.path(), "gdb").unwrap();
-        let blk = st
-            .devices
-            .iter()
-            .find(|d| d.device == "blk0")
-            .unwrap()
-            .clone();
-        if blk.state == "running" && blk.pid.is_some() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "blk0 not supervised again: {blk:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    supervised_again(runtime.path(), "gdb");
     // The guest ends only now, so the VM's state was there to read.
     std::fs::write(dir.path().join("go2"), b"").unwrap();
     out.wait_for("DONE", 60, &vm_err);
