@@ -59,6 +59,14 @@ impl Stats {
         self.elapsed = d;
     }
 
+    /// The median latency in µs (0 with nothing recorded).
+    pub fn p50_us(&self) -> f64 {
+        let mut v = self.lat_ns.clone();
+        v.sort_unstable();
+        v.get(v.len().saturating_sub(1) / 2)
+            .map_or(0.0, |&n| n as f64 / 1000.0)
+    }
+
     pub fn report(mut self, name: &str, cmd: &str) -> Report {
         self.lat_ns.sort_unstable();
         let pct = |p: f64| -> f64 {
@@ -260,16 +268,29 @@ fn send_batch_forget(
     Ok(())
 }
 
+/// What a READDIRPLUS walk measured: all requests, and each kind apart.
+#[derive(Default)]
+pub struct WalkStats {
+    pub all: Stats,
+    pub opendir: Stats,
+    /// READDIRPLUS replies with entries.
+    pub listing: Stats,
+    /// The empty READDIRPLUS that ends each directory.
+    pub end: Stats,
+    pub releasedir: Stats,
+    /// Directory entries seen.
+    pub entries: u64,
+}
+
 /// READDIRPLUS walk of the whole tree (as `ls -lR` would), repeated until
-/// the limit. Reports requests and, in `entries`, the entries seen.
+/// the limit.
 pub fn fs_readdirplus_walk(
     backend: &mut BackendProcess,
     limit: Limit,
-) -> anyhow::Result<(Stats, u64)> {
+) -> anyhow::Result<WalkStats> {
     let mut fuse = FuseClient::connect(backend, 1)?;
     fuse.init()?;
-    let mut stats = Stats::default();
-    let mut entries = 0u64;
+    let mut w = WalkStats::default();
     let start = Instant::now();
     let mut requests = 0u64;
     'walk: loop {
@@ -277,20 +298,26 @@ pub fn fs_readdirplus_walk(
         while let Some(dir) = stack.pop() {
             let t = Instant::now();
             let fh = fuse.opendir(dir)?;
-            stats.record(t.elapsed(), 0);
+            w.all.record(t.elapsed(), 0);
+            w.opendir.record(t.elapsed(), 0);
             let mut off = 0;
             let mut done_with: Vec<(u64, u64)> = Vec::new();
             loop {
                 let t = Instant::now();
                 let batch = fuse.readdirplus(dir, fh, off, 64 * 1024)?;
-                stats.record(t.elapsed(), 0);
-                let Some(last) = batch.last() else { break };
+                let took = t.elapsed();
+                w.all.record(took, 0);
+                let Some(last) = batch.last() else {
+                    w.end.record(took, 0);
+                    break;
+                };
+                w.listing.record(took, 0);
                 off = last.off;
                 for e in &batch {
                     if e.name == b"." || e.name == b".." || e.entry.nodeid == 0 {
                         continue;
                     }
-                    entries += 1;
+                    w.entries += 1;
                     if e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR {
                         stack.push(e.entry.nodeid);
                     } else {
@@ -306,7 +333,8 @@ pub fn fs_readdirplus_walk(
             fuse.batch_forget(&done_with)?;
             let t = Instant::now();
             fuse.releasedir(dir, fh)?;
-            stats.record(t.elapsed(), 0);
+            w.all.record(t.elapsed(), 0);
+            w.releasedir.record(t.elapsed(), 0);
             requests += 3;
             if requests >= limit.max_requests {
                 break 'walk;
@@ -316,8 +344,8 @@ pub fn fs_readdirplus_walk(
             break;
         }
     }
-    stats.elapsed = start.elapsed();
-    Ok((stats, entries))
+    w.all.elapsed = start.elapsed();
+    Ok(w)
 }
 
 /// Sequential READs of `file` (relative to the share root) in `chunk` bytes.

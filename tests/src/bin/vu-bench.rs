@@ -237,14 +237,21 @@ fn run_one(w: Workload, a: &Args, b: &Backend, limit: Limit) -> Result<Report> {
             bench::fs_lookup_getattr(&mut proc, a.dirs, a.files, a.qd, limit)
                 .map(|s| s.report(&b.name, &cmd))
         }
-        Workload::FsReaddirplusWalk => {
-            bench::fs_readdirplus_walk(&mut proc, limit).map(|(s, entries)| {
-                let mut r = s.report(&b.name, &cmd);
-                r.extra
-                    .insert("entries_per_s".into(), entries as f64 / r.seconds);
-                r
-            })
-        }
+        Workload::FsReaddirplusWalk => bench::fs_readdirplus_walk(&mut proc, limit).map(|w| {
+            let kinds = [
+                ("p50_us_opendir", w.opendir.p50_us()),
+                ("p50_us_listing", w.listing.p50_us()),
+                ("p50_us_end", w.end.p50_us()),
+                ("p50_us_releasedir", w.releasedir.p50_us()),
+            ];
+            let mut r = w.all.report(&b.name, &cmd);
+            r.extra
+                .insert("entries_per_s".into(), w.entries as f64 / r.seconds);
+            for (k, v) in kinds {
+                r.extra.insert(k.into(), v);
+            }
+            r
+        }),
         Workload::FsReadSeq => bench::fs_read_seq(&mut proc, "big.bin", a.bs, a.qd, limit)
             .map(|s| s.report(&b.name, &cmd)),
         Workload::BlkRandread => {
