@@ -67,6 +67,10 @@ pub struct FsBackend {
     pool: OnceLock<mpsc::Sender<Job>>,
 }
 
+/// How long a polled ring must have been quiet before its thread spends
+/// time closing released directories.
+const CLOSE_WHEN_QUIET: Duration = Duration::from_micros(10);
+
 /// A request taken from a ring, for a pool thread.
 struct Job {
     chain: virtio_queue::DescriptorChain<Mem>,
@@ -155,6 +159,8 @@ impl FsBackend {
                 debug!(error = %e, "cannot signal the guest");
             }
         }
+        drop(state);
+        crate::share::close_released();
     }
 
     /// Hand every request on `vring` to the pool. Returns false when there
@@ -193,7 +199,8 @@ impl FsBackend {
             return false;
         }
         let hiprio = self.hiprio.read().ok().and_then(|h| h.clone());
-        let mut deadline = Instant::now() + self.poll;
+        let mut last = Instant::now();
+        let mut deadline = last + self.poll;
         loop {
             match self.mem.ring_pending(vring) {
                 Some(true) => return true,
@@ -202,11 +209,18 @@ impl FsBackend {
             }
             if let Some(h) = &hiprio {
                 if self.mem.ring_pending(h) == Some(true) && self.process_queue(h).is_ok() {
-                    deadline = Instant::now() + self.poll;
+                    last = Instant::now();
+                    deadline = last + self.poll;
                 }
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return false;
+            }
+            // A ring quiet for a while: close a released directory now,
+            // while nothing waits for this thread.
+            if now.duration_since(last) >= CLOSE_WHEN_QUIET {
+                crate::share::close_one_released();
             }
             std::hint::spin_loop();
         }
@@ -628,6 +642,8 @@ impl VhostUserBackend for FsBackend {
         } else if thread == 0 || !self.dispatch(vring) {
             self.process_queue(vring)?;
         }
+        // Before this thread sleeps: close what the replies released.
+        crate::share::close_released();
         Ok(())
     }
 }

@@ -953,3 +953,49 @@ fn mandatory_file_handles_serve_where_the_host_makes_them() {
     let fh = c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
     assert_eq!(c.read(e.nodeid, fh, 0, 64).unwrap(), b"handles");
 }
+
+#[test]
+fn released_directories_are_closed_once_the_replies_are_out() {
+    // RELEASEDIR's reply does not wait for the host's close of the
+    // directory: the daemon closes it when its ring is quiet or before it
+    // sleeps. Nothing may stay open for long.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    for d in 0..40 {
+        let sub = dir.path().join(format!("d{d}"));
+        std::fs::create_dir(&sub).unwrap();
+        for f in 0..20 {
+            std::fs::write(sub.join(format!("f{f}")), b"x").unwrap();
+        }
+    }
+    // Unsandboxed, so /proc/PID/fd is the serving process's.
+    let mut b = start(dir.path(), &["--sandbox=none"]);
+    let pid = b.pid().unwrap();
+    let mut c = client(&mut b);
+    let subs: Vec<u64> = (0..40)
+        .map(|d| c.lookup(ROOT_ID, &format!("d{d}")).unwrap().nodeid)
+        .collect();
+    let before = open_fds(pid);
+    for (d, &sub) in subs.iter().enumerate() {
+        let fh = c.opendir(sub).unwrap();
+        let mut names = 0;
+        let mut off = 0;
+        loop {
+            let batch = c.readdirplus(sub, fh, off, 4096).unwrap();
+            let Some(last) = batch.last() else { break };
+            off = last.off;
+            names += batch.iter().filter(|e| e.name.starts_with(b"f")).count();
+        }
+        assert_eq!(names, 20, "d{d}");
+        c.releasedir(sub, fh).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut now = open_fds(pid);
+    while now > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        now = open_fds(pid);
+    }
+    assert!(
+        now <= before,
+        "{now} descriptors open after 40 directories were released, {before} before"
+    );
+}

@@ -73,6 +73,43 @@ struct OpenFile {
     slot: u32,
 }
 
+/// Released directory handles of this thread, closed by [`close_released`]
+/// once the reply is on its way.
+const CLOSE_LATER_MAX: usize = 16;
+
+thread_local! {
+    static CLOSE_LATER: std::cell::RefCell<Vec<Arc<OpenFile>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Keep `f` until this thread closes it: while its ring is quiet
+/// ([`close_one_released`]), before it sleeps ([`close_released`]), or
+/// with the others once [`CLOSE_LATER_MAX`] wait.
+fn close_later(f: Arc<OpenFile>) {
+    let full = CLOSE_LATER.with(|c| {
+        let mut c = c.borrow_mut();
+        c.push(f);
+        if c.len() >= CLOSE_LATER_MAX {
+            std::mem::take(&mut *c)
+        } else {
+            Vec::new()
+        }
+    });
+    drop(full);
+}
+
+/// Close every directory handle this thread's requests released.
+pub fn close_released() {
+    let batch = CLOSE_LATER.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    drop(batch);
+}
+
+/// Close one of them, if any wait.
+pub fn close_one_released() {
+    let one = CLOSE_LATER.with(|c| c.borrow_mut().pop());
+    drop(one);
+}
+
 /// The shared directory as a FUSE filesystem.
 pub struct ShareFs {
     root_path: CString,
@@ -134,6 +171,36 @@ impl OpenFile {
 }
 
 impl ShareFs {
+    /// RELEASE and RELEASEDIR: forget the handle; with `later`, its
+    /// descriptor is closed once the reply is on its way.
+    fn release_handle(&self, inode: Inode, handle: Handle, later: bool) -> io::Result<()> {
+        // One the previous daemon left: claimed here so its slot goes.
+        let _ = self.handle(inode, handle);
+        let gone = {
+            let mut handles = self.handles.write().unwrap();
+            match handles.get(&handle) {
+                Some(f) if f.inode == inode => {
+                    if let (Some(l), true) = (&self.ledger, f.slot != u32::MAX) {
+                        l.drop_handle(f.slot);
+                    }
+                    handles.remove(&handle)
+                }
+                _ => return Err(err(libc::EBADF)),
+            }
+        };
+        // The descriptor is closed outside the handle table's lock. A
+        // directory's is closed after the reply has gone (close of a
+        // directory that was read frees the host's listing state, which
+        // the guest need not wait for); a file's at once, since closing it
+        // releases its locks and may flush.
+        if let Some(f) = gone {
+            if later {
+                close_later(f);
+            }
+        }
+        Ok(())
+    }
+
     /// Open /proc/self/fd, which the filesystem keeps: this must happen
     /// before the sandbox hides /proc. The share itself is opened by
     /// `import`, from inside the sandbox. `root` is the share as this
@@ -1108,19 +1175,7 @@ impl FileSystem for ShareFs {
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        // One the previous daemon left: claimed here so its slot goes.
-        let _ = self.handle(inode, handle);
-        let mut handles = self.handles.write().unwrap();
-        match handles.get(&handle) {
-            Some(f) if f.inode == inode => {
-                if let (Some(l), true) = (&self.ledger, f.slot != u32::MAX) {
-                    l.drop_handle(f.slot);
-                }
-                handles.remove(&handle);
-                Ok(())
-            }
-            _ => Err(err(libc::EBADF)),
-        }
+        self.release_handle(inode, handle, false)
     }
 
     fn statfs(&self, _ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
@@ -1254,12 +1309,12 @@ impl FileSystem for ShareFs {
 
     fn releasedir(
         &self,
-        ctx: &Context,
+        _ctx: &Context,
         inode: Inode,
-        flags: u32,
+        _flags: u32,
         handle: Handle,
     ) -> io::Result<()> {
-        self.release(ctx, inode, flags, handle, false, false, None)
+        self.release_handle(inode, handle, true)
     }
 
     #[allow(clippy::too_many_arguments)]
