@@ -300,6 +300,8 @@ impl Machine {
             // lives as long as `ram`, which the Machine owns with the VM.
             unsafe { vm.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        // Known before the vCPUs' sandbox, for their error messages.
+        cpu::hardware_virtualization();
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
@@ -617,8 +619,19 @@ fn vcpu_loop(
             }
             VcpuExit::InternalError => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                let why = if crate::cpu::hardware_virtualization() {
+                    "an instruction KVM could not emulate?"
+                } else {
+                    // Seen with Debian's 6.1 kernel on PVM: cmpxchg16b on a
+                    // write-protected page, xrstor at FPU set-up, and the
+                    // int3 self-test of the kernel's code patching.
+                    "this CPU has no VT-x/AMD-V (no vmx/svm in /proc/cpuinfo), so KVM \
+                     emulates the guest kernel's privileged code, and its emulator lacks \
+                     instructions a stock kernel uses; boot on a host with hardware \
+                     virtualization, or under QEMU (orchestrator: vmm = \"qemu\")"
+                };
                 return Stop::Failed(format!(
-                    "KVM internal error on vCPU {index} at rip {rip:#x} (an instruction KVM could not emulate?)"
+                    "KVM internal error on vCPU {index} at rip {rip:#x}: {why}"
                 ));
             }
             other => warn!(vcpu = index, exit = ?other, "unhandled exit"),
