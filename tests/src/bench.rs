@@ -47,6 +47,15 @@ pub struct Stats {
     elapsed: Duration,
 }
 
+/// The `p` quantile of sorted nanosecond latencies, in µs (0 for none).
+fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_ns.len() as f64 - 1.0) * p).round() as usize;
+    sorted_ns[i] as f64 / 1000.0
+}
+
 impl Stats {
     pub fn record(&mut self, lat: Duration, bytes: u64) {
         self.lat_ns.push(lat.as_nanos() as u64);
@@ -59,23 +68,16 @@ impl Stats {
         self.elapsed = d;
     }
 
-    /// The median latency in µs (0 with nothing recorded).
+    /// The median latency in µs (0 with nothing recorded), as [`Stats::report`] gives it.
     pub fn p50_us(&self) -> f64 {
         let mut v = self.lat_ns.clone();
         v.sort_unstable();
-        v.get(v.len().saturating_sub(1) / 2)
-            .map_or(0.0, |&n| n as f64 / 1000.0)
+        percentile_us(&v, 0.5)
     }
 
     pub fn report(mut self, name: &str, cmd: &str) -> Report {
         self.lat_ns.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if self.lat_ns.is_empty() {
-                return 0.0;
-            }
-            let i = ((self.lat_ns.len() as f64 - 1.0) * p).round() as usize;
-            self.lat_ns[i] as f64 / 1000.0
-        };
+        let pct = |p: f64| percentile_us(&self.lat_ns, p);
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         Report {
             name: name.into(),

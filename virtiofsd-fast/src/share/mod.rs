@@ -73,41 +73,38 @@ struct OpenFile {
     slot: u32,
 }
 
-/// Released directory handles of this thread, closed by [`close_released`]
-/// once the reply is on its way.
+/// At most this many released directories wait to be closed per thread.
 const CLOSE_LATER_MAX: usize = 16;
 
 thread_local! {
+    /// This thread's released directory handles, not yet closed.
     static CLOSE_LATER: std::cell::RefCell<Vec<Arc<OpenFile>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Keep `f` until this thread closes it: while its ring is quiet
 /// ([`close_one_released`]), before it sleeps ([`close_released`]), or
-/// with the others once [`CLOSE_LATER_MAX`] wait.
+/// with the others once [`CLOSE_LATER_MAX`] wait. (Closing touches no
+/// thread-local state, so the list is emptied in place, keeping its
+/// allocation.)
 fn close_later(f: Arc<OpenFile>) {
-    let full = CLOSE_LATER.with(|c| {
+    CLOSE_LATER.with(|c| {
         let mut c = c.borrow_mut();
         c.push(f);
         if c.len() >= CLOSE_LATER_MAX {
-            std::mem::take(&mut *c)
-        } else {
-            Vec::new()
+            c.clear();
         }
     });
-    drop(full);
 }
 
 /// Close every directory handle this thread's requests released.
 pub fn close_released() {
-    let batch = CLOSE_LATER.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    drop(batch);
+    CLOSE_LATER.with(|c| c.borrow_mut().clear());
 }
 
 /// Close one of them, if any wait.
 pub fn close_one_released() {
-    let one = CLOSE_LATER.with(|c| c.borrow_mut().pop());
-    drop(one);
+    CLOSE_LATER.with(|c| drop(c.borrow_mut().pop()));
 }
 
 /// The shared directory as a FUSE filesystem.
