@@ -888,6 +888,20 @@ fn the_jail_never_shows_through_the_share() {
     }
 }
 
+/// A tree on disk of `dirs` directories d0.. of `files` files f0.. each,
+/// file dD/fF holding "D/F".
+fn tree(dirs: usize, files: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    for d in 0..dirs {
+        let sub = dir.path().join(format!("d{d}"));
+        std::fs::create_dir(&sub).unwrap();
+        for f in 0..files {
+            std::fs::write(sub.join(format!("f{f}")), format!("{d}/{f}")).unwrap();
+        }
+    }
+    dir
+}
+
 /// Descriptors the daemon has open now.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -900,14 +914,7 @@ fn a_guest_holding_more_files_than_descriptors_allow_is_served() {
     // 3,000 files held by the guest at once, against an open-file limit of
     // 256: the store names them by file handle and keeps descriptors only
     // for the ones in use.
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    for d in 0..30 {
-        let sub = dir.path().join(format!("d{d}"));
-        std::fs::create_dir(&sub).unwrap();
-        for f in 0..100 {
-            std::fs::write(sub.join(format!("f{f}")), format!("{d}/{f}")).unwrap();
-        }
-    }
+    let dir = tree(30, 100);
     let argv = [
         "prlimit".to_string(),
         "--nofile=256".into(),
@@ -959,14 +966,7 @@ fn released_directories_are_closed_once_the_replies_are_out() {
     // RELEASEDIR's reply does not wait for the host's close of the
     // directory: the daemon closes it when its ring is quiet or before it
     // sleeps. Nothing may stay open for long.
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    for d in 0..40 {
-        let sub = dir.path().join(format!("d{d}"));
-        std::fs::create_dir(&sub).unwrap();
-        for f in 0..20 {
-            std::fs::write(sub.join(format!("f{f}")), b"x").unwrap();
-        }
-    }
+    let dir = tree(40, 20);
     // Unsandboxed, so /proc/PID/fd is the serving process's.
     let mut b = start(dir.path(), &["--sandbox=none"]);
     let pid = b.pid().unwrap();
