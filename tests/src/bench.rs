@@ -5,7 +5,7 @@
 //! are used for every backend, so the numbers of two backends measured in one
 //! run differ only by the backend.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,8 @@ pub struct Report {
     pub p99_us: f64,
     pub bytes_per_s: f64,
     /// Workload-specific figures (entries/s for a directory walk, ...).
-    #[serde(skip_serializing_if = "HashMap::is_empty")]
-    pub extra: HashMap<String, f64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// Latencies and byte counts gathered by a driver.
@@ -88,7 +88,7 @@ impl Stats {
             p50_us: pct(0.50),
             p99_us: pct(0.99),
             bytes_per_s: self.bytes as f64 / secs,
-            extra: HashMap::new(),
+            extra: BTreeMap::new(),
         }
     }
 }

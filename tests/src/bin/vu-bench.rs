@@ -361,6 +361,15 @@ fn main() -> Result<()> {
                 rep.bytes_per_s / 1e6,
                 rep.bytes_per_s * 8.0 / 1e9
             );
+            // The walk's medians by request kind.
+            let kinds: Vec<String> = rep
+                .extra
+                .iter()
+                .filter_map(|(k, v)| Some(format!("{} {v:.1}", k.strip_prefix("p50_us_")?)))
+                .collect();
+            if !kinds.is_empty() {
+                eprintln!("vu-bench:   p50 us by kind: {}", kinds.join("  "));
+            }
             this.push((i, rep));
         }
         this.sort_by_key(|(i, _)| *i);
