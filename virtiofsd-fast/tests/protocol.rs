@@ -999,3 +999,52 @@ fn released_directories_are_closed_once_the_replies_are_out() {
         "{now} descriptors open after 40 directories were released, {before} before"
     );
 }
+
+#[test]
+fn a_huge_xattr_size_from_the_guest_allocates_no_more_than_linux_returns() {
+    // GETXATTR and LISTXATTR name the guest's buffer size; 4 GiB must not
+    // become a 4 GiB allocation (under an address-space limit of 2 GiB the
+    // daemon would abort).
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = dir.path().join("a");
+    std::fs::write(&file, b"x").unwrap();
+    let p = std::ffi::CString::new(file.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C strings and a value buffer of the length given.
+    let set = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            c"user.t".as_ptr(),
+            b"hello".as_ptr().cast(),
+            5,
+            0,
+        )
+    };
+    if set != 0 {
+        eprintln!("skipped: no user xattrs on /var/tmp");
+        return;
+    }
+    let argv = [
+        "prlimit".to_string(),
+        "--as=2147483648".into(),
+        env!("CARGO_BIN_EXE_virtiofsd-fast").to_string(),
+        "--fd={fd}".into(),
+        format!("--shared-dir={}", dir.path().display()),
+        "--xattr".into(),
+    ];
+    let mut b = BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("starts");
+    let mut c = client(&mut b);
+    let node = c.lookup(ROOT_ID, "a").unwrap().nodeid;
+    let mut size = [0u8; 8];
+    size[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let value = c.call(
+        op::GETXATTR,
+        node,
+        &[&size, &fs::cstr("user.t")],
+        64 * 1024 + 16,
+    );
+    assert_eq!(value.as_deref().ok(), Some(&b"hello"[..]), "{}", b.output());
+    let names = c
+        .call(op::LISTXATTR, node, &[&size], 64 * 1024 + 16)
+        .unwrap();
+    assert!(names.windows(7).any(|w| w == b"user.t\0"), "{names:?}");
+}

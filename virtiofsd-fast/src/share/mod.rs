@@ -73,6 +73,13 @@ struct OpenFile {
     slot: u32,
 }
 
+/// The buffer for a GETXATTR or LISTXATTR of `size` bytes: no more than
+/// Linux ever returns (XATTR_SIZE_MAX and XATTR_LIST_MAX, 64 KiB each),
+/// whatever size the guest names.
+fn xattr_buf(size: u32) -> usize {
+    (size as usize).min(65536)
+}
+
 /// At most this many released directories wait to be closed per thread.
 const CLOSE_LATER_MAX: usize = 16;
 
@@ -1204,8 +1211,8 @@ impl FileSystem for ShareFs {
         size: u32,
     ) -> io::Result<GetxattrReply> {
         let f = self.xattr_file(inode)?;
-        let mut buf = vec![0u8; size as usize];
-        // SAFETY: the kernel writes at most `size` bytes into buf.
+        let mut buf = vec![0u8; xattr_buf(size)];
+        // SAFETY: the kernel writes at most `buf.len()` bytes into buf.
         let n = unsafe {
             libc::fgetxattr(
                 f.as_raw_fd(),
@@ -1226,8 +1233,8 @@ impl FileSystem for ShareFs {
 
     fn listxattr(&self, _ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
         let f = self.xattr_file(inode)?;
-        let mut buf = vec![0u8; size as usize];
-        // SAFETY: the kernel writes at most `size` bytes into buf.
+        let mut buf = vec![0u8; xattr_buf(size)];
+        // SAFETY: the kernel writes at most `buf.len()` bytes into buf.
         let n = unsafe { libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
