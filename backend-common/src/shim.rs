@@ -87,7 +87,12 @@ pub fn inflight_queue_bytes(queue_size: u16) -> u64 {
 fn new_inflight(num_queues: u16, queue_size: u16) -> io::Result<Inflight> {
     let size = u64::from(num_queues) * inflight_queue_bytes(queue_size);
     // SAFETY: a constant C string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vhost-user-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vhost-user-inflight".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -95,6 +100,19 @@ fn new_inflight(num_queues: u16, queue_size: u16) -> io::Result<Inflight> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sizing our memfd; it reads as zeros.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Its size is fixed for good: a frontend that shrank it under a
+    // backend's mapping would kill the backend (SIGBUS) at its next write.
+    // SAFETY: fcntl on our own descriptor.
+    if unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
     Ok(Inflight {
@@ -248,6 +266,10 @@ pub fn relay(front: UnixStream, back: UnixStream, hooks: ShimHooks) {
                 }
                 m.set_flags(m.flags() & !FLAG_NEED_REPLY);
             }
+            // Only the last word on each ring counts: a frontend repeating
+            // itself does not grow the list.
+            let ring = m.body.get(0..4).map(<[u8]>::to_vec);
+            held.retain(|h| h.body.get(0..4).map(<[u8]>::to_vec) != ring);
             held.push(m);
             continue;
         }

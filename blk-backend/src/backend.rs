@@ -564,6 +564,14 @@ impl BlkBackend {
                 );
                 return None;
             }
+            // Nor may it shrink later, under the mapping (the areas this
+            // backend makes are sealed so; QEMU's are too).
+            // SAFETY: fcntl on the descriptor the shim keeps.
+            let seals = unsafe { libc::fcntl(area.fd.as_raw_fd(), libc::F_GET_SEALS) };
+            if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+                warn!("ignoring an inflight area that can shrink (not sealed against it)");
+                return None;
+            }
             // SAFETY: mapping the memfd the frontend shares with us, with
             // the size it declared; checked for failure.
             let ptr = unsafe {
@@ -756,7 +764,7 @@ impl BlkBackend {
             let head = chain.head_index();
             took += 1;
             if let Some(i) = ifl {
-                state.inflight_counter += 1;
+                state.inflight_counter = state.inflight_counter.wrapping_add(1);
                 i.avail(head, state.inflight_counter);
             }
             let descs = chain.map(|d| Desc {
@@ -837,7 +845,7 @@ impl BlkBackend {
         for &(_, head) in &lost {
             match chain_descs(mem, desc_table, size, head) {
                 Some(descs) => {
-                    state.inflight_counter += 1;
+                    state.inflight_counter = state.inflight_counter.wrapping_add(1);
                     ifl.avail(head, state.inflight_counter);
                     *used_any |= self.start_request(
                         q,
@@ -1042,7 +1050,8 @@ impl BlkBackend {
                 }
             };
             let _ = f.mem.write_obj(st, f.status);
-            used_any |= add_used(vstate, f.head, f.written + 1, ifl);
+            // The status byte too (a read of 4 GiB or more saturates).
+            used_any |= add_used(vstate, f.head, f.written.saturating_add(1), ifl);
         }
         state.done = done;
         if resubmit {
@@ -1150,6 +1159,7 @@ fn chain_descs(
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
     const INDIRECT: u16 = 4;
+    const MAX_INDIRECT: u32 = u16::MAX as u32;
     let (mut table, mut size, mut idx) = (table, u32::from(size), u32::from(head));
     let mut indirect = false;
     let mut out = Vec::new();
@@ -1165,7 +1175,9 @@ fn chain_descs(
         let flags = u16::from_le_bytes(raw[12..14].try_into().ok()?);
         let next = u16::from_le_bytes(raw[14..16].try_into().ok()?);
         if flags & INDIRECT != 0 {
-            if indirect || !out.is_empty() || len % 16 != 0 || len == 0 {
+            // The same bound as virtio-queue's on the request path: a
+            // larger table is refused, not read.
+            if indirect || !out.is_empty() || len % 16 != 0 || len == 0 || len / 16 > MAX_INDIRECT {
                 return None;
             }
             indirect = true;

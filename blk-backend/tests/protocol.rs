@@ -519,6 +519,15 @@ fn requests_are_tracked_in_the_inflight_area() {
     assert!(!counters.is_empty(), "no request was recorded");
     // Queue 1 saw nothing.
     assert!(area[per_queue..].iter().skip(16).all(|&x| x == 0));
+    // The frontend cannot shrink the area under the backend's mapping (a
+    // write there would then kill the backend).
+    let shrink = file.set_len(0);
+    assert_eq!(
+        shrink.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EPERM)),
+        "the inflight area could be truncated"
+    );
+    c.write(0, &[7; 4096]).unwrap();
     assert!(b.is_running(), "{}", b.output());
 }
 
