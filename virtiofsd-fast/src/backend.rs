@@ -326,6 +326,12 @@ impl FsBackend {
                 }
                 return reply_error(&mut writer, h.unique, libc::EINVAL);
             }
+            if matches!(h.opcode, 0 | 7 | 19) {
+                // Numbers FUSE never used: fuse-backend-rs's server would
+                // turn them into an Opcode it has no variant for (undefined
+                // behaviour, in its trace log), so they are refused here.
+                return reply_error(&mut writer, h.unique, libc::ENOSYS);
+            }
             if matches!(h.opcode, FUSE_COPY_FILE_RANGE | FUSE_SYNCFS)
                 || (h.opcode == FUSE_SETXATTR && self.fs.setxattr_ext())
             {

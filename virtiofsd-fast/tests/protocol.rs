@@ -1048,3 +1048,26 @@ fn a_huge_xattr_size_from_the_guest_allocates_no_more_than_linux_returns() {
         .unwrap();
     assert!(names.windows(7).any(|w| w == b"user.t\0"), "{names:?}");
 }
+
+#[test]
+fn opcodes_fuse_never_used_are_refused_even_with_trace_logging() {
+    // 0, 7 and 19 are gaps in FUSE's numbering; with trace logging on,
+    // the FUSE layer's log of a request must never see them.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"ok").unwrap();
+    let mut b = start(dir.path(), &["--log-level=trace"]);
+    let mut c = client(&mut b);
+    for opcode in [0, 7, 19, 51, 4096] {
+        assert!(
+            matches!(
+                c.call(opcode, ROOT_ID, &[], 0),
+                Err(FsError::Errno(libc::ENOSYS))
+            ),
+            "opcode {opcode}\n{}",
+            b.output()
+        );
+    }
+    let f = c.lookup(ROOT_ID, "f").unwrap();
+    assert_eq!(c.getattr(f.nodeid).unwrap().size, 2);
+    assert!(b.is_running(), "{}", b.output());
+}
