@@ -380,10 +380,16 @@ fn run_in_guest(
     cfg: &Path,
     script: &str,
 ) -> (std::process::Child, Lines, Lines) {
-    let mut child = orch(runtime, cwd)
-        .args(["run", "-f"])
+    let mut run = orch(runtime, cwd);
+    run.args(["run", "-f"])
         .arg(cfg)
-        .args(["--timeout", "300", "--", script])
+        .args(["--timeout", "300", "--", script]);
+    spawn_piped(run)
+}
+
+/// Start `c` with its stdout and stderr read line by line, in that order.
+fn spawn_piped(mut c: Command) -> (std::process::Child, Lines, Lines) {
+    let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -514,16 +520,10 @@ fn attach(
     name: &str,
     extra: &[&str],
 ) -> (std::process::Child, Lines, Lines) {
-    let mut att = orch(runtime, cwd)
-        .args(["attach", "blk0", "--name", name])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = Lines::of(att.stderr.take().unwrap());
-    let out = Lines::of(att.stdout.take().unwrap());
-    (att, err, out)
+    let mut att = orch(runtime, cwd);
+    att.args(["attach", "blk0", "--name", name]).args(extra);
+    let (child, out, err) = spawn_piped(att);
+    (child, err, out)
 }
 
 /// Wait until blk0 of VM `name` runs under supervision again; its restarts.

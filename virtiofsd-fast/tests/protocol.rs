@@ -902,6 +902,19 @@ fn tree(dirs: usize, files: usize) -> tempfile::TempDir {
     dir
 }
 
+/// The daemon on `dir` under `prlimit LIMIT`, with one more flag.
+fn start_limited(limit: &str, dir: &std::path::Path, flag: &str) -> BackendProcess {
+    let argv = [
+        "prlimit".to_string(),
+        limit.into(),
+        env!("CARGO_BIN_EXE_virtiofsd-fast").to_string(),
+        "--fd={fd}".into(),
+        format!("--shared-dir={}", dir.display()),
+        flag.into(),
+    ];
+    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("starts")
+}
+
 /// Descriptors the daemon has open now.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -915,15 +928,7 @@ fn a_guest_holding_more_files_than_descriptors_allow_is_served() {
     // 256: the store names them by file handle and keeps descriptors only
     // for the ones in use.
     let dir = tree(30, 100);
-    let argv = [
-        "prlimit".to_string(),
-        "--nofile=256".into(),
-        env!("CARGO_BIN_EXE_virtiofsd-fast").to_string(),
-        "--fd={fd}".into(),
-        format!("--shared-dir={}", dir.path().display()),
-        "--sandbox=none".into(),
-    ];
-    let mut b = BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("starts");
+    let mut b = start_limited("--nofile=256", dir.path(), "--sandbox=none");
     let pid = b.pid().unwrap();
     let mut c = client(&mut b);
     let mut most = 0;
@@ -1023,15 +1028,7 @@ fn a_huge_xattr_size_from_the_guest_allocates_no_more_than_linux_returns() {
         eprintln!("skipped: no user xattrs on /var/tmp");
         return;
     }
-    let argv = [
-        "prlimit".to_string(),
-        "--as=2147483648".into(),
-        env!("CARGO_BIN_EXE_virtiofsd-fast").to_string(),
-        "--fd={fd}".into(),
-        format!("--shared-dir={}", dir.path().display()),
-        "--xattr".into(),
-    ];
-    let mut b = BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("starts");
+    let mut b = start_limited("--as=2147483648", dir.path(), "--xattr");
     let mut c = client(&mut b);
     let node = c.lookup(ROOT_ID, "a").unwrap().nodeid;
     let mut size = [0u8; 8];
