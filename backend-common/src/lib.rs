@@ -208,6 +208,22 @@ mod tests {
     }
 }
 
+/// Whether this CPU has VT-x or AMD-V (vmx or svm in /proc/cpuinfo). Where
+/// it has neither, /dev/kvm may still work (PVM, a software
+/// virtualization), but a guest kernel without PVM support runs only as
+/// far as KVM's instruction emulator takes it. Read once: a sandboxed
+/// process must call it before its sandbox hides /proc.
+pub fn hardware_virtualization() -> bool {
+    static HW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HW.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    })
+}
+
 /// The bytes of a config space a GET_CONFIG asks for: `size` bytes from
 /// `offset`, zeros past the end, as a real device reads.
 pub fn config_slice(config: &[u8], offset: u32, size: u32) -> Vec<u8> {

@@ -268,8 +268,8 @@ pub fn relay(front: UnixStream, back: UnixStream, hooks: ShimHooks) {
             }
             // Only the last word on each ring counts: a frontend repeating
             // itself does not grow the list.
-            let ring = m.body.get(0..4).map(<[u8]>::to_vec);
-            held.retain(|h| h.body.get(0..4).map(<[u8]>::to_vec) != ring);
+            let ring = m.body.get(0..4);
+            held.retain(|h| h.body.get(0..4) != ring);
             held.push(m);
             continue;
         }

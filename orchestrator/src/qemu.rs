@@ -83,12 +83,7 @@ impl Accel {
     /// KVM only where the CPU has VT-x/AMD-V: on a PVM host `/dev/kvm` exists but QEMU with
     /// KVM hangs booting Linux, so `/dev/kvm` alone is not enough.
     pub fn detect() -> Self {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let hw = cpuinfo
-            .lines()
-            .filter(|l| l.starts_with("flags"))
-            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-        if hw && Path::new("/dev/kvm").exists() {
+        if backend_common::hardware_virtualization() && Path::new("/dev/kvm").exists() {
             Accel::Kvm
         } else {
             Accel::Tcg

@@ -150,23 +150,6 @@ pub fn setup_long_mode(
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
 }
 
-/// Whether this CPU has VT-x or AMD-V (vmx or svm in /proc/cpuinfo). Where
-/// it has neither, /dev/kvm may still work (PVM, a software
-/// virtualization), but a kernel without PVM support runs only as far as
-/// KVM's instruction emulator takes it.
-/// Read once: the first call must come before the sandbox (the vCPU
-/// threads may not open files).
-pub fn hardware_virtualization() -> bool {
-    static HW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HW.get_or_init(|| {
-        std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("flags"))
-            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-    })
-}
-
 /// KVM's supported CPUID with this VMM's adjustments for vCPU `index` of
 /// `count`: the hypervisor bit, the initial APIC ID, and the logical
 /// processor count.

@@ -301,7 +301,7 @@ impl Machine {
             unsafe { vm.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
         // Known before the vCPUs' sandbox, for their error messages.
-        cpu::hardware_virtualization();
+        backend_common::hardware_virtualization();
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
@@ -619,7 +619,7 @@ fn vcpu_loop(
             }
             VcpuExit::InternalError => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                let why = if crate::cpu::hardware_virtualization() {
+                let why = if backend_common::hardware_virtualization() {
                     "an instruction KVM could not emulate?"
                 } else {
                     // Seen with Debian's 6.1 kernel on PVM: cmpxchg16b on a
