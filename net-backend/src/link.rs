@@ -484,7 +484,17 @@ fn connect(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     at_addr(fd, path, libc::connect)
 }
 
+/// How long a name in the abstract namespace may stay taken by the
+/// backend we replace before binding gives up.
+const ABSTRACT_NAME_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Bind `fd` at `path` (a stale socket file there is replaced).
+///
+/// An abstract name cannot be taken over that way: it is free only once
+/// every process holding the old socket is gone. A backend restarted at
+/// once after a SIGKILL races the old one's sandboxed child, which dies a
+/// moment after the parent its supervisor waited for, so a name in use is
+/// retried for a while before it counts as another listener's.
 fn bind(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if !is_abstract(path) {
@@ -493,8 +503,35 @@ fn bind(fd: &OwnedFd, path: &Path) -> io::Result<()> {
                 std::fs::remove_file(path)?;
             }
         }
+        return at_addr(fd, path, libc::bind);
     }
-    at_addr(fd, path, libc::bind)
+    let deadline = std::time::Instant::now() + ABSTRACT_NAME_WAIT;
+    let mut logged = false;
+    loop {
+        match at_addr(fd, path, libc::bind) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}; another process still listens there after {}s \
+                             (stop it, or pick another name)",
+                            ABSTRACT_NAME_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                if !logged {
+                    tracing::info!(
+                        link = %path.display(),
+                        "the name is still taken, waiting for the previous listener to go"
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// A SOCK_SEQPACKET peer we connected to: one message per frame.

@@ -475,6 +475,48 @@ fn two_backends_joined_by_a_datagram_socket_pass_frames_and_survive_restarts() {
     assert!(err.contains("--socket-type=dgram"), "{err}");
 }
 
+#[test]
+fn a_listener_restarted_at_once_waits_for_its_abstract_name() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    // The name is held, as by a killed backend's sandboxed child that has
+    // not died yet, and let go a moment after the new listener starts.
+    let name = format!("vmm-test-held-{}", std::process::id());
+    let held = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+    let link = std::path::PathBuf::from(format!("@{name}"));
+    let mut a = listening_as(&link, "dgram");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(held);
+    let mut ca = client(&mut a);
+    ca.post_rx(0, 16, 4096).unwrap();
+    let mut b = connecting_as(&link, "dgram");
+    let mut cb = client(&mut b);
+    cb.post_rx(0, 16, 4096).unwrap();
+    crosses_after_replug(&mut ca, &mut cb, 1);
+    crosses(&mut cb, &mut ca, 2);
+    assert!(
+        a.output().contains("waiting for the previous listener"),
+        "{}",
+        a.output()
+    );
+
+    // A name that stays taken is an error that says so, not a hang.
+    let name = format!("{name}-forever");
+    let link = std::path::PathBuf::from(format!("@{name}"));
+    let held = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_net-backend"))
+        .args(["--socket-path", dir.path().join("v.sock").to_str().unwrap()])
+        .arg(format!("--socket-listen={}", link.display()))
+        .arg("--socket-type=dgram")
+        .output()
+        .unwrap();
+    drop(held);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another process still listens there"), "{err}");
+}
+
 /// One frame from `from` arrives at `to`, intact.
 fn crosses(from: &mut NetClient, to: &mut NetClient, seed: u8) {
     let f = frame(1200, seed);
