@@ -1006,6 +1006,59 @@ fn released_directories_are_closed_once_the_replies_are_out() {
 }
 
 #[test]
+fn an_open_directory_costs_no_host_descriptor_until_it_is_read() {
+    // A guest that lists a directory from its cache opens it and reads
+    // nothing: the host open waits for a read (the daemon runs as root
+    // here, so it may read any directory).
+    let dir = tree(40, 5);
+    let mut b = start(dir.path(), &["--sandbox=none"]);
+    let pid = b.pid().unwrap();
+    let mut c = client(&mut b);
+    let subs: Vec<u64> = (0..40)
+        .map(|d| c.lookup(ROOT_ID, &format!("d{d}")).unwrap().nodeid)
+        .collect();
+    let before = open_fds(pid);
+    let fhs: Vec<u64> = subs.iter().map(|&s| c.opendir(s).unwrap()).collect();
+    let opened = open_fds(pid);
+    assert!(
+        opened < before + 10,
+        "{opened} descriptors with 40 directories open and unread, {before} before"
+    );
+    // Each reads in full once asked, and a file still cannot be opened
+    // as a directory.
+    for (d, (&sub, &fh)) in subs.iter().zip(&fhs).enumerate() {
+        let names = c
+            .readdirplus(sub, fh, 0, 64 * 1024)
+            .unwrap()
+            .iter()
+            .filter(|e| e.name.starts_with(b"f"))
+            .count();
+        assert_eq!(names, 5, "d{d}");
+    }
+    let file = c.lookup(subs[0], "f0").unwrap().nodeid;
+    assert!(matches!(
+        c.opendir(file),
+        Err(FsError::Errno(libc::ENOTDIR))
+    ));
+    // A directory removed on the host between OPENDIR and the read is an
+    // error for that read, as after a removal just after a local opendir.
+    std::fs::create_dir(dir.path().join("gone")).unwrap();
+    let gone = c.lookup(ROOT_ID, "gone").unwrap().nodeid;
+    let fh = c.opendir(gone).unwrap();
+    std::fs::remove_dir(dir.path().join("gone")).unwrap();
+    match c.readdirplus(gone, fh, 0, 4096) {
+        Err(FsError::Errno(e)) => assert!([libc::ENOENT, libc::ESTALE].contains(&e), "errno {e}"),
+        Err(e) => panic!("{e}"),
+        Ok(v) => assert!(v.iter().all(|e| e.name == b"." || e.name == b".."), "{v:?}"),
+    }
+    c.releasedir(gone, fh).unwrap();
+    for (&sub, &fh) in subs.iter().zip(&fhs) {
+        c.releasedir(sub, fh).unwrap();
+    }
+    assert!(c.getattr(ROOT_ID).is_ok());
+}
+
+#[test]
 fn a_huge_xattr_size_from_the_guest_allocates_no_more_than_linux_returns() {
     // GETXATTR and LISTXATTR name the guest's buffer size; 4 GiB must not
     // become a 4 GiB allocation (under an address-space limit of 2 GiB the

@@ -60,7 +60,9 @@ enum Policy {
 /// An open file or directory.
 struct OpenFile {
     inode: Inode,
-    file: File,
+    /// Set at OPEN; a directory's is opened at its first use (see
+    /// `ShareFs::opendir`).
+    file: std::sync::OnceLock<File>,
     /// Held across lseek + getdents on a directory.
     dir_pos: Mutex<()>,
     /// A directory's offset where its last read found the end (u64::MAX:
@@ -133,6 +135,9 @@ pub struct ShareFs {
     writeback: AtomicBool,
     no_opendir_wanted: bool,
     no_opendir: AtomicBool,
+    /// OPENDIR leaves the host open to the first request that needs it
+    /// (the daemon may read any directory: DAC_READ_SEARCH).
+    lazy_dirs: bool,
     /// `--posix-acl`, and whether the guest took it (FUSE_POSIX_ACL with
     /// FUSE_DONT_MASK: the guest sends modes unmasked and its umask apart).
     acl_wanted: bool,
@@ -145,6 +150,15 @@ pub struct ShareFs {
     ledger: Option<Arc<Ledger>>,
     /// One open-file restore at a time.
     restoring: Mutex<()>,
+}
+
+/// Whether this process can open any directory for reading, whatever its
+/// mode says (CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE, as root has).
+fn may_read_any_directory() -> bool {
+    const DAC_OVERRIDE: u64 = 1 << 1;
+    const DAC_READ_SEARCH: u64 = 1 << 2;
+    backend_common::sandbox::effective_capabilities()
+        .is_some_and(|c| c & (DAC_OVERRIDE | DAC_READ_SEARCH) != 0)
 }
 
 /// Descriptors the store may keep before it swaps the least recently used
@@ -163,14 +177,23 @@ fn fd_budget() -> usize {
 }
 
 impl OpenFile {
-    fn new(inode: Inode, file: File, slot: u32) -> Self {
+    fn new(inode: Inode, file: Option<File>, slot: u32) -> Self {
+        let cell = std::sync::OnceLock::new();
+        if let Some(f) = file {
+            let _ = cell.set(f);
+        }
         OpenFile {
             inode,
-            file,
+            file: cell,
             dir_pos: Mutex::new(()),
             dir_end: AtomicU64::new(u64::MAX),
             slot,
         }
+    }
+
+    /// The host descriptor (`ShareFs::handle` has opened it).
+    fn file(&self) -> io::Result<&File> {
+        self.file.get().ok_or_else(|| err(libc::EBADF))
     }
 }
 
@@ -179,7 +202,7 @@ impl ShareFs {
     /// descriptor is closed once the reply is on its way.
     fn release_handle(&self, inode: Inode, handle: Handle, later: bool) -> io::Result<()> {
         // One the previous daemon left: claimed here so its slot goes.
-        let _ = self.handle(inode, handle);
+        let _ = self.lookup_handle(inode, handle);
         let gone = {
             let mut handles = self.handles.write().unwrap();
             match handles.get(&handle) {
@@ -251,6 +274,7 @@ impl ShareFs {
             writeback: AtomicBool::new(false),
             no_opendir_wanted: cfg.cache == CacheMode::Always,
             no_opendir: AtomicBool::new(false),
+            lazy_dirs: may_read_any_directory(),
             acl_wanted: cfg.posix_acl,
             acl: AtomicBool::new(false),
             setxattr_ext: AtomicBool::new(false),
@@ -307,9 +331,9 @@ impl ShareFs {
         // are valid i64s the call updates.
         let n = unsafe {
             libc::copy_file_range(
-                src.file.as_raw_fd(),
+                src.file()?.as_raw_fd(),
                 &mut off_in,
-                dst.file.as_raw_fd(),
+                dst.file()?.as_raw_fd(),
                 &mut off_out,
                 len,
                 0,
@@ -453,7 +477,7 @@ impl ShareFs {
         };
         let temp;
         let dir_file: &File = match &open {
-            Some(o) => &o.file,
+            Some(o) => o.file()?,
             None => {
                 // The guest skipped OPENDIR (cache=always): open for this read.
                 temp = self.open_dir_node(inode)?;
@@ -776,8 +800,9 @@ impl FileSystem for ShareFs {
         inode: Inode,
         handle: Option<Handle>,
     ) -> io::Result<(stat64, Duration)> {
-        let sx = match handle.and_then(|h| self.handle(inode, h).ok()) {
-            Some(open) => statx(open.file.as_raw_fd(), c"")?,
+        let open = handle.and_then(|h| self.lookup_handle(inode, h).ok());
+        let sx = match open.as_ref().and_then(|o| o.file.get()) {
+            Some(f) => statx(f.as_raw_fd(), c"")?,
             None => self.store.stat(&*self.node(inode)?)?,
         };
         Ok((to_stat(&sx), self.timeout))
@@ -799,7 +824,7 @@ impl FileSystem for ShareFs {
             // SAFETY: plain syscalls on descriptors we hold; results checked.
             cvt(unsafe {
                 match &open {
-                    Some(o) => libc::fchmod(o.file.as_raw_fd(), attr.st_mode),
+                    Some(o) => libc::fchmod(o.file()?.as_raw_fd(), attr.st_mode),
                     None => libc::fchmodat(pfd, proc_name.as_ptr(), attr.st_mode, 0),
                 }
             })?;
@@ -829,7 +854,7 @@ impl FileSystem for ShareFs {
         if valid.contains(SetattrValid::SIZE) {
             let r = match &open {
                 // SAFETY: as above.
-                Some(o) => unsafe { libc::ftruncate(o.file.as_raw_fd(), attr.st_size) },
+                Some(o) => unsafe { libc::ftruncate(o.file()?.as_raw_fd(), attr.st_size) },
                 None => {
                     if !node.is_reg() {
                         return Err(err(if node.is_dir() {
@@ -867,7 +892,7 @@ impl FileSystem for ShareFs {
             // SAFETY: as above; `ts` holds two timespecs.
             cvt(unsafe {
                 match &open {
-                    Some(o) => libc::futimens(o.file.as_raw_fd(), ts.as_ptr()),
+                    Some(o) => libc::futimens(o.file()?.as_raw_fd(), ts.as_ptr()),
                     None => libc::utimensat(pfd, proc_name.as_ptr(), ts.as_ptr(), 0),
                 }
             })?;
@@ -1031,7 +1056,7 @@ impl FileSystem for ShareFs {
         }
         let flags = self.host_flags(flags);
         let file = self.reopen(&fd, flags)?;
-        let h = self.add_handle(inode, file, flags);
+        let h = self.add_handle(inode, Some(file), flags);
         Ok((Some(h), self.open_options(node.is_dir()), None))
     }
 
@@ -1060,7 +1085,7 @@ impl FileSystem for ShareFs {
         let found = self.store.adopt(path_fd, sx)?;
         let inode = found.node.id;
         let entry = self.entry(found);
-        let h = self.add_handle(inode, File::from(file), flags);
+        let h = self.add_handle(inode, Some(File::from(file)), flags);
         Ok((entry, Some(h), self.open_options(false), None))
     }
 
@@ -1077,7 +1102,7 @@ impl FileSystem for ShareFs {
         _flags: u32,
     ) -> io::Result<usize> {
         let open = self.handle(inode, handle)?;
-        let mut f = borrowed(open.file.as_raw_fd());
+        let mut f = borrowed(open.file()?.as_raw_fd());
         w.write_from(&mut *f, size as usize, offset)
     }
 
@@ -1096,7 +1121,7 @@ impl FileSystem for ShareFs {
         _fuse_flags: u32,
     ) -> io::Result<usize> {
         let open = self.handle(inode, handle)?;
-        let mut f = borrowed(open.file.as_raw_fd());
+        let mut f = borrowed(open.file()?.as_raw_fd());
         r.read_to(&mut *f, size as usize, offset)
     }
 
@@ -1111,7 +1136,7 @@ impl FileSystem for ShareFs {
         // Closing a duplicate reports delayed write errors (NFS-style) and
         // drops POSIX locks, as close() in the guest would.
         // SAFETY: dup of a descriptor we hold; the copy is closed at once.
-        let dup = cvt(unsafe { libc::dup(open.file.as_raw_fd()) })?;
+        let dup = cvt(unsafe { libc::dup(open.file()?.as_raw_fd()) })?;
         // SAFETY: `dup` is ours alone.
         cvt(unsafe { libc::close(dup) }).map(drop)
     }
@@ -1124,7 +1149,7 @@ impl FileSystem for ShareFs {
         handle: Handle,
     ) -> io::Result<()> {
         let open = self.handle(inode, handle)?;
-        let fd = open.file.as_raw_fd();
+        let fd = open.file()?.as_raw_fd();
         // SAFETY: plain syscalls on a descriptor we hold.
         cvt(unsafe {
             if datasync {
@@ -1159,7 +1184,7 @@ impl FileSystem for ShareFs {
         // SAFETY: as above.
         cvt(unsafe {
             libc::fallocate64(
-                open.file.as_raw_fd(),
+                open.file()?.as_raw_fd(),
                 mode as libc::c_int,
                 offset as i64,
                 length as i64,
@@ -1265,7 +1290,21 @@ impl FileSystem for ShareFs {
             // reads them with file handle 0.
             return Err(err(libc::ENOSYS));
         }
-        let file = self.open_dir_node(inode)?;
+        let file = if self.lazy_dirs {
+            // Opened by the first request that needs it: a guest serving
+            // the listing from its cache never does, and the one that
+            // reads it pays for the open inside a listing that costs far
+            // more. With DAC_READ_SEARCH the open can only fail if the
+            // directory is gone, which a guest sees as a removal just
+            // after its opendir.
+            let node = self.node(inode)?;
+            if !node.is_dir() {
+                return Err(err(libc::ENOTDIR));
+            }
+            None
+        } else {
+            Some(self.open_dir_node(inode)?)
+        };
         let h = self.add_handle(inode, file, libc::O_RDONLY | libc::O_DIRECTORY);
         Ok((Some(h), self.open_options(true)))
     }
@@ -1361,7 +1400,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<u64> {
         let open = self.handle(inode, handle)?;
         // SAFETY: as above.
-        let r = unsafe { libc::lseek64(open.file.as_raw_fd(), offset as i64, whence as i32) };
+        let r = unsafe { libc::lseek64(open.file()?.as_raw_fd(), offset as i64, whence as i32) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -70,8 +70,14 @@ impl ShareFs {
         a
     }
 
-    /// A new file handle for `file`, opened with `flags`.
-    pub(super) fn add_handle(&self, inode: Inode, file: File, flags: libc::c_int) -> Handle {
+    /// A new file handle for `file`, opened with `flags` (None: a
+    /// directory, opened when first used).
+    pub(super) fn add_handle(
+        &self,
+        inode: Inode,
+        file: Option<File>,
+        flags: libc::c_int,
+    ) -> Handle {
         let h = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let slot = match &self.ledger {
             Some(l) => {
@@ -92,7 +98,19 @@ impl ShareFs {
         h
     }
 
+    /// The open file behind `handle`, its host descriptor opened.
     pub(super) fn handle(&self, inode: Inode, handle: Handle) -> io::Result<Arc<OpenFile>> {
+        let open = self.lookup_handle(inode, handle)?;
+        if open.file.get().is_none() {
+            // Two threads may race here; the loser's descriptor is closed.
+            let _ = open.file.set(self.open_dir_node(inode)?);
+        }
+        Ok(open)
+    }
+
+    /// The open file behind `handle`, as it is (a directory's descriptor
+    /// may not be open yet).
+    pub(super) fn lookup_handle(&self, inode: Inode, handle: Handle) -> io::Result<Arc<OpenFile>> {
         match self.handles.read().unwrap().get(&handle) {
             Some(f) if f.inode == inode => return Ok(f.clone()),
             Some(_) => return Err(err(libc::EBADF)),
@@ -131,7 +149,7 @@ impl ShareFs {
                 return Err(e);
             }
         };
-        let f = Arc::new(OpenFile::new(r.node, file, slot));
+        let f = Arc::new(OpenFile::new(r.node, Some(file), slot));
         self.handles.write().unwrap().insert(handle, f.clone());
         if f.inode != inode {
             return Err(err(libc::EBADF));
