@@ -1344,7 +1344,7 @@ impl VhostUserBackend for BlkBackend {
                 continue;
             }
             if !window.is_zero() && last_work.elapsed() < window {
-                std::hint::spin_loop();
+                backend_common::poll_pause();
                 continue;
             }
             // Going to sleep: with notifications back on, anything that

@@ -222,7 +222,7 @@ impl FsBackend {
             if now.duration_since(last) >= CLOSE_WHEN_QUIET {
                 crate::share::close_one_released();
             }
-            std::hint::spin_loop();
+            backend_common::poll_pause();
         }
     }
 
