@@ -67,6 +67,10 @@ pub struct FsBackend {
     pool: OnceLock<mpsc::Sender<Job>>,
 }
 
+/// After a listing with entries, the poll window is this many times
+/// `--poll-us`.
+const LISTING_POLL_FACTOR: u32 = 4;
+
 /// How long a polled ring must have been quiet before its thread spends
 /// time closing released directories.
 const CLOSE_WHEN_QUIET: Duration = Duration::from_micros(10);
@@ -199,8 +203,17 @@ impl FsBackend {
             return false;
         }
         let hiprio = self.hiprio.read().ok().and_then(|h| h.clone());
+        // A listing that returned entries is always followed by another
+        // READDIRPLUS of the same directory (the guest reads on until one
+        // comes back empty), and the guest first digests what it got: a
+        // 100-entry page takes it longer than the plain window.
+        let window = if crate::share::take_listing_continues() {
+            self.poll * LISTING_POLL_FACTOR
+        } else {
+            self.poll
+        };
         let mut last = Instant::now();
-        let mut deadline = last + self.poll;
+        let mut deadline = last + window;
         loop {
             match self.mem.ring_pending(vring) {
                 Some(true) => return true,

@@ -106,6 +106,18 @@ fn close_later(f: Arc<OpenFile>) {
     });
 }
 
+thread_local! {
+    /// This thread's last request was a listing that returned entries.
+    static LISTING_CONTINUES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread's last request was a READDIR or READDIRPLUS that
+/// returned entries (so the guest will read the directory again); clears
+/// the mark.
+pub fn take_listing_continues() -> bool {
+    LISTING_CONTINUES.with(|c| c.replace(false))
+}
+
 /// Close every directory handle this thread's requests released.
 pub fn close_released() {
     CLOSE_LATER.with(|c| c.borrow_mut().clear());
@@ -486,10 +498,18 @@ impl ShareFs {
         };
         // The open directory also names its entries for the lookups of
         // READDIRPLUS: no O_PATH descriptor is needed for a listing.
-        DIRENT_BUF.with_borrow_mut(|buf| {
+        let mut added = false;
+        let mut add = |f: &File, name: &CStr, e: DirEntry| {
+            let n = add(f, name, e)?;
+            added |= n > 0;
+            Ok(n)
+        };
+        let r = DIRENT_BUF.with_borrow_mut(|buf| {
             buf.resize((size as usize).clamp(1024, 64 * 1024), 0);
-            self.parse_dirents(open.as_deref(), dir_file, buf, offset, add)
-        })
+            self.parse_dirents(open.as_deref(), dir_file, buf, offset, &mut add)
+        });
+        LISTING_CONTINUES.with(|c| c.set(added));
+        r
     }
 
     fn parse_dirents(
