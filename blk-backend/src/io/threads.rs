@@ -72,6 +72,9 @@ impl Engine for ThreadEngine {
     }
 
     fn submit(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         let Some(tx) = &self.jobs else {
             return Err(io::Error::other("the I/O threads have stopped"));
         };

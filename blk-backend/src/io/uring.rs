@@ -42,6 +42,21 @@ impl UringEngine {
         })
     }
 
+    /// Submit what is queued, and run the completions the kernel holds as
+    /// task work.
+    fn enter(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: the caller reaps, then
+                // submits again on the next event.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn entry(op: &Op) -> squeue::Entry {
         match op {
             Op::Read { fd, iov, offset } => {
@@ -98,22 +113,17 @@ impl Engine for UringEngine {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        loop {
-            match self.ring.submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // The completion queue is full: the caller reaps, then
-                // submits again on the next event.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
-                Err(e) => return Err(e),
-            }
+        if self.ring.submission().is_empty() {
+            // Nothing pushed since the last submission: no system call.
+            return Ok(());
         }
+        self.enter()
     }
 
     fn reap(&mut self, out: &mut Vec<(u64, IoResult)>) {
         // Completions the kernel holds as task work are posted by an enter.
         if self.ring.submission().taskrun() {
-            let _ = self.submit();
+            let _ = self.enter();
         }
         for cqe in self.ring.completion() {
             let slot = cqe.user_data() as usize;
@@ -133,7 +143,7 @@ impl Engine for UringEngine {
         if !self.ring.completion().is_empty() {
             return Ok(());
         }
-        self.submit()?;
+        self.enter()?;
         wait_readable(self.event.as_raw_fd())
     }
 
