@@ -1220,13 +1220,22 @@ fn chain_descs(
 }
 
 /// Host iovecs for guest buffers (already checked to be in guest memory).
+/// Buffers that follow each other in host memory (a guest's pages often
+/// do) become one iovec: the kernel then copies a run at a time.
 fn iovecs(mem: &GuestMemoryMmap, bufs: &[Segment]) -> Option<IoVecs> {
-    let mut v = Vec::with_capacity(bufs.len());
+    let mut v: Vec<libc::iovec> = Vec::with_capacity(bufs.len());
     for b in bufs {
         for slice in mem.get_slices(b.addr, b.len as usize) {
             let slice = slice.ok()?;
+            let base: *mut libc::c_void = slice.ptr_guard_mut().as_ptr().cast();
+            if let Some(last) = v.last_mut() {
+                if (last.iov_base as usize).wrapping_add(last.iov_len) == base as usize {
+                    last.iov_len += slice.len();
+                    continue;
+                }
+            }
             v.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_base: base,
                 iov_len: slice.len(),
             });
         }
@@ -1409,5 +1418,39 @@ impl backend_common::ConnectionHooks<Arc<BlkBackend>> for Hooks {
     fn ring_stop(&self) -> Option<backend_common::shim::RingStopHook> {
         let b = Arc::clone(&self.0);
         Some(Arc::new(move |q| b.stop_ring(q as usize)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn buffers_adjacent_in_host_memory_become_one_iovec() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let seg = |addr: u64, len: u32| Segment {
+            addr: GuestAddress(addr),
+            len,
+        };
+        // Three pages in a row, then one elsewhere.
+        let bufs = [
+            seg(0x1000, 0x1000),
+            seg(0x2000, 0x1000),
+            seg(0x3000, 0x800),
+            seg(0x8000, 0x1000),
+        ];
+        let v = iovecs(&mem, &bufs).unwrap().0;
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].iov_len, 0x2800);
+        assert_eq!(v[1].iov_len, 0x1000);
+        let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        assert_eq!(v[0].iov_base as usize, base + 0x1000);
+        assert_eq!(v[1].iov_base as usize, base + 0x8000);
+        // Out of order: nothing merges backwards.
+        let v = iovecs(&mem, &[seg(0x2000, 0x1000), seg(0x1000, 0x1000)])
+            .unwrap()
+            .0;
+        assert_eq!(v.len(), 2);
     }
 }
