@@ -799,7 +799,9 @@ impl BlkBackend {
             }
         }
         if took > 0 {
-            // What resubmission queued (the engine skips an empty submit).
+            // Through the page cache: the whole burst. With O_DIRECT:
+            // what resubmission queued, if anything (the engine skips an
+            // empty submission).
             self.submit(q, &mut state);
             // Reads from the page cache are often done by now.
             used_any |= self.complete(q, &mut state, &mut vstate);

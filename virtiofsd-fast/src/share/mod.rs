@@ -167,10 +167,9 @@ pub struct ShareFs {
 /// Whether this process can open any directory for reading, whatever its
 /// mode says (CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE, as root has).
 fn may_read_any_directory() -> bool {
-    const DAC_OVERRIDE: u64 = 1 << 1;
-    const DAC_READ_SEARCH: u64 = 1 << 2;
-    backend_common::sandbox::effective_capabilities()
-        .is_some_and(|c| c & (DAC_OVERRIDE | DAC_READ_SEARCH) != 0)
+    use backend_common::sandbox::cap;
+    let mask = (1u64 << cap::DAC_OVERRIDE) | (1u64 << cap::DAC_READ_SEARCH);
+    backend_common::sandbox::effective_capabilities().is_some_and(|c| c & mask != 0)
 }
 
 /// Descriptors the store may keep before it swaps the least recently used
