@@ -966,19 +966,28 @@ fn mandatory_file_handles_serve_where_the_host_makes_them() {
     assert_eq!(c.read(e.nodeid, fh, 0, 64).unwrap(), b"handles");
 }
 
+/// An unsandboxed daemon (so /proc/PID/fd is the serving process's), its
+/// pid, a client, and the node ids of `d0`..`d{n-1}` in the share's root.
+fn unsandboxed_with_dirs(
+    dir: &std::path::Path,
+    n: usize,
+) -> (BackendProcess, u32, FuseClient, Vec<u64>) {
+    let mut b = start(dir, &["--sandbox=none"]);
+    let pid = b.pid().unwrap();
+    let mut c = client(&mut b);
+    let subs = (0..n)
+        .map(|d| c.lookup(ROOT_ID, &format!("d{d}")).unwrap().nodeid)
+        .collect();
+    (b, pid, c, subs)
+}
+
 #[test]
 fn released_directories_are_closed_once_the_replies_are_out() {
     // RELEASEDIR's reply does not wait for the host's close of the
     // directory: the daemon closes it when its ring is quiet or before it
     // sleeps. Nothing may stay open for long.
     let dir = tree(40, 20);
-    // Unsandboxed, so /proc/PID/fd is the serving process's.
-    let mut b = start(dir.path(), &["--sandbox=none"]);
-    let pid = b.pid().unwrap();
-    let mut c = client(&mut b);
-    let subs: Vec<u64> = (0..40)
-        .map(|d| c.lookup(ROOT_ID, &format!("d{d}")).unwrap().nodeid)
-        .collect();
+    let (_b, pid, mut c, subs) = unsandboxed_with_dirs(dir.path(), 40);
     let before = open_fds(pid);
     for (d, &sub) in subs.iter().enumerate() {
         let fh = c.opendir(sub).unwrap();
@@ -1011,12 +1020,7 @@ fn an_open_directory_costs_no_host_descriptor_until_it_is_read() {
     // nothing: the host open waits for a read (the daemon runs as root
     // here, so it may read any directory).
     let dir = tree(40, 5);
-    let mut b = start(dir.path(), &["--sandbox=none"]);
-    let pid = b.pid().unwrap();
-    let mut c = client(&mut b);
-    let subs: Vec<u64> = (0..40)
-        .map(|d| c.lookup(ROOT_ID, &format!("d{d}")).unwrap().nodeid)
-        .collect();
+    let (_b, pid, mut c, subs) = unsandboxed_with_dirs(dir.path(), 40);
     let before = open_fds(pid);
     let fhs: Vec<u64> = subs.iter().map(|&s| c.opendir(s).unwrap()).collect();
     let opened = open_fds(pid);
