@@ -465,13 +465,7 @@ fn two_backends_joined_by_a_datagram_socket_pass_frames_and_survive_restarts() {
     // The wrong kind of socket gets an error that says which flag to use.
     let link = dir.path().join("kind.dgram");
     let _a = listening_as(&link, "dgram");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_net-backend"))
-        .args(["--socket-path", dir.path().join("y.sock").to_str().unwrap()])
-        .arg(format!("--socket={}", link.display()))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&[format!("--socket={}", link.display())]);
     assert!(err.contains("--socket-type=dgram"), "{err}");
 }
 
@@ -504,17 +498,28 @@ fn a_listener_restarted_at_once_waits_for_its_abstract_name() {
     let name = format!("{name}-forever");
     let link = std::path::PathBuf::from(format!("@{name}"));
     let held = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+    let err = refused(&[
+        format!("--socket-listen={}", link.display()),
+        "--socket-type=dgram".into(),
+    ]);
+    drop(held);
+    assert!(err.contains("another process still listens there"), "{err}");
+}
+
+/// Run net-backend with `args` (and a vhost-user socket of its own): it
+/// must refuse to start. Returns what it printed on stderr.
+fn refused(args: &[String]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_net-backend"))
-        .args(["--socket-path", dir.path().join("v.sock").to_str().unwrap()])
-        .arg(format!("--socket-listen={}", link.display()))
-        .arg("--socket-type=dgram")
+        .args([
+            "--socket-path",
+            dir.path().join("vu.sock").to_str().unwrap(),
+        ])
+        .args(args)
         .output()
         .unwrap();
-    drop(held);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another process still listens there"), "{err}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// One frame from `from` arrives at `to`, intact.
@@ -555,15 +560,9 @@ fn two_backends_joined_by_a_socket_pass_frames_and_survive_a_peer_restart() {
     assert!(a.output().contains("a peer connected"), "{}", a.output());
 
     // A connecting backend with nobody listening says what to do.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_net-backend"))
-        .args(["--socket-path", dir.path().join("x.sock").to_str().unwrap()])
-        .arg(format!(
-            "--socket={}",
-            dir.path().join("nobody.sock").display()
-        ))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&[format!(
+        "--socket={}",
+        dir.path().join("nobody.sock").display()
+    )]);
     assert!(err.contains("--socket-listen"), "{err}");
 }
