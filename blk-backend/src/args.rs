@@ -63,10 +63,17 @@ pub struct Args {
     /// turns polling off.
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
-    /// Threads per queue for the thread-pool engine.
+    /// Threads per queue for the thread-pool engine, and for the large
+    /// reads of --pool-reads-from.
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub pool_threads: u16,
+    /// Without --direct, reads of at least this many bytes are copied out
+    /// of the host page cache by the thread pool, several at once on
+    /// different CPUs, instead of one after another on the queue's
+    /// io_uring. 0 keeps every read on io_uring.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    pub pool_reads_from: u64,
     /// Serial number the guest reads (GET_ID), at most 20 bytes.
     #[arg(long, value_name = "STRING", default_value = "")]
     pub serial: String,
@@ -135,6 +142,7 @@ pub struct Config {
     pub direct: bool,
     pub io_engine: IoEngine,
     pub pool_threads: usize,
+    pub pool_reads_from: u64,
     pub poll: std::time::Duration,
     pub serial: Vec<u8>,
     pub logical_block_size: u32,
@@ -161,6 +169,7 @@ impl TryFrom<Args> for Config {
             direct: a.direct,
             io_engine: a.io_engine,
             pool_threads: usize::from(a.pool_threads),
+            pool_reads_from: a.pool_reads_from,
             poll: std::time::Duration::from_micros(a.poll_us),
             serial: a.serial.into_bytes(),
             logical_block_size: a.logical_block_size,

@@ -197,6 +197,20 @@ fn make_engines(cfg: &Config) -> Result<Vec<Box<dyn io::Engine>>, RunError> {
     for q in 0..cfg.num_queues {
         if use_uring {
             match io::uring::UringEngine::new(depth) {
+                Ok(e) if !cfg.direct && cfg.pool_reads_from > 0 => {
+                    let e = io::split::SplitEngine::new(
+                        e,
+                        cfg.pool_threads,
+                        &format!("q{q}"),
+                        cfg.pool_reads_from,
+                    )
+                    .map_err(|source| RunError::Engine {
+                        engine: "thread-pool",
+                        source,
+                    })?;
+                    engines.push(Box::new(e));
+                    continue;
+                }
                 Ok(e) => {
                     engines.push(Box::new(e));
                     continue;

@@ -46,6 +46,9 @@ fn reads_writes_flushes_and_ids_on_every_engine() {
     for extra in [
         &["--io-engine=uring"][..],
         &["--io-engine=threads"],
+        // Reads of 4 KiB and more to the copy pool, smaller ones and the
+        // rest on io_uring.
+        &["--io-engine=uring", "--pool-reads-from=4096"],
         &["--io-engine=uring", "--direct"],
         &["--io-engine=threads", "--direct"],
     ] {
@@ -253,12 +256,16 @@ fn hostile_chains_are_dropped_and_the_backend_keeps_serving() {
 
 #[test]
 fn many_requests_in_flight_on_every_queue() {
-    for engine in ["uring", "threads"] {
+    for engine in [
+        &["--io-engine=uring"][..],
+        &["--io-engine=threads"],
+        // Every read to the copy pool, every write on io_uring.
+        &["--io-engine=uring", "--pool-reads-from=4096"],
+    ] {
         let img = image();
-        let mut b = start(
-            img.path(),
-            &["--num-queues=4", &format!("--io-engine={engine}")],
-        );
+        let mut args = vec!["--num-queues=4"];
+        args.extend_from_slice(engine);
+        let mut b = start(img.path(), &args);
         let mut c = client(&mut b, 4, 32);
         for round in 0..3u8 {
             for q in 0..4 {
@@ -277,7 +284,7 @@ fn many_requests_in_flight_on_every_queue() {
             }
             for i in 0..128u64 {
                 let fill = round.wrapping_mul(64) ^ (i as u8);
-                assert_eq!(c.read(i * 8, 4096).unwrap(), vec![fill; 4096], "{engine}");
+                assert_eq!(c.read(i * 8, 4096).unwrap(), vec![fill; 4096], "{engine:?}");
             }
         }
     }

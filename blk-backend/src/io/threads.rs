@@ -23,11 +23,17 @@ pub struct ThreadEngine {
 
 impl ThreadEngine {
     pub fn new(threads: usize, name: &str) -> io::Result<Self> {
+        Self::signalling(threads, name, eventfd()?)
+    }
+
+    /// A pool that signals `event` when completions are ready (an eventfd
+    /// it may share with another engine).
+    pub fn signalling(threads: usize, name: &str, event: OwnedFd) -> io::Result<Self> {
         let (tx, rx) = channel::<(u64, Op)>();
         let rx = Arc::new(Mutex::new(rx));
         let shared = Arc::new(Shared {
             done: Mutex::new(Vec::new()),
-            event: eventfd()?,
+            event,
         });
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
@@ -65,6 +71,17 @@ fn worker(rx: &Mutex<Receiver<(u64, Op)>>, shared: &Shared) {
     }
 }
 
+impl ThreadEngine {
+    /// Whether finished operations wait to be reaped.
+    pub fn has_completions(&self) -> bool {
+        self.shared
+            .done
+            .lock()
+            .map(|d| !d.is_empty())
+            .unwrap_or(false)
+    }
+}
+
 impl Engine for ThreadEngine {
     fn push(&mut self, token: u64, op: Op) -> io::Result<()> {
         self.pending.push((token, op));
@@ -98,13 +115,7 @@ impl Engine for ThreadEngine {
     fn wait(&mut self) -> io::Result<()> {
         self.submit()?;
         self.clear_notifier();
-        if self
-            .shared
-            .done
-            .lock()
-            .map(|d| !d.is_empty())
-            .unwrap_or(false)
-        {
+        if self.has_completions() {
             return Ok(());
         }
         wait_readable(self.shared.event.as_raw_fd())

@@ -42,9 +42,14 @@ impl UringEngine {
         })
     }
 
+    /// Whether completions wait in the ring.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Submit what is queued, and run the completions the kernel holds as
     /// task work.
-    fn enter(&mut self) -> io::Result<()> {
+    pub(crate) fn enter(&mut self) -> io::Result<()> {
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
