@@ -142,6 +142,19 @@ pub fn closed_loop(
     Ok(stats)
 }
 
+/// Flush `path` and read it through, so a backend that goes through the
+/// host page cache starts with the whole file there. This host gives page
+/// cache back to its own host within minutes, so a file written or read a
+/// while ago is mostly gone again: without this the first backend of a run
+/// reads from the disk and the others from memory.
+pub fn warm_page_cache(path: &Path) -> std::io::Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    f.sync_all()?;
+    let mut buf = vec![0u8; 1 << 20];
+    while std::io::Read::read(&mut f, &mut buf)? > 0 {}
+    Ok(())
+}
+
 /// Build (or reuse) a tree of `dirs` directories with `files` files each
 /// under `root`, named d{i}/f{j}. A stamp file records what was built.
 pub fn ensure_tree(root: &Path, dirs: usize, files: usize) -> std::io::Result<()> {

@@ -40,6 +40,10 @@ struct Args {
     /// Where the image lives (a real disk, not tmpfs).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Rounds: one guest per backend each, the order reversed every other
+    /// round; the medians are reported, every round is kept.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 /// (name, fio arguments)
@@ -51,7 +55,7 @@ const JOBS: &[(&str, &str)] = &[
     ("seqwrite-1m-qd4", "--rw=write --bs=1m --iodepth=4"),
 ];
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct Job {
     iops: f64,
     mb_per_s: f64,
@@ -62,7 +66,9 @@ struct Job {
 struct Row {
     name: String,
     cmd: String,
+    /// Medians over the rounds.
     jobs: BTreeMap<String, Job>,
+    rounds: Vec<BTreeMap<String, Job>>,
 }
 
 fn preset(name: &str) -> Option<String> {
@@ -130,7 +136,7 @@ fn main() -> Result<()> {
         ));
     }
 
-    let mut rows = Vec::new();
+    let mut backends = Vec::new();
     for spec in &a.backends {
         let (name, cmd) = match preset(spec) {
             Some(cmd) => (spec.clone(), cmd),
@@ -144,68 +150,131 @@ fn main() -> Result<()> {
         let cmd = cmd
             .replace("{image}", &image.to_string_lossy())
             .replace("{queues}", &a.cpus.to_string());
-        let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
-        eprintln!("guest-blk-bench: {name}: {cmd}");
-        let backend = BackendProcess::spawn(&argv, Duration::from_secs(20))?;
-        let run = Qemu::new()
-            .memory_mib(1024)
-            .cpus(a.cpus)
-            .tool(&fio)?
-            .blk(backend.socket())
-            .run(&script, Duration::from_secs(1800))
-            .with_context(|| format!("{name}: backend output:\n{}", backend.output()))?;
-        if run.exit_code != 0 {
-            bail!(
-                "{name}: guest script failed ({}):\n{}",
-                run.exit_code,
-                run.serial
-            );
-        }
-        let mut jobs = BTreeMap::new();
-        let out = run.script_output();
-        for (job, _) in JOBS {
-            let begin = format!("FIO-BEGIN {job}");
-            let end = format!("FIO-END {job}");
-            let text: String = out
-                .lines()
-                .skip_while(|l| !l.contains(&begin))
-                .skip(1)
-                .take_while(|l| !l.contains(&end))
-                .collect::<Vec<_>>()
-                .join("\n");
-            let start = text
-                .find('{')
-                .with_context(|| format!("{name} {job}: no JSON:\n{text}"))?;
-            let v: serde_json::Value = serde_json::from_str(&text[start..])
-                .with_context(|| format!("{name} {job}: fio JSON"))?;
-            let j = &v["jobs"][0];
-            let side = if j["write"]["iops"].as_f64().unwrap_or(0.0) > 0.0 {
-                &j["write"]
-            } else {
-                &j["read"]
-            };
-            let r = Job {
-                iops: side["iops"].as_f64().unwrap_or(0.0),
-                mb_per_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-                clat_p50_us: side["clat_ns"]["percentile"]["50.000000"]
-                    .as_f64()
-                    .unwrap_or(0.0)
-                    / 1000.0,
-            };
-            eprintln!(
-                "guest-blk-bench: {name} {job}: {:.0} IOPS, {:.1} MB/s, p50 {:.1} µs",
-                r.iops, r.mb_per_s, r.clat_p50_us
-            );
-            jobs.insert(job.to_string(), r);
-        }
-        rows.push(Row { name, cmd, jobs });
+        backends.push((name, cmd));
     }
+
+    // Each round boots one guest per backend; odd rounds take the backends
+    // in the other order, so neither always goes first.
+    let mut runs: Vec<Vec<BTreeMap<String, Job>>> = vec![Vec::new(); backends.len()];
+    for round in 0..a.rounds {
+        let mut order: Vec<usize> = (0..backends.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (name, cmd) = &backends[i];
+            eprintln!("guest-blk-bench: round {}/{}: {name}", round + 1, a.rounds);
+            runs[i].push(run_backend(name, cmd, &image, &fio, a.cpus, &script)?);
+        }
+    }
+    let rows: Vec<Row> = backends
+        .into_iter()
+        .zip(runs)
+        .map(|((name, cmd), rounds)| Row {
+            name,
+            cmd,
+            jobs: median_jobs(&rounds),
+            rounds,
+        })
+        .collect();
     let out = serde_json::json!({
         "workload": "guest-fio",
         "seconds_per_job": a.seconds,
         "image_mib": a.image_mib,
+        "rounds": a.rounds,
         "results": rows,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// One guest on one backend: every fio job, parsed.
+fn run_backend(
+    name: &str,
+    cmd: &str,
+    image: &std::path::Path,
+    fio: &std::path::Path,
+    cpus: u32,
+    script: &str,
+) -> Result<BTreeMap<String, Job>> {
+    let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
+    // Each backend starts from a clean image (not behind the last one's
+    // flush) that is all in the host page cache.
+    bench::warm_page_cache(image)?;
+    eprintln!("guest-blk-bench: {name}: {cmd}");
+    let backend = BackendProcess::spawn(&argv, Duration::from_secs(20))?;
+    let run = Qemu::new()
+        .memory_mib(1024)
+        .cpus(cpus)
+        .tool(fio)?
+        .blk(backend.socket())
+        .run(script, Duration::from_secs(1800))
+        .with_context(|| format!("{name}: backend output:\n{}", backend.output()))?;
+    if run.exit_code != 0 {
+        bail!(
+            "{name}: guest script failed ({}):\n{}",
+            run.exit_code,
+            run.serial
+        );
+    }
+    let mut jobs = BTreeMap::new();
+    let out = run.script_output();
+    for (job, _) in JOBS {
+        let begin = format!("FIO-BEGIN {job}");
+        let end = format!("FIO-END {job}");
+        let text: String = out
+            .lines()
+            .skip_while(|l| !l.contains(&begin))
+            .skip(1)
+            .take_while(|l| !l.contains(&end))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let start = text
+            .find('{')
+            .with_context(|| format!("{name} {job}: no JSON:\n{text}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text[start..])
+            .with_context(|| format!("{name} {job}: fio JSON"))?;
+        let j = &v["jobs"][0];
+        let side = if j["write"]["iops"].as_f64().unwrap_or(0.0) > 0.0 {
+            &j["write"]
+        } else {
+            &j["read"]
+        };
+        let r = Job {
+            iops: side["iops"].as_f64().unwrap_or(0.0),
+            mb_per_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            clat_p50_us: side["clat_ns"]["percentile"]["50.000000"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1000.0,
+        };
+        eprintln!(
+            "guest-blk-bench: {name} {job}: {:.0} IOPS, {:.1} MB/s, p50 {:.1} µs",
+            r.iops, r.mb_per_s, r.clat_p50_us
+        );
+        jobs.insert(job.to_string(), r);
+    }
+    Ok(jobs)
+}
+
+/// Per job, the median of each figure over the rounds.
+fn median_jobs(rounds: &[BTreeMap<String, Job>]) -> BTreeMap<String, Job> {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let mut out = BTreeMap::new();
+    for (job, _) in JOBS {
+        let of =
+            |f: fn(&Job) -> f64| median(rounds.iter().filter_map(|r| r.get(*job)).map(f).collect());
+        out.insert(
+            job.to_string(),
+            Job {
+                iops: of(|j| j.iops),
+                mb_per_s: of(|j| j.mb_per_s),
+                clat_p50_us: of(|j| j.clat_p50_us),
+            },
+        );
+    }
+    out
 }

@@ -352,6 +352,11 @@ fn main() -> Result<()> {
                 serde_json::to_string(&w)?,
                 b.name
             );
+            if !w.is_fs() && !w.is_net() {
+                // The same start for every backend: the image clean and all
+                // in the host page cache.
+                bench::warm_page_cache(&image)?;
+            }
             let rep = run_one(w, &a, b, limit)?;
             eprintln!(
                 "vu-bench:   {:>12.0} req/s  p50 {:>8.1} us  p99 {:>8.1} us  {:>8.1} MB/s  {:>6.2} Gbit/s",
