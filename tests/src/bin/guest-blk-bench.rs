@@ -257,11 +257,16 @@ fn run_backend(
     Ok(jobs)
 }
 
-/// Per job, the median of each figure over the rounds.
+/// Per job, the median of each figure over the rounds (the mean of the
+/// middle two for an even count).
 fn median_jobs(rounds: &[BTreeMap<String, Job>]) -> BTreeMap<String, Job> {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
     };
     let mut out = BTreeMap::new();
     for (job, _) in JOBS {
