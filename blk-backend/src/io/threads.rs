@@ -52,6 +52,15 @@ impl ThreadEngine {
             workers,
         })
     }
+
+    /// Whether finished operations wait to be reaped.
+    pub fn has_completions(&self) -> bool {
+        self.shared
+            .done
+            .lock()
+            .map(|d| !d.is_empty())
+            .unwrap_or(false)
+    }
 }
 
 fn worker(rx: &Mutex<Receiver<(u64, Op)>>, shared: &Shared) {
@@ -68,17 +77,6 @@ fn worker(rx: &Mutex<Receiver<(u64, Op)>>, shared: &Shared) {
         let one = 1u64;
         // SAFETY: writes 8 bytes from a u64 to our eventfd.
         unsafe { libc::write(shared.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-}
-
-impl ThreadEngine {
-    /// Whether finished operations wait to be reaped.
-    pub fn has_completions(&self) -> bool {
-        self.shared
-            .done
-            .lock()
-            .map(|d| !d.is_empty())
-            .unwrap_or(false)
     }
 }
 
