@@ -68,11 +68,12 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub pool_threads: u16,
-    /// Without --direct, reads of at least this many bytes are copied out
-    /// of the host page cache by the thread pool, several at once on
-    /// different CPUs, instead of one after another on the queue's
-    /// io_uring. 0 keeps every read on io_uring.
-    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    /// Without --direct, reads of at least this many bytes, when more than
+    /// one is wanted at a time, are copied out of the host page cache by
+    /// the thread pool, several at once on different CPUs, instead of one
+    /// after another on the queue's io_uring. 0 keeps every read on
+    /// io_uring.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub pool_reads_from: u64,
     /// Serial number the guest reads (GET_ID), at most 20 bytes.
     #[arg(long, value_name = "STRING", default_value = "")]

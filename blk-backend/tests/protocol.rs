@@ -286,6 +286,29 @@ fn many_requests_in_flight_on_every_queue() {
                 let fill = round.wrapping_mul(64) ^ (i as u8);
                 assert_eq!(c.read(i * 8, 4096).unwrap(), vec![fill; 4096], "{engine:?}");
             }
+            // And read back 32 at a time on each queue (with the copy pool,
+            // all but the first of each burst go to the pool).
+            for q in 0..4 {
+                for i in 0..32u64 {
+                    c.push(q, req::IN, (q as u64 * 32 + i) * 8, &[], 4096)
+                        .unwrap();
+                }
+                c.queues[q].publish().unwrap();
+                let mut fills: Vec<u8> = (0..32)
+                    .map(|_| {
+                        let done = c.queues[q].wait().unwrap();
+                        assert_eq!(BlkClient::status(&done).unwrap(), blk::S_OK);
+                        assert!(done.data[..4096].iter().all(|&b| b == done.data[0]));
+                        done.data[0]
+                    })
+                    .collect();
+                fills.sort_unstable();
+                let mut want: Vec<u8> = (0..32u8)
+                    .map(|i| round.wrapping_mul(64) ^ (q as u8 * 32 + i))
+                    .collect();
+                want.sort_unstable();
+                assert_eq!(fills, want, "{engine:?} queue {q}");
+            }
         }
     }
 }
