@@ -42,7 +42,7 @@ impl SplitEngine {
     }
 
     /// Whether `op` goes to the pool: a large read with company.
-    fn to_pool(&mut self, op: &Op) -> bool {
+    fn goes_to_pool(&mut self, op: &Op) -> bool {
         if !matches!(op, Op::Read { iov, .. } if iov.total() >= self.pool_from) {
             return false;
         }
@@ -53,7 +53,7 @@ impl SplitEngine {
 
 impl Engine for SplitEngine {
     fn push(&mut self, token: u64, op: Op) -> io::Result<()> {
-        if self.to_pool(&op) {
+        if self.goes_to_pool(&op) {
             self.pool.push(token, op)?;
             self.pool_in_flight += 1;
             Ok(())
@@ -131,14 +131,14 @@ mod tests {
             }]),
             offset: 0,
         };
-        assert!(!e.to_pool(&read(512)));
-        assert!(!e.to_pool(&read(8192)), "alone: the ring");
-        assert!(e.to_pool(&read(8192)), "second in the burst: the pool");
+        assert!(!e.goes_to_pool(&read(512)));
+        assert!(!e.goes_to_pool(&read(8192)), "alone: the ring");
+        assert!(e.goes_to_pool(&read(8192)), "second in the burst: the pool");
         e.large_queued = 0;
-        assert!(!e.to_pool(&read(8192)), "alone again");
+        assert!(!e.goes_to_pool(&read(8192)), "alone again");
         e.large_queued = 0;
         e.pool_in_flight = 1;
-        assert!(e.to_pool(&read(8192)), "the pool still busy");
-        assert!(!e.to_pool(&super::Op::Sync { fd: -1 }));
+        assert!(e.goes_to_pool(&read(8192)), "the pool still busy");
+        assert!(!e.goes_to_pool(&super::Op::Sync { fd: -1 }));
     }
 }
