@@ -23,6 +23,10 @@ struct Args {
     /// Give up (and kill the guest) after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     timeout: u64,
+    /// After the guest exits, print the virtio-fs daemon's log (with
+    /// virtiofsd-fast, the requests it served by opcode).
+    #[arg(long)]
+    fs_log: bool,
     /// Shell command to run in the guest, from /mnt/host.
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -122,6 +126,17 @@ fn main() -> anyhow::Result<ExitCode> {
         "testbed: guest exited with {} after {:.1?}",
         run.exit_code, run.elapsed
     );
+    if args.fs_log {
+        // virtiofsd-fast logs its counts once the frontend has gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while fs_name == "virtiofsd-fast"
+            && !fs_daemon.output().contains("requests served")
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("--- {fs_name} ---\n{}", fs_daemon.output());
+    }
     Ok(ExitCode::from(
         u8::try_from(run.exit_code).unwrap_or(u8::MAX),
     ))
