@@ -406,6 +406,15 @@ impl FuseClient {
         self.open_common(op::OPENDIR, node, libc::O_RDONLY as u32)
     }
 
+    /// OPENDIR; returns the directory handle and the reply's open flags
+    /// (FOPEN_*: how the guest may cache the listing).
+    pub fn opendir_flags(&mut self, node: u64) -> Result<(u64, u32), FsError> {
+        let a = (libc::O_RDONLY as u32).to_le_bytes();
+        let body = self.call(op::OPENDIR, node, &[&a, &[0u8; 4]], 16)?;
+        let mut r = Rd(&body, 0);
+        Ok((r.u64()?, r.u32()?))
+    }
+
     /// fuse_read_in, shared by READ, READDIR and READDIRPLUS.
     pub fn read_in(fh: u64, offset: u64, size: u32) -> [u8; 40] {
         let mut a = [0u8; 40];
@@ -520,6 +529,35 @@ impl FuseClient {
         let a = Self::read_in(fh, offset, size);
         let body = self.call(op::READDIRPLUS, node, &[&a], size)?;
         parse_direntplus(&body)
+    }
+
+    /// One READDIR call: (offset, name) of the records that fit `size`
+    /// bytes from `offset`.
+    pub fn readdir(
+        &mut self,
+        node: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, FsError> {
+        let a = Self::read_in(fh, offset, size);
+        let body = self.call(op::READDIR, node, &[&a], size)?;
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < body.len() {
+            // fuse_dirent: ino, off, namelen, type, then the name.
+            let mut r = Rd(&body, at);
+            let _ino = r.u64()?;
+            let off = r.u64()?;
+            let namelen = r.u32()? as usize;
+            let _typ = r.u32()?;
+            let name = body.get(r.1..r.1 + namelen).ok_or_else(|| {
+                FsError::Malformed(format!("name of {namelen} bytes runs past the reply"))
+            })?;
+            out.push((off, name.to_vec()));
+            at = (r.1 + namelen).next_multiple_of(8);
+        }
+        Ok(out)
     }
 
     /// Every entry of a directory, READDIRPLUS after READDIRPLUS.

@@ -231,6 +231,10 @@ pub struct Node {
     birth: Option<(i64, u32)>,
     /// Its slot in the ledger (NO_SLOT: not kept there).
     slot: u32,
+    /// A directory's: when (CLOCK_REALTIME, ns) the last READDIRPLUS pass
+    /// that read it from the start to the end began; 0: none yet. Such a
+    /// pass refreshed every entry's dentry and attributes in the guest.
+    pub listed: AtomicU64,
 }
 
 /// A node the ledger does not keep.
@@ -388,6 +392,7 @@ impl Store {
             name: Mutex::new(None),
             birth: birth(&sx),
             slot,
+            listed: AtomicU64::new(0),
         });
         let mut maps = self.maps.write().unwrap();
         maps.by_id.insert(id, node.clone());
@@ -413,6 +418,7 @@ impl Store {
             name: Mutex::new(None),
             birth: None,
             slot: NO_SLOT,
+            listed: AtomicU64::new(0),
         });
         let mut maps = self.maps.write().unwrap();
         maps.by_id.clear();
@@ -637,6 +643,7 @@ impl Store {
             name: Mutex::new(Some((at.0, at.1.into()))),
             birth: birth(&sx),
             slot,
+            listed: AtomicU64::new(0),
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -707,6 +714,7 @@ impl Store {
             name: Mutex::new(None),
             birth: None,
             slot,
+            listed: AtomicU64::new(0),
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);

@@ -353,6 +353,67 @@ echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
     assert!(cs <= 250, "took {cs} centiseconds to show:\n{out}");
 }
 
+/// The guest lists a directory again and again, and keeps its cached
+/// listing from one pass to the next while the entries that pass refreshed
+/// are fresh; entries the host makes, removes and renames there still show
+/// in the listing within the window.
+#[test]
+fn host_changes_show_in_a_listing_the_guest_keeps() {
+    if tests::require(guest::qemu_available()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    for name in ["doomed", "keep", "old-name"] {
+        std::fs::write(sub.join(name), name).unwrap();
+    }
+    let d = daemon(dir.path(), &[]);
+    let host = when_guest_ready(dir.path(), |dir| {
+        let sub = dir.join("sub");
+        std::fs::write(sub.join("born"), b"new").unwrap();
+        std::fs::remove_file(sub.join("doomed")).unwrap();
+        std::fs::rename(sub.join("old-name"), sub.join("new-name")).unwrap();
+    });
+    let run = boot(
+        &d,
+        r#"
+n=0; while [ $n -lt 20 ]; do echo "before: $(ls sub | tr '\n' ' ')"; sleep 0.05; n=$((n+1)); done
+: > ready
+n=0; while [ ! -e changed ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
+t0=$(cut -d' ' -f1 /proc/uptime)
+n=0
+while [ $n -lt 100 ]; do
+  l=$(ls sub | tr '\n' ' ')
+  [ "$l" = "born keep new-name " ] && break
+  sleep 0.05; n=$((n+1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "after: $l"
+echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
+"#,
+    );
+    host.join().unwrap();
+    let out = run.script_output();
+    assert_eq!(run.exit_code, 0, "{out}\n{}", run.serial);
+    assert!(
+        out.lines()
+            .filter(|l| l.starts_with("before:"))
+            .all(|l| l == "before: doomed keep old-name "),
+        "{out}"
+    );
+    assert_eq!(line_after(&out, "after:"), "born keep new-name");
+    let cs: u64 = line_after(&out, "after-cs:").parse().unwrap();
+    assert!(cs <= 250, "took {cs} centiseconds to show:\n{out}");
+    // Each uncached pass is two READDIRPLUS (the entries, then the empty
+    // reply that ends it): the twenty passes before the change would be
+    // forty. Kept listings make most of them free.
+    let served = requests_served(&d);
+    let plus = served_count(&served, "READDIRPLUS");
+    assert!(plus < 20, "{plus} READDIRPLUS for 20+ listings: {served}");
+    eprintln!("{plus} READDIRPLUS, change seen after {cs} cs");
+}
+
 /// With --announce-submounts a filesystem mounted inside the share is a
 /// mount of its own in the guest: its own device number, its files served.
 #[test]

@@ -209,6 +209,84 @@ fn a_listing_read_a_page_at_a_time_is_whole_and_a_rewind_sees_new_entries() {
     c.releasedir(ROOT_ID, fh).unwrap();
 }
 
+/// In the coherent mode the guest may keep a listing it read whole with
+/// READDIRPLUS (KEEP_CACHE at the next OPENDIR) while the entries that pass
+/// refreshed are inside the window, and never once the host has changed
+/// the directory since.
+#[test]
+fn a_whole_fresh_listing_is_kept_until_the_host_changes_the_directory() {
+    const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+    const FOPEN_CACHE_DIR: u32 = 1 << 3;
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    for i in 0..60 {
+        std::fs::write(sub.join(format!("file-{i}")), b"").unwrap();
+    }
+    // Older than the slack the daemon allows for the coarse clock.
+    let settle = || std::thread::sleep(Duration::from_millis(60));
+    settle();
+    let mut b = start(dir.path(), &["--coherence-ms=600"]);
+    let mut c = client(&mut b);
+    let node = c.lookup(ROOT_ID, "sub").unwrap().nodeid;
+    let open = |c: &mut FuseClient| {
+        let (fh, flags) = c.opendir_flags(node).unwrap();
+        assert_ne!(flags & FOPEN_CACHE_DIR, 0, "the guest keeps what it reads");
+        (fh, flags & FOPEN_KEEP_CACHE != 0)
+    };
+    // One page at a time, to the empty reply that ends the listing.
+    let pass = |c: &mut FuseClient, fh: u64, plus: bool, until_end: bool| {
+        let mut off = 0;
+        loop {
+            let offs: Vec<u64> = if plus {
+                let b = c.readdirplus(node, fh, off, 4096).unwrap();
+                b.iter().map(|e| e.off).collect()
+            } else {
+                let b = c.readdir(node, fh, off, 4096).unwrap();
+                b.iter().map(|e| e.0).collect()
+            };
+            let Some(&last) = offs.last() else { break };
+            off = last;
+            if !until_end {
+                break;
+            }
+        }
+        c.releasedir(node, fh).unwrap();
+    };
+
+    let (fh, keep) = open(&mut c);
+    assert!(!keep, "nothing read yet");
+    pass(&mut c, fh, true, false);
+    let (fh, keep) = open(&mut c);
+    assert!(
+        !keep,
+        "a pass that stopped before the end refreshed only part"
+    );
+    pass(&mut c, fh, false, true);
+    let (fh, keep) = open(&mut c);
+    assert!(!keep, "READDIR refreshes no entry");
+    pass(&mut c, fh, true, true);
+    let (fh, keep) = open(&mut c);
+    assert!(keep, "a whole READDIRPLUS pass just now");
+    c.releasedir(node, fh).unwrap();
+
+    // The host makes an entry: the listing the guest holds is stale.
+    std::fs::write(sub.join("made-on-the-host"), b"").unwrap();
+    let (fh, keep) = open(&mut c);
+    assert!(!keep, "the host changed the directory after the pass");
+    settle();
+    pass(&mut c, fh, true, true);
+    let (fh, keep) = open(&mut c);
+    assert!(keep, "a whole pass after the change");
+    c.releasedir(node, fh).unwrap();
+
+    // Past three quarters of the window the entries' time is nearly up.
+    std::thread::sleep(Duration::from_millis(500));
+    let (fh, keep) = open(&mut c);
+    assert!(!keep, "the pass is too old");
+    c.releasedir(node, fh).unwrap();
+}
+
 /// A filesystem mounted inside the share is announced as a submount when
 /// asked (`--announce-submounts`), and only then; the share's root never is.
 #[test]

@@ -40,6 +40,13 @@ mod session;
 type Inode = u64;
 type Handle = u64;
 
+/// CLOCK_REALTIME in nanoseconds, the clock of the host's timestamps.
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
+
 fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
@@ -71,6 +78,10 @@ struct OpenFile {
     /// (Entries made after the read that found the end may or may not show
     /// in this pass, as POSIX allows; a rewind reads again.)
     dir_end: AtomicU64,
+    /// When (CLOCK_REALTIME, ns) this handle's READDIRPLUS pass from
+    /// offset 0 began (0: none, or a plain READDIR read since): see
+    /// `Node::listed`.
+    plus_from: AtomicU64,
     /// Its slot in the ledger (u32::MAX: not kept).
     slot: u32,
 }
@@ -198,6 +209,7 @@ impl OpenFile {
             file: cell,
             dir_pos: Mutex::new(()),
             dir_end: AtomicU64::new(u64::MAX),
+            plus_from: AtomicU64::new(0),
             slot,
         }
     }
@@ -451,11 +463,9 @@ impl ShareFs {
             Policy::Metadata if !dir => OpenOptions::DIRECT_IO,
             Policy::Metadata => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
             Policy::Auto => OpenOptions::empty(),
-            // A cached listing is served without READDIRPLUS, so in the
-            // coherent mode its entries would each need a LOOKUP once their
-            // window is up: keep listings uncached there and let
-            // READDIRPLUS refresh them in bulk.
-            Policy::Always if dir && self.coherent => OpenOptions::empty(),
+            // The guest keeps the listing it reads, but drops it at the next
+            // OPENDIR unless that answer adds KEEP_CACHE (see `opendir`).
+            Policy::Always if dir && self.coherent => OpenOptions::CACHE_DIR,
             Policy::Always if dir => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
             Policy::Always => OpenOptions::KEEP_CACHE,
         }
@@ -476,6 +486,7 @@ impl ShareFs {
         handle: Handle,
         size: u32,
         offset: u64,
+        plus: bool,
         add: &mut dyn FnMut(&File, &CStr, DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
         if size == 0 {
@@ -486,6 +497,16 @@ impl ShareFs {
         } else {
             Some(self.handle(inode, handle)?)
         };
+        if let (true, Some(o)) = (self.coherent, &open) {
+            // Taken before the host is read, so that a change made during
+            // the pass has a later time than its start.
+            if offset == 0 {
+                o.plus_from
+                    .store(if plus { realtime_ns() } else { 0 }, Ordering::Relaxed);
+            } else if !plus {
+                o.plus_from.store(0, Ordering::Relaxed);
+            }
+        }
         let temp;
         let dir_file: &File = match &open {
             Some(o) => o.file()?,
@@ -508,7 +529,50 @@ impl ShareFs {
             self.parse_dirents(open.as_deref(), dir_file, buf, offset, &mut add)
         });
         LISTING_CONTINUES.with(|c| c.set(added));
+        if let (true, Some(o), Ok(()), false) = (self.coherent, &open, &r, added) {
+            // An empty reply ends the pass: if it was READDIRPLUS from the
+            // start, every entry of the directory is fresh in the guest.
+            let from = o.plus_from.swap(0, Ordering::Relaxed);
+            if from != 0 {
+                if let Ok(node) = self.node(inode) {
+                    node.listed.fetch_max(from, Ordering::Relaxed);
+                }
+            }
+        }
         r
+    }
+
+    /// Whether the guest may keep its cached listing of directory `node`
+    /// (coherent mode). Only a performance choice: a cached listing is
+    /// served without READDIRPLUS, so its entries' dentries and attributes
+    /// are not refreshed; it pays off only while those from the last full
+    /// READDIRPLUS pass are still inside the window (else the guest would
+    /// LOOKUP every entry, where a new pass costs a few requests). The
+    /// listing itself must also be current: the host directory must not
+    /// have changed since shortly before that pass began (its ctime moves
+    /// with every entry made, removed or renamed in it; the slack covers
+    /// the coarse clock that stamps it). The guest checks the directory's
+    /// mtime too, at each window (AUTO_INVAL_DATA).
+    fn listing_fresh(&self, node: &Node) -> bool {
+        /// More than a tick of any kernel's coarse clock.
+        const SLACK_NS: u64 = 20_000_000;
+        let listed = node.listed.load(Ordering::Relaxed);
+        if listed == 0 {
+            return false;
+        }
+        let window = self.timeout.as_nanos().min(u128::from(u64::MAX)) as u64;
+        if realtime_ns().saturating_sub(listed) >= window / 4 * 3 {
+            return false;
+        }
+        match self.store.stat(node) {
+            Ok(sx) => {
+                let ctime = (sx.stx_ctime.tv_sec.max(0) as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(u64::from(sx.stx_ctime.tv_nsec));
+                ctime.saturating_add(SLACK_NS) < listed
+            }
+            Err(_) => false,
+        }
     }
 
     fn parse_dirents(
@@ -1309,6 +1373,10 @@ impl FileSystem for ShareFs {
             // reads them with file handle 0.
             return Err(err(libc::ENOSYS));
         }
+        let node = self.node(inode)?;
+        if !node.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
         let file = if self.lazy_dirs {
             // Opened by the first request that needs it: a guest serving
             // the listing from its cache never does, and the one that
@@ -1316,16 +1384,16 @@ impl FileSystem for ShareFs {
             // more. With DAC_READ_SEARCH the open can only fail if the
             // directory is gone, which a guest sees as a removal just
             // after its opendir.
-            let node = self.node(inode)?;
-            if !node.is_dir() {
-                return Err(err(libc::ENOTDIR));
-            }
             None
         } else {
             Some(self.open_dir_node(inode)?)
         };
+        let mut options = self.open_options(true);
+        if self.coherent && self.listing_fresh(&node) {
+            options |= OpenOptions::KEEP_CACHE;
+        }
         let h = self.add_handle(inode, file, libc::O_RDONLY | libc::O_DIRECTORY);
-        Ok((Some(h), self.open_options(true)))
+        Ok((Some(h), options))
     }
 
     fn readdir(
@@ -1337,7 +1405,9 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.read_dir(inode, handle, size, offset, &mut |_, _, e| add_entry(e))
+        self.read_dir(inode, handle, size, offset, false, &mut |_, _, e| {
+            add_entry(e)
+        })
     }
 
     fn readdirplus(
@@ -1350,7 +1420,7 @@ impl FileSystem for ShareFs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         let mut first = true;
-        self.read_dir(inode, handle, size, offset, &mut |dir, name, e| {
+        self.read_dir(inode, handle, size, offset, true, &mut |dir, name, e| {
             let found = match self.store.lookup(inode, dir.as_raw_fd(), name) {
                 Ok(f) => f,
                 // Gone since getdents: leave it out.
