@@ -561,7 +561,10 @@ impl ShareFs {
             return false;
         }
         let window = self.timeout.as_nanos().min(u128::from(u64::MAX)) as u64;
-        if realtime_ns().saturating_sub(listed) >= window / 4 * 3 {
+        let now = realtime_ns();
+        // A pass stamped in the future means the clock was set back: the
+        // ctimes of changes made since could read as older than the pass.
+        if listed > now || now - listed >= window / 4 * 3 {
             return false;
         }
         match self.store.stat(node) {
