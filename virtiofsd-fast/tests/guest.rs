@@ -236,6 +236,27 @@ fn when_guest_ready(
     })
 }
 
+/// Guest script lines: tell the host the guest is ready, wait for its
+/// change, then test the shell condition `check` every 50 ms for up to 5 s
+/// and print "seen: yes|no" and "after-cs: N", the centiseconds it took.
+fn await_host_change(check: &str) -> String {
+    format!(
+        r#"
+: > ready
+n=0; while [ ! -e changed ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
+t0=$(cut -d' ' -f1 /proc/uptime)
+seen=no; n=0
+while [ $n -lt 100 ]; do
+  if {check}; then seen=yes; break; fi
+  sleep 0.05; n=$((n+1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "seen: $seen"
+echo "after-cs: $(( ${{t1%.*}}${{t1#*.}} - ${{t0%.*}}${{t0#*.}} ))"
+"#
+    )
+}
+
 /// The guest reads `data.txt`, tells the host (through the share) it has,
 /// the host rewrites it in place, and the guest reports how long the new
 /// content took to show. Returns what the guest printed.
@@ -255,23 +276,11 @@ fn rewrite_seen_by_guest(extra: &[&str]) -> String {
         f.write_all(b"version-2\n").unwrap();
         f.sync_all().unwrap();
     });
-    let run = boot(
-        &d,
-        r#"
-echo "first: $(cat data.txt)"
-: > ready
-n=0; while [ ! -e changed ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
-t0=$(cut -d' ' -f1 /proc/uptime)
-seen=no; n=0
-while [ $n -lt 100 ]; do
-  if [ "$(cat data.txt)" = version-2 ]; then seen=yes; break; fi
-  sleep 0.05; n=$((n+1))
-done
-t1=$(cut -d' ' -f1 /proc/uptime)
-echo "seen: $seen"
-echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
-"#,
+    let script = format!(
+        "echo \"first: $(cat data.txt)\"\n{}",
+        await_host_change(r#"[ "$(cat data.txt)" = version-2 ]"#)
     );
+    let run = boot(&d, &script);
     host.join().unwrap();
     let out = run.script_output();
     assert_eq!(run.exit_code, 0, "{out}\n{}", run.serial);
@@ -320,27 +329,21 @@ fn host_create_delete_rename_chmod_show_within_the_window() {
         std::fs::set_permissions(dir.join("perm"), std::fs::Permissions::from_mode(0o600)).unwrap();
     });
     // The guest looks at everything first, so each answer is cached.
-    let run = boot(
-        &d,
+    let script = format!(
         r#"
 ls > /dev/null; cat doomed old-name perm > /dev/null; stat -c %a perm > /dev/null
 [ -e born ] || echo "before: born absent"
-: > ready
-n=0; while [ ! -e changed ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
-t0=$(cut -d' ' -f1 /proc/uptime)
-n=0
-while [ $n -lt 100 ]; do
-  if [ -e born ] && [ ! -e doomed ] && [ -e new-name ] && [ ! -e old-name ] && [ "$(stat -c %a perm)" = 600 ]; then break; fi
-  sleep 0.05; n=$((n+1))
-done
-t1=$(cut -d' ' -f1 /proc/uptime)
+{}
 echo "born: $([ -e born ] && cat born)"
 echo "doomed: $([ -e doomed ] && echo present || echo gone)"
 echo "renamed: $([ -e new-name ] && cat new-name) $([ -e old-name ] && echo old-left || echo old-gone)"
 echo "mode: $(stat -c %a perm)"
-echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
 "#,
+        await_host_change(
+            r#"[ -e born ] && [ ! -e doomed ] && [ -e new-name ] && [ ! -e old-name ] && [ "$(stat -c %a perm)" = 600 ]"#
+        )
     );
+    let run = boot(&d, &script);
     host.join().unwrap();
     let out = run.script_output();
     assert_eq!(run.exit_code, 0, "{out}\n{}", run.serial);
@@ -375,24 +378,15 @@ fn host_changes_show_in_a_listing_the_guest_keeps() {
         std::fs::remove_file(sub.join("doomed")).unwrap();
         std::fs::rename(sub.join("old-name"), sub.join("new-name")).unwrap();
     });
-    let run = boot(
-        &d,
+    let script = format!(
         r#"
 n=0; while [ $n -lt 20 ]; do echo "before: $(ls sub | tr '\n' ' ')"; sleep 0.05; n=$((n+1)); done
-: > ready
-n=0; while [ ! -e changed ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
-t0=$(cut -d' ' -f1 /proc/uptime)
-n=0
-while [ $n -lt 100 ]; do
-  l=$(ls sub | tr '\n' ' ')
-  [ "$l" = "born keep new-name " ] && break
-  sleep 0.05; n=$((n+1))
-done
-t1=$(cut -d' ' -f1 /proc/uptime)
-echo "after: $l"
-echo "after-cs: $(( ${t1%.*}${t1#*.} - ${t0%.*}${t0#*.} ))"
+{}
+echo "after: $(ls sub | tr '\n' ' ')"
 "#,
+        await_host_change(r#"[ "$(ls sub | tr '\n' ' ')" = "born keep new-name " ]"#)
     );
+    let run = boot(&d, &script);
     host.join().unwrap();
     let out = run.script_output();
     assert_eq!(run.exit_code, 0, "{out}\n{}", run.serial);
