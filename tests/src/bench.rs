@@ -155,6 +155,29 @@ pub fn warm_page_cache(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Boot `qemu` with `script` for the benchmark of backend `name`: a guest
+/// that does not come up brings the backend's output, a script that fails
+/// brings the guest's serial log.
+pub fn run_guest(
+    qemu: &crate::guest::Qemu,
+    script: &str,
+    name: &str,
+    backend: &BackendProcess,
+) -> anyhow::Result<crate::guest::GuestRun> {
+    use anyhow::Context;
+    let run = qemu
+        .run(script, Duration::from_secs(1800))
+        .with_context(|| format!("{name}: backend output:\n{}", backend.output()))?;
+    if run.exit_code != 0 {
+        anyhow::bail!(
+            "{name}: guest script failed ({}):\n{}",
+            run.exit_code,
+            run.serial
+        );
+    }
+    Ok(run)
+}
+
 /// Build (or reuse) a tree of `dirs` directories with `files` files each
 /// under `root`, named d{i}/f{j}. A stamp file records what was built.
 pub fn ensure_tree(root: &Path, dirs: usize, files: usize) -> std::io::Result<()> {

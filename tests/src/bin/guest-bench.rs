@@ -179,18 +179,8 @@ fn main() -> Result<()> {
             if dropped { "dropped" } else { "kept" }
         );
         let backend = BackendProcess::spawn(&argv, Duration::from_secs(20))?;
-        let run = Qemu::new()
-            .memory_mib(1024)
-            .fs(backend.socket(), "share")
-            .run(&script, Duration::from_secs(1800))
-            .with_context(|| format!("{name}: backend output:\n{}", backend.output()))?;
-        if run.exit_code != 0 {
-            bail!(
-                "{name}: guest script failed ({}):\n{}",
-                run.exit_code,
-                run.serial
-            );
-        }
+        let qemu = Qemu::new().memory_mib(1024).fs(backend.socket(), "share");
+        let run = bench::run_guest(&qemu, &script, name, &backend)?;
         let mut seconds = BTreeMap::new();
         for line in run.script_lines() {
             let Some((key, rest)) = line.split_once(": ") else {

@@ -203,20 +203,12 @@ fn run_backend(
     bench::warm_page_cache(image)?;
     eprintln!("guest-blk-bench: {name}: {cmd}");
     let backend = BackendProcess::spawn(&argv, Duration::from_secs(20))?;
-    let run = Qemu::new()
+    let qemu = Qemu::new()
         .memory_mib(1024)
         .cpus(cpus)
         .tool(fio)?
-        .blk(backend.socket())
-        .run(script, Duration::from_secs(1800))
-        .with_context(|| format!("{name}: backend output:\n{}", backend.output()))?;
-    if run.exit_code != 0 {
-        bail!(
-            "{name}: guest script failed ({}):\n{}",
-            run.exit_code,
-            run.serial
-        );
-    }
+        .blk(backend.socket());
+    let run = bench::run_guest(&qemu, script, name, &backend)?;
     let mut jobs = BTreeMap::new();
     let out = run.script_output();
     for (job, _) in JOBS {
