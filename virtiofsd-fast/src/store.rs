@@ -231,10 +231,19 @@ pub struct Node {
     birth: Option<(i64, u32)>,
     /// Its slot in the ledger (NO_SLOT: not kept there).
     slot: u32,
-    /// A directory's: when (CLOCK_REALTIME, ns) the last READDIRPLUS pass
-    /// that read it from the start to the end began; 0: none yet. Such a
-    /// pass refreshed every entry's dentry and attributes in the guest.
-    pub listed: AtomicU64,
+    /// A directory's last READDIRPLUS pass that read it from the start to
+    /// the end (None: none yet). Such a pass refreshed every entry's
+    /// dentry and attributes in the guest.
+    pub listed: Mutex<Option<Listed>>,
+}
+
+/// When a READDIRPLUS pass over a directory began.
+#[derive(Clone, Copy, Debug)]
+pub struct Listed {
+    /// CLOCK_REALTIME, ns.
+    pub at: u64,
+    /// The directory's ctime then, ns since the epoch.
+    pub ctime: u64,
 }
 
 /// A node the ledger does not keep.
@@ -392,7 +401,7 @@ impl Store {
             name: Mutex::new(None),
             birth: birth(&sx),
             slot,
-            listed: AtomicU64::new(0),
+            listed: Mutex::new(None),
         });
         let mut maps = self.maps.write().unwrap();
         maps.by_id.insert(id, node.clone());
@@ -418,7 +427,7 @@ impl Store {
             name: Mutex::new(None),
             birth: None,
             slot: NO_SLOT,
-            listed: AtomicU64::new(0),
+            listed: Mutex::new(None),
         });
         let mut maps = self.maps.write().unwrap();
         maps.by_id.clear();
@@ -643,7 +652,7 @@ impl Store {
             name: Mutex::new(Some((at.0, at.1.into()))),
             birth: birth(&sx),
             slot,
-            listed: AtomicU64::new(0),
+            listed: Mutex::new(None),
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);
@@ -714,7 +723,7 @@ impl Store {
             name: Mutex::new(None),
             birth: None,
             slot,
-            listed: AtomicU64::new(0),
+            listed: Mutex::new(None),
         });
         maps.by_id.insert(id, node.clone());
         maps.by_key.insert(key, id);

@@ -40,6 +40,30 @@ mod session;
 type Inode = u64;
 type Handle = u64;
 
+/// A statx's ctime in nanoseconds since the epoch (0 before it).
+fn ctime_ns(sx: &libc::statx) -> u64 {
+    (sx.stx_ctime.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(sx.stx_ctime.tv_nsec))
+}
+
+/// `ShareFs::listing_fresh` for a pass, the time `now` and the window
+/// (ns), with the directory's ctime now (None: the times alone).
+fn pass_fresh(pass: store::Listed, now: u64, window: u64, ctime: Option<u64>) -> bool {
+    // A pass stamped in the future means the clock was set back.
+    if pass.at > now || now - pass.at >= window / 4 * 3 {
+        return false;
+    }
+    // A kernel's coarse clock ticks every few ms; a filesystem that keeps
+    // whole seconds (vfat: two) shows no nanoseconds.
+    let tick = if pass.ctime % 1_000_000_000 == 0 {
+        2_000_000_000
+    } else {
+        20_000_000
+    };
+    pass.ctime.saturating_add(tick) < pass.at && ctime.is_none_or(|c| c == pass.ctime)
+}
+
 /// CLOCK_REALTIME in nanoseconds, the clock of the host's timestamps.
 fn realtime_ns() -> u64 {
     std::time::SystemTime::now()
@@ -78,10 +102,9 @@ struct OpenFile {
     /// (Entries made after the read that found the end may or may not show
     /// in this pass, as POSIX allows; a rewind reads again.)
     dir_end: AtomicU64,
-    /// When (CLOCK_REALTIME, ns) this handle's READDIRPLUS pass from
-    /// offset 0 began (0: none, or a plain READDIR read since): see
-    /// `Node::listed`.
-    plus_from: AtomicU64,
+    /// This handle's READDIRPLUS pass from offset 0, while it goes on
+    /// (None: none, or a plain READDIR read since): see `Node::listed`.
+    plus: Mutex<Option<store::Listed>>,
     /// Its slot in the ledger (u32::MAX: not kept).
     slot: u32,
 }
@@ -209,7 +232,7 @@ impl OpenFile {
             file: cell,
             dir_pos: Mutex::new(()),
             dir_end: AtomicU64::new(u64::MAX),
-            plus_from: AtomicU64::new(0),
+            plus: Mutex::new(None),
             slot,
         }
     }
@@ -497,16 +520,6 @@ impl ShareFs {
         } else {
             Some(self.handle(inode, handle)?)
         };
-        if let (true, Some(o)) = (self.coherent, &open) {
-            // Taken before the host is read, so that a change made during
-            // the pass has a later time than its start.
-            if offset == 0 {
-                o.plus_from
-                    .store(if plus { realtime_ns() } else { 0 }, Ordering::Relaxed);
-            } else if !plus {
-                o.plus_from.store(0, Ordering::Relaxed);
-            }
-        }
         let temp;
         let dir_file: &File = match &open {
             Some(o) => o.file()?,
@@ -516,6 +529,24 @@ impl ShareFs {
                 &temp
             }
         };
+        if let (true, Some(o)) = (self.coherent, &open) {
+            if offset == 0 || !plus {
+                // Time, then ctime, both before the host is read: a change
+                // made from then on leaves the directory a later ctime.
+                *o.plus.lock().unwrap() = match plus {
+                    true => {
+                        let at = realtime_ns();
+                        statx(dir_file.as_raw_fd(), c"")
+                            .ok()
+                            .map(|sx| store::Listed {
+                                at,
+                                ctime: ctime_ns(&sx),
+                            })
+                    }
+                    false => None,
+                };
+            }
+        }
         // The open directory also names its entries for the lookups of
         // READDIRPLUS: no O_PATH descriptor is needed for a listing.
         let mut added = false;
@@ -532,10 +563,9 @@ impl ShareFs {
         if let (true, Some(o), Ok(()), false) = (self.coherent, &open, &r, added) {
             // An empty reply ends the pass: if it was READDIRPLUS from the
             // start, every entry of the directory is fresh in the guest.
-            let from = o.plus_from.swap(0, Ordering::Relaxed);
-            if from != 0 {
+            if let Some(pass) = o.plus.lock().unwrap().take() {
                 if let Ok(node) = self.node(inode) {
-                    node.listed.fetch_max(from, Ordering::Relaxed);
+                    *node.listed.lock().unwrap() = Some(pass);
                 }
             }
         }
@@ -548,34 +578,21 @@ impl ShareFs {
     /// are not refreshed; it pays off only while those from the last full
     /// READDIRPLUS pass are still inside the window (else the guest would
     /// LOOKUP every entry, where a new pass costs a few requests). The
-    /// listing itself must also be current: the host directory must not
-    /// have changed since shortly before that pass began (its ctime moves
-    /// with every entry made, removed or renamed in it; the slack covers
-    /// the coarse clock that stamps it). The guest checks the directory's
-    /// mtime too, at each window (AUTO_INVAL_DATA).
+    /// listing itself must also be current: the host directory's ctime,
+    /// which moves with every entry made, removed or renamed in it, must be
+    /// the one it had when that pass began, and older than the pass by
+    /// more than a tick of the clock that stamps it (a change within the
+    /// same tick would leave it as it was). The guest checks the
+    /// directory's mtime too, at each window (AUTO_INVAL_DATA).
     fn listing_fresh(&self, node: &Node) -> bool {
-        /// More than a tick of any kernel's coarse clock.
-        const SLACK_NS: u64 = 20_000_000;
-        let listed = node.listed.load(Ordering::Relaxed);
-        if listed == 0 {
+        let Some(pass) = *node.listed.lock().unwrap() else {
             return false;
-        }
+        };
         let window = self.timeout.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let now = realtime_ns();
-        // A pass stamped in the future means the clock was set back: the
-        // ctimes of changes made since could read as older than the pass.
-        if listed > now || now - listed >= window / 4 * 3 {
-            return false;
-        }
-        match self.store.stat(node) {
-            Ok(sx) => {
-                let ctime = (sx.stx_ctime.tv_sec.max(0) as u64)
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(u64::from(sx.stx_ctime.tv_nsec));
-                ctime.saturating_add(SLACK_NS) < listed
-            }
-            Err(_) => false,
-        }
+        // The stat only once the times allow it.
+        pass_fresh(pass, realtime_ns(), window, None)
+            && matches!(self.store.stat(node), Ok(sx)
+                if pass_fresh(pass, realtime_ns(), window, Some(ctime_ns(&sx))))
     }
 
     fn parse_dirents(
@@ -1497,5 +1514,66 @@ impl FileSystem for ShareFs {
             return Err(io::Error::last_os_error());
         }
         Ok(r as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_pass_is_fresh_only_inside_the_window_with_the_directory_as_it_was() {
+        let c = 1000 * S + 123;
+        let pass = store::Listed {
+            at: 1001 * S,
+            ctime: c,
+        };
+        assert!(pass_fresh(pass, 1001 * S + 100 * MS, S, Some(c)));
+        assert!(
+            !pass_fresh(pass, 1001 * S + 750 * MS, S, Some(c)),
+            "3/4 of the window"
+        );
+        assert!(
+            !pass_fresh(pass, 1001 * S - MS, S, Some(c)),
+            "clock set back"
+        );
+        assert!(
+            !pass_fresh(pass, 1001 * S + 100 * MS, 0, Some(c)),
+            "no window"
+        );
+        assert!(
+            !pass_fresh(pass, 1001 * S + MS, S, Some(c + 1)),
+            "changed since"
+        );
+    }
+
+    #[test]
+    fn a_directory_changed_within_a_tick_of_the_pass_is_not_trusted() {
+        // ns timestamps from a coarse clock: a few ms.
+        let recent = store::Listed {
+            at: 1000 * S,
+            ctime: 1000 * S - 5 * MS,
+        };
+        assert!(!pass_fresh(recent, 1000 * S + MS, S, Some(recent.ctime)));
+        // Whole seconds: a change later in the same second (or two, on
+        // vfat) would keep this ctime.
+        let whole = store::Listed {
+            at: 1001 * S + 500 * MS,
+            ctime: 1000 * S,
+        };
+        assert!(!pass_fresh(
+            whole,
+            1001 * S + 501 * MS,
+            S,
+            Some(whole.ctime)
+        ));
+        let old = store::Listed {
+            at: 1003 * S,
+            ctime: 1000 * S,
+        };
+        assert!(pass_fresh(old, 1003 * S + MS, S, Some(old.ctime)));
     }
 }
