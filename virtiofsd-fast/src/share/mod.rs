@@ -589,10 +589,11 @@ impl ShareFs {
             return false;
         };
         let window = self.timeout.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let now = realtime_ns();
         // The stat only once the times allow it.
-        pass_fresh(pass, realtime_ns(), window, None)
+        pass_fresh(pass, now, window, None)
             && matches!(self.store.stat(node), Ok(sx)
-                if pass_fresh(pass, realtime_ns(), window, Some(ctime_ns(&sx))))
+                if pass_fresh(pass, now, window, Some(ctime_ns(&sx))))
     }
 
     fn parse_dirents(
