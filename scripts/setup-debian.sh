@@ -5,7 +5,8 @@
 #   Rust:     a toolchain >= 1.85 (rustup); Debian's own cargo is too old.
 #   Packages: QEMU (the compatibility VMM and the guest test bed), the host's
 #             cloud kernel and static busybox (the guest image is built from
-#             them), qemu-storage-daemon (the block peer), and the C libraries
+#             them), qemu-storage-daemon (the block peer), passt (the
+#             default VM's network, through net-backend), and the C libraries
 #             virtiofsd (the fs peer) builds against.
 #   Peers:    virtiofsd 1.14 from crates.io, for side-by-side tests and benches.
 #   Suites:   pjdfstest 0.2 from crates.io, the POSIX filesystem test suite.
@@ -23,6 +24,7 @@ packages=(
     busybox-static       # the guest's userland
     libseccomp-dev libcap-ng-dev pkg-config # virtiofsd's build dependencies
     iproute2             # network namespaces and taps for net tests
+    passt                # user-mode networking (no root, no tap) for net-backend
     e2fsprogs util-linux # e2fsck/debugfs check guest-made filesystems; blkdiscard, fallocate
     systemd              # systemd-analyze verifies the generated units
     xz-utils zstd        # compressed kernel modules, where the kernel has them

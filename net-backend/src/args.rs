@@ -43,7 +43,10 @@ pub struct Args {
     #[arg(long, value_name = "PATH", group = "link")]
     pub socket_listen: Option<PathBuf>,
     /// The kind of socket --socket and --socket-listen use: one frame per
-    /// SOCK_SEQPACKET message, or per SOCK_DGRAM datagram.
+    /// SOCK_SEQPACKET message, or per SOCK_DGRAM datagram; `stream`
+    /// connects (--socket) to a peer that frames them on a SOCK_STREAM
+    /// with their length, as passt does (`passt -f -s PATH`), with no
+    /// offloads for the guest.
     #[arg(long, value_enum, default_value_t = SocketType::Seqpacket)]
     pub socket_type: SocketType,
     /// The guest's MAC address.
@@ -115,6 +118,9 @@ pub enum LinkChoice {
 pub enum SocketType {
     Seqpacket,
     Dgram,
+    /// Frames behind a 4-byte big-endian length, no virtio_net_hdr: QEMU's
+    /// `-netdev stream` framing, which passt speaks (--socket only).
+    Stream,
 }
 
 /// How transmitted frames reach a tap.
@@ -137,6 +143,11 @@ pub enum ConfigError {
         "--num-queue-pairs {0} needs a tap (--tap or --tap-fd); a socket link has one queue pair"
     )]
     SocketPairs(usize),
+    #[error(
+        "--socket-type=stream connects to a peer that listens (--socket PATH, e.g. passt's \
+         socket); it cannot listen"
+    )]
+    StreamListen,
 }
 
 /// The checked configuration.
@@ -174,6 +185,9 @@ impl TryFrom<Args> for Config {
         } else if let Some(p) = a.socket {
             LinkChoice::Socket(p, a.socket_type)
         } else if let Some(p) = a.socket_listen {
+            if a.socket_type == SocketType::Stream {
+                return Err(ConfigError::StreamListen);
+            }
             LinkChoice::SocketListen(p, a.socket_type)
         } else {
             return Err(ConfigError::NoLink);

@@ -767,19 +767,24 @@ impl VhostUserBackend for NetBackend {
 
     fn features(&self) -> u64 {
         let mq = if self.pairs.len() > 1 { feature::MQ } else { 0 };
+        let offloads = if self.pairs.iter().all(|p| p.link.offloads()) {
+            feature::CSUM
+                | feature::GUEST_CSUM
+                | feature::GUEST_TSO4
+                | feature::GUEST_TSO6
+                | feature::GUEST_ECN
+                | feature::HOST_TSO4
+                | feature::HOST_TSO6
+                | feature::HOST_ECN
+        } else {
+            0
+        };
         feature::VERSION_1
             | feature::MAC
             | feature::MTU
             | feature::STATUS
             | feature::MRG_RXBUF
-            | feature::CSUM
-            | feature::GUEST_CSUM
-            | feature::GUEST_TSO4
-            | feature::GUEST_TSO6
-            | feature::GUEST_ECN
-            | feature::HOST_TSO4
-            | feature::HOST_TSO6
-            | feature::HOST_ECN
+            | offloads
             | feature::CTRL_VQ
             | mq
             | feature::INDIRECT_DESC

@@ -1,7 +1,7 @@
 //! net-backend: a vhost-user virtio-net backend, one process per NIC.
 //!
 //! - [`args`]: the command line, turned into a [`Config`].
-//! - [`link`]: where frames go (a tap, or a SOCK_SEQPACKET peer).
+//! - [`link`]: where frames go (a tap, or a socket peer such as passt).
 //! - [`backend`]: the queue pair to the link and back.
 //! - [`uring`]: batched transmit into a tap through a locked-down io_uring.
 
@@ -139,6 +139,12 @@ fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
                 (Some(libc::EPROTOTYPE), SocketType::Dgram) => {
                     " (that socket is not SOCK_DGRAM: leave out --socket-type=dgram for a SOCK_SEQPACKET one)"
                 }
+                (Some(libc::EPROTOTYPE), SocketType::Stream) => {
+                    " (that socket is not SOCK_STREAM: leave out --socket-type=stream for a SOCK_SEQPACKET one)"
+                }
+                (_, SocketType::Stream) => {
+                    " (the peer must be listening there, e.g. passt -f -s PATH)"
+                }
                 _ => " (the peer must be listening there, e.g. net-backend --socket-listen)",
             };
             let l: Arc<dyn link::Link> = match kind {
@@ -146,6 +152,9 @@ fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
                     RunError::Link { what: what.clone(), hint: hint(&source), source }
                 })?),
                 SocketType::Dgram => Arc::new(link::Dgram::connect(p).map_err(|source| {
+                    RunError::Link { what: what.clone(), hint: hint(&source), source }
+                })?),
+                SocketType::Stream => Arc::new(link::Stream::connect(p).map_err(|source| {
                     RunError::Link { what: what.clone(), hint: hint(&source), source }
                 })?),
             };
@@ -160,6 +169,13 @@ fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
                 SocketType::Dgram => Arc::new(link::Dgram::bind(p).map_err(|source| {
                     RunError::Link { what: what.clone(), hint: "", source }
                 })?),
+                SocketType::Stream => {
+                    return Err(RunError::Link {
+                        what,
+                        hint: " (a stream link connects: use --socket)",
+                        source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+                    })
+                }
             };
             vec![l]
         }

@@ -1,11 +1,10 @@
 //! Where frames go: a tap device (one queue per queue pair), a
-//! SOCK_SEQPACKET peer, or a datagram socket. All carry each frame behind
+//! SOCK_SEQPACKET peer, a datagram socket, or a stream peer such as passt
+//! (a user-mode network). All but the stream carry each frame behind
 //! the 12-byte virtio_net_hdr the guest uses, so frames move between guest
 //! memory and the link with one copy (the kernel's), through readv/writev
 //! or sendmsg/recvmsg on iovecs into guest memory; a tap can take a batch
 //! of transmitted frames in one io_uring submission instead.
-//!
-//! A third kind of link (a user-mode NAT) implements [`Link`] the same way.
 
 use std::ffi::CString;
 use std::io;
@@ -53,6 +52,12 @@ pub trait Link: Send + Sync {
     /// none is waiting, `NotConnected` when the link is gone, `InvalidData`
     /// when a frame larger than `iov` was consumed.
     fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize>;
+    /// Whether frames keep their virtio_net_hdr across the link, so the
+    /// guest may hand it partial checksums and large segments (false: the
+    /// device offers no offloads).
+    fn offloads(&self) -> bool {
+        true
+    }
     /// Tell the link which offloads the guest accepts.
     fn set_offloads(&self, _flags: u32) -> io::Result<()> {
         Ok(())
@@ -842,6 +847,261 @@ impl Link for Dgram {
                 ));
             }
             return Ok(n);
+        }
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The largest Ethernet frame a stream peer may announce: the device's
+/// largest frame without its virtio_net_hdr.
+const STREAM_FRAME_MAX: usize = crate::backend::MAX_FRAME - VNET_HDR_LEN;
+/// The smallest: an Ethernet header.
+const STREAM_FRAME_MIN: usize = 14;
+
+/// A SOCK_STREAM peer that puts each Ethernet frame behind its length, a
+/// 32-bit big-endian count of bytes: the framing of QEMU's `-netdev stream`,
+/// which passt (a user-mode network that needs no privilege) speaks. The
+/// frames carry no virtio_net_hdr there, so the header is taken off on the
+/// way out and a plain one put on the way in; the device offers the guest no
+/// offloads on this link ([`Link::offloads`]), so it has none to lose.
+///
+/// A frame the socket took only part of is finished before the next one
+/// goes; the peer closing, or announcing a length no frame has (the stream
+/// is out of step), ends the link.
+pub struct Stream {
+    fd: OwnedFd,
+    name: String,
+    tx: Mutex<StreamTx>,
+    rx: Mutex<StreamRx>,
+}
+
+struct StreamTx {
+    /// The unsent end of a frame the socket took only part of.
+    pending: Vec<u8>,
+    iov: Vec<libc::iovec>,
+}
+
+struct StreamRx {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+// SAFETY: the iovec scratch holds no pointers between calls (cleared after
+// each send), and the rest is plain data.
+unsafe impl Send for StreamTx {}
+
+impl Stream {
+    /// Connect to the peer listening at `path`.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let fd = unix_socket(libc::SOCK_STREAM)?;
+        connect(&fd, path)?;
+        Ok(Self::from_fd(fd, path.display().to_string()))
+    }
+
+    /// A connected stream socket.
+    pub fn from_fd(fd: OwnedFd, name: String) -> Self {
+        Stream {
+            fd,
+            name,
+            tx: Mutex::new(StreamTx {
+                pending: Vec::new(),
+                iov: Vec::with_capacity(8),
+            }),
+            rx: Mutex::new(StreamRx {
+                buf: vec![0u8; 2 * (4 + STREAM_FRAME_MAX)].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            }),
+        }
+    }
+
+    /// Stop using the socket for good (both ways), so the next call on
+    /// the link fails at once.
+    fn broken(&self, why: String) -> io::Error {
+        // SAFETY: shutdown on our own socket.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        io::Error::new(io::ErrorKind::NotConnected, why)
+    }
+
+    /// Send `bytes` without blocking; how many went.
+    fn send_some(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        send_frame(self.fd.as_raw_fd(), iov)
+    }
+}
+
+impl StreamTx {
+    /// Send what is left of a frame; whether it is all gone.
+    fn flush(&mut self, link: &Stream) -> io::Result<bool> {
+        while !self.pending.is_empty() {
+            let iov = [libc::iovec {
+                iov_base: self.pending.as_mut_ptr().cast(),
+                iov_len: self.pending.len(),
+            }];
+            match link.send_some(&iov) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Copy `bytes` into `iov` from byte `at` of it on; the bytes copied.
+///
+/// # Safety
+/// Every iovec must describe memory writable for its length.
+unsafe fn copy_into_iov(iov: &[libc::iovec], mut at: usize, mut bytes: &[u8]) -> usize {
+    let mut copied = 0;
+    for v in iov {
+        if bytes.is_empty() {
+            break;
+        }
+        if at >= v.iov_len {
+            at -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - at).min(bytes.len());
+        // SAFETY: within the iovec (the caller's contract) and `bytes`;
+        // guest memory never overlaps our buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.iov_base.cast::<u8>().add(at), n)
+        };
+        bytes = &bytes[n..];
+        copied += n;
+        at = 0;
+    }
+    copied
+}
+
+impl Link for Stream {
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+    fn offloads(&self) -> bool {
+        false
+    }
+    fn send(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let len = total.saturating_sub(VNET_HDR_LEN);
+        if !(STREAM_FRAME_MIN..=STREAM_FRAME_MAX).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a frame of {len} bytes"),
+            ));
+        }
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if !tx.flush(self)? {
+            // The socket is full: dropped, as on a busy wire.
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        let mut head = (len as u32).to_be_bytes();
+        let tx = &mut *tx;
+        tx.iov.clear();
+        tx.iov.push(libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        });
+        // The frame without its virtio_net_hdr.
+        let mut skip = VNET_HDR_LEN;
+        for v in iov {
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            tx.iov.push(libc::iovec {
+                // SAFETY: within the caller's iovec.
+                iov_base: unsafe { v.iov_base.cast::<u8>().add(skip) }.cast(),
+                iov_len: v.iov_len - skip,
+            });
+            skip = 0;
+        }
+        let sent = self.send_some(&tx.iov);
+        let r = match sent {
+            Ok(n) if n == 4 + len => Ok(total),
+            Ok(n) => {
+                // Keep the rest: the frame is in the stream, and must end
+                // before another begins.
+                let mut rest = Vec::with_capacity(4 + len - n);
+                let mut at = n;
+                for v in &tx.iov {
+                    if at >= v.iov_len {
+                        at -= v.iov_len;
+                        continue;
+                    }
+                    // SAFETY: within the iovec, which is mapped for this call.
+                    rest.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(v.iov_base.cast::<u8>().add(at), v.iov_len - at)
+                    });
+                    at = 0;
+                }
+                tx.pending = rest;
+                Ok(total)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                Err(self.broken(format!("the peer closed the connection ({e})")))
+            }
+            Err(e) => Err(e),
+        };
+        tx.iov.clear();
+        r
+    }
+    fn recv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = &mut *rx;
+        loop {
+            let have = rx.end - rx.start;
+            if have >= 4 {
+                let mut head = [0u8; 4];
+                head.copy_from_slice(&rx.buf[rx.start..rx.start + 4]);
+                let len = u32::from_be_bytes(head) as usize;
+                if !(STREAM_FRAME_MIN..=STREAM_FRAME_MAX).contains(&len) {
+                    return Err(self.broken(format!(
+                        "the peer announced a frame of {len} bytes: the stream is out of step"
+                    )));
+                }
+                if have >= 4 + len {
+                    let frame = rx.start + 4..rx.start + 4 + len;
+                    rx.start = frame.end;
+                    let room: usize = iov.iter().map(|v| v.iov_len).sum();
+                    if room < VNET_HDR_LEN + len {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "frame larger than the buffers",
+                        ));
+                    }
+                    // SAFETY: the caller's iovecs are writable guest memory.
+                    unsafe {
+                        copy_into_iov(iov, 0, &[0u8; VNET_HDR_LEN]);
+                        copy_into_iov(iov, VNET_HDR_LEN, &rx.buf[frame]);
+                    }
+                    return Ok(VNET_HDR_LEN + len);
+                }
+            }
+            // Room for the whole of the next frame after what is held.
+            if rx.start > 0 && rx.buf.len() - rx.start < 4 + STREAM_FRAME_MAX {
+                rx.buf.copy_within(rx.start..rx.end, 0);
+                rx.end -= rx.start;
+                rx.start = 0;
+            }
+            let end = rx.end;
+            let free = &mut rx.buf[end..];
+            // SAFETY: reading into our own buffer, within its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), free.as_mut_ptr().cast(), free.len(), 0) };
+            match rc(n) {
+                Ok(0) => return Err(self.broken("the peer closed the connection".into())),
+                Ok(n) => rx.end += n,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                    return Err(self.broken(format!("the peer reset the connection ({e})")))
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     fn name(&self) -> &str {

@@ -6,56 +6,15 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use tests::frontend::BackendProcess;
 use tests::guest::{self, Qemu};
+use tests::net::Netns;
 
 const SIZE: usize = 64 << 20;
-
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Option<Netns> {
-        let ok = Command::new("ip")
-            .args(["netns", "add", name])
-            .status()
-            .ok()?
-            .success();
-        ok.then(|| Netns(name.to_string()))
-    }
-    fn exec(&self, args: &[&str]) {
-        let st = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip netns exec {} {args:?}", self.0);
-    }
-    /// Run `f` on a thread inside the namespace.
-    fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread only, with a namespace fd.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// The value a guest script printed as `KEY=value` (`key` includes the
 /// `=`); a missing one fails the test with the output and `also()`.

@@ -215,6 +215,93 @@ impl NetClient {
     }
 }
 
+/// A network namespace made with `ip netns add` (root only), deleted on
+/// drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// None where `ip netns add` fails (not root, no iproute2).
+    pub fn new(name: &str) -> Option<Netns> {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Netns(name.to_string()))
+    }
+
+    /// A namespace whose default route leaves through a veth pair (both
+    /// ends inside it, 192.0.2.2/24 via 192.0.2.1): an uplink as a host
+    /// has one, going nowhere, which is what passt needs to start.
+    pub fn with_uplink(name: &str) -> Option<Netns> {
+        let ns = Netns::new(name)?;
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns.exec(&[
+            "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+        ]);
+        ns.exec(&["ip", "link", "set", "up1", "up"]);
+        ns.exec(&["ip", "link", "set", "up0", "up"]);
+        ns.exec(&["ip", "addr", "add", "192.0.2.2/24", "dev", "up0"]);
+        ns.exec(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
+        Some(ns)
+    }
+
+    /// Run `args` inside the namespace; it must succeed.
+    pub fn exec(&self, args: &[&str]) {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns exec {} {args:?}", self.0);
+    }
+
+    /// Run `f` on a thread inside the namespace (what it spawns is in the
+    /// namespace too).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// A network namespace with an uplink, for a test that runs passt (or
+/// what starts it) inside: None, with the reason, where that cannot be
+/// had (under the rule of [`crate::require`]).
+pub fn netns_for_passt(tag: &str) -> Option<Netns> {
+    crate::require_program("passt", "apt-get install passt")?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        crate::require::<()>(Err("a network namespace for passt needs root".into()));
+        return None;
+    }
+    let name = format!("vmm{tag}{}", std::process::id() % 100_000);
+    let ns = Netns::with_uplink(&name);
+    if ns.is_none() {
+        crate::require::<()>(Err(
+            "`ip netns add` failed (apt-get install iproute2)".into()
+        ));
+    }
+    ns
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
