@@ -121,6 +121,8 @@ pub struct Net {
     pub tap: Option<String>,
     pub socket: Option<PathBuf>,
     pub listen: Option<PathBuf>,
+    pub user: Option<bool>,
+    pub tcp_forward: Option<Vec<String>>,
     pub mac: Option<String>,
     pub queues: Option<u16>,
 }
@@ -160,6 +162,11 @@ pub enum NetLink {
     Socket(PathBuf),
     /// Listen at this path for a peer (another VM's `socket`).
     Listen(PathBuf),
+    /// A user-mode network through passt (no root, no tap): the guest is
+    /// 10.0.2.15/24, the host's loopback answers at the gateway 10.0.2.2,
+    /// DNS at 10.0.2.3; host TCP ports forwarded to the guest, in passt's
+    /// `-t` form (`8080:80`: host 8080 to guest 80).
+    User { tcp_forward: Vec<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +356,33 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
     let mut net = Vec::new();
     for (i, n) in raw.net.iter().enumerate() {
         let v = n.get_ref();
+        let user = v.user.unwrap_or(false);
+        if v.tcp_forward.is_some() && !user {
+            return Err(loc.at(
+                n.span(),
+                format!("net[{i}].tcp_forward: only for a user-mode NIC (user = true)"),
+            ));
+        }
         let link = match (&v.tap, &v.socket, &v.listen) {
+            (None, None, None) if user => {
+                let tcp_forward = v.tcp_forward.clone().unwrap_or_default();
+                if let Some(bad) = tcp_forward.iter().find(|f| !port_forward_ok(f)) {
+                    return Err(loc.at(
+                        n.span(),
+                        format!(
+                            "net[{i}].tcp_forward: `{bad}` is not HOST[:GUEST] ports \
+                             (1-65535, or ranges like 8000-8010), e.g. \"8080:80\""
+                        ),
+                    ));
+                }
+                NetLink::User { tcp_forward }
+            }
+            _ if user => {
+                return Err(loc.at(
+                    n.span(),
+                    format!("net[{i}]: one of tap, socket, listen or user, not several"),
+                ))
+            }
             (Some(t), None, None) if t.is_empty() || t.len() > 15 => {
                 return Err(loc.at(n.span(), format!("net[{i}].tap: 1 to 15 bytes")))
             }
@@ -365,7 +398,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
             _ => {
                 return Err(loc.at(
                     n.span(),
-                    format!("net[{i}]: one of tap, socket or listen, not several"),
+                    format!("net[{i}]: one of tap, socket, listen or user, not several"),
                 ))
             }
         };
@@ -442,6 +475,21 @@ fn memory_mib(m: &Memory) -> Option<u64> {
 }
 
 /// `~/x` from $HOME, relative paths from the config's directory.
+/// A port forward as passt takes it: a port or range on the host, and
+/// optionally `:` and the port or range on the guest (ranges of one size).
+fn port_forward_ok(spec: &str) -> bool {
+    let range = |r: &str| -> Option<(u16, u16)> {
+        let (a, b) = r.split_once('-').unwrap_or((r, r));
+        let (a, b) = (a.parse::<u16>().ok()?, b.parse::<u16>().ok()?);
+        (a >= 1 && a <= b).then_some((a, b))
+    };
+    let (host, guest) = spec.split_once(':').unwrap_or((spec, spec));
+    match (range(host), range(guest)) {
+        (Some((a, b)), Some((c, d))) => b - a == d - c,
+        _ => false,
+    }
+}
+
 fn expand(p: &Path, base: &Path) -> PathBuf {
     if let Ok(rest) = p.strip_prefix("~") {
         if let Some(home) = std::env::var_os("HOME") {
@@ -544,9 +592,32 @@ mod tests {
         let e = check("[vm]\n[[net]]\nqueues = 17\n").unwrap_err();
         assert!(e.message.contains("1 to 16"), "{e}");
         let e = check("[vm]\n[[net]]\ntap = \"a\"\nsocket = \"/b\"\n").unwrap_err();
-        assert!(e.message.contains("one of tap, socket or listen"), "{e}");
+        assert!(
+            e.message.contains("one of tap, socket, listen or user"),
+            "{e}"
+        );
         let e = check("[vm]\n[[net]]\nmac = \"nope\"\n").unwrap_err();
         assert!(e.message.contains("net[0].mac"), "{e}");
+
+        let c = check("[vm]\n[[net]]\nuser = true\ntcp_forward = [\"8080:80\", \"9000-9002\"]\n")
+            .unwrap();
+        assert_eq!(
+            c.net[0].link,
+            NetLink::User {
+                tcp_forward: vec!["8080:80".into(), "9000-9002".into()]
+            }
+        );
+        for bad in ["0", "80:", "x", "10-5", "8000-8002:80-81", "70000"] {
+            let e = check(&format!(
+                "[vm]\n[[net]]\nuser = true\ntcp_forward = [\"{bad}\"]\n"
+            ))
+            .unwrap_err();
+            assert!(e.message.contains("tcp_forward"), "{bad}: {e}");
+        }
+        let e = check("[vm]\n[[net]]\ntap = \"a\"\nuser = true\n").unwrap_err();
+        assert!(e.message.contains("not several"), "{e}");
+        let e = check("[vm]\n[[net]]\ntap = \"a\"\ntcp_forward = [\"22\"]\n").unwrap_err();
+        assert!(e.message.contains("user = true"), "{e}");
     }
 
     #[test]

@@ -480,6 +480,7 @@ impl Qemu {
         self.device("-netdev", format!("user,id={id}"));
         self.nic(&id);
         self.kernel_arg("testbed.ip=10.0.2.15/24,10.0.2.2")
+            .kernel_arg("testbed.dns=10.0.2.3")
     }
 
     /// Appends to the kernel command line (e.g. `testbed.fs=TAG:PATH`).

@@ -5,6 +5,11 @@
 //! path and the VMM's reconnect finds it. A backend is ready when it sends
 //! `READY=1` to its notify socket (never a fixed sleep). One that dies is
 //! restarted with bounded exponential backoff while the VM keeps running.
+//!
+//! A helper (passt, the user-mode network a NIC's backend talks to) is
+//! supervised the same way but gets no socket: it makes its own, and is
+//! ready when that appears. The backend that uses it starts again after it
+//! does, since the connection it held died with the old helper.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -26,11 +31,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A backend that ran this long before dying starts again from the
 /// shortest delay.
 const STABLE: Duration = Duration::from_secs(30);
+/// How long a restarted helper gets to make its socket before the device
+/// that uses it starts again.
+const HELPER_SETTLE: Duration = Duration::from_millis(300);
 /// How long a backend may take to report readiness.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What to run for one device.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DeviceSpec {
     /// "fs0", "blk0", ...
     pub name: String,
@@ -42,6 +50,12 @@ pub struct DeviceSpec {
     /// A tap the supervisor opens, with this many queues, and hands over
     /// as fds 4, 5, ... (`--tap-fd=4,5,...`).
     pub open_tap: Option<(String, u16)>,
+    /// A helper, not a vhost-user backend: no socket or `--fd` is given
+    /// to it, and it is ready once it has made this one.
+    pub ready_path: Option<PathBuf>,
+    /// The helper this device talks to: when that starts again, so does
+    /// this.
+    pub follows: Option<String>,
 }
 
 impl DeviceSpec {
@@ -49,7 +63,9 @@ impl DeviceSpec {
     pub fn command_line(&self) -> Vec<String> {
         let mut v = vec![self.program.display().to_string()];
         v.extend(self.args.iter().cloned());
-        v.push(format!("--fd={LISTEN_FD}"));
+        if self.ready_path.is_none() {
+            v.push(format!("--fd={LISTEN_FD}"));
+        }
         v
     }
 }
@@ -76,7 +92,8 @@ pub enum SuperviseError {
 struct Device {
     spec: DeviceSpec,
     socket: PathBuf,
-    listener: UnixListener,
+    /// None for a helper.
+    listener: Option<UnixListener>,
     notify: UnixDatagram,
     notify_path: PathBuf,
     log_path: PathBuf,
@@ -134,11 +151,17 @@ impl Supervisor {
                 source,
             }
         };
-        let socket = self.state.socket(&spec.name);
+        let socket = match &spec.ready_path {
+            Some(p) => p.clone(),
+            None => self.state.socket(&spec.name),
+        };
         // A socket left by an orchestrator that was killed: ours now (the
         // state lock says nobody else is using it).
         let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket).map_err(io("binding its socket"))?;
+        let listener = match spec.ready_path {
+            Some(_) => None,
+            None => Some(UnixListener::bind(&socket).map_err(io("binding its socket"))?),
+        };
         let notify_path = self.state.notify(&spec.name);
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).map_err(io("binding its notify socket"))?;
@@ -181,6 +204,7 @@ impl Supervisor {
     /// every few hundred milliseconds.
     pub fn poll(&mut self) {
         let mut changed = false;
+        let mut restarted_helpers: Vec<String> = Vec::new();
         for d in &mut self.devices {
             if let Some(child) = &mut d.child {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -207,11 +231,40 @@ impl Supervisor {
             if d.child.is_none() && !d.held && d.restart_at.is_some_and(|t| Instant::now() >= t) {
                 d.restart_at = None;
                 d.restarts += 1;
-                if let Err(e) = spawn(d, self.echo) {
-                    log_line(&d.log, true, &d.spec.name, &format!("orchestrator: {e}"));
-                    d.restart_at = Some(Instant::now() + d.backoff);
+                match spawn(d, self.echo) {
+                    Err(e) => {
+                        log_line(&d.log, true, &d.spec.name, &format!("orchestrator: {e}"));
+                        d.restart_at = Some(Instant::now() + d.backoff);
+                    }
+                    Ok(()) if d.spec.ready_path.is_some() => {
+                        restarted_helpers.push(d.spec.name.clone())
+                    }
+                    Ok(()) => {}
                 }
                 changed = true;
+            }
+        }
+        for helper in restarted_helpers {
+            for d in self
+                .devices
+                .iter_mut()
+                .filter(|d| d.spec.follows.as_deref() == Some(helper.as_str()) && !d.held)
+            {
+                log_line(
+                    &d.log,
+                    true,
+                    &d.spec.name,
+                    &format!(
+                        "orchestrator: {helper} started again; so does {}",
+                        d.spec.name
+                    ),
+                );
+                if let Some(c) = d.child.take() {
+                    stop_child(c, Duration::from_secs(5));
+                }
+                d.backoff = BACKOFF_MIN;
+                // Once the helper has made its socket again.
+                d.restart_at = Some(Instant::now() + HELPER_SETTLE);
             }
         }
         if changed {
@@ -224,6 +277,13 @@ impl Supervisor {
     /// [`Supervisor::release`] hands it back.
     pub fn hold(&mut self, device: &str) -> Result<(std::os::fd::OwnedFd, Vec<String>), String> {
         let d = self.find(device)?;
+        if d.listener.is_none() {
+            return Err(format!(
+                "{device} is a helper ({}), not a vhost-user backend: attach to the device that \
+                 uses it, or see `orchestrator logs {device}`",
+                d.spec.program.display()
+            ));
+        }
         if d.held {
             return Err(format!("{device} is already attached elsewhere"));
         }
@@ -234,6 +294,8 @@ impl Supervisor {
         }
         let fd = d
             .listener
+            .as_ref()
+            .ok_or_else(|| format!("{device} has no socket"))?
             .try_clone()
             .map_err(|e| format!("duplicating {device}'s socket: {e}"))?;
         let cmd = d.spec.command_line();
@@ -372,17 +434,23 @@ fn stop_child(mut c: Child, grace: Duration) {
 
 /// Start the device's process with its listening socket at [`LISTEN_FD`].
 fn spawn(d: &mut Device, echo: bool) -> Result<(), SuperviseError> {
-    let listen = d.listener.as_raw_fd();
+    let listen = d.listener.as_ref().map(|l| l.as_raw_fd());
     let extra: Vec<(RawFd, RawFd)> = d
         .spec
         .pass_fds
         .iter()
         .map(|(fd, at)| (fd.as_raw_fd(), *at))
         .collect();
+    if let Some(p) = &d.spec.ready_path {
+        // The dead helper's socket: ready means the new one made its own.
+        let _ = std::fs::remove_file(p);
+    }
     let mut cmd = Command::new(&d.spec.program);
-    cmd.args(&d.spec.args)
-        .arg(format!("--fd={LISTEN_FD}"))
-        .env("NOTIFY_SOCKET", &d.notify_path)
+    cmd.args(&d.spec.args);
+    if listen.is_some() {
+        cmd.arg(format!("--fd={LISTEN_FD}"));
+    }
+    cmd.env("NOTIFY_SOCKET", &d.notify_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -391,13 +459,19 @@ fn spawn(d: &mut Device, echo: bool) -> Result<(), SuperviseError> {
     unsafe {
         cmd.pre_exec(move || {
             crate::unblock_signals_in_child()?;
-            if listen == LISTEN_FD {
-                let flags = libc::fcntl(listen, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(listen, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            match listen {
+                Some(LISTEN_FD) => {
+                    let flags = libc::fcntl(LISTEN_FD, libc::F_GETFD);
+                    if flags < 0
+                        || libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Some(fd) if libc::dup2(fd, LISTEN_FD) < 0 => {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(listen, LISTEN_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+                _ => {}
             }
             for &(fd, at) in &extra {
                 if fd == at {
@@ -477,6 +551,12 @@ fn wait_ready(d: &mut Device) -> Result<(), SuperviseError> {
     let _ = d.notify.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = [0u8; 256];
     loop {
+        if let Some(p) = &d.spec.ready_path {
+            if p.exists() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Ok(n) = d.notify.recv(&mut buf) {
             if String::from_utf8_lossy(&buf[..n])
                 .lines()

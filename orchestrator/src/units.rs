@@ -8,6 +8,10 @@
 //!   their sandbox, hence `NotifyAccess=all`) and `Restart=always`.
 //! - The VMM wants the backends and starts after them, but is not bound to
 //!   them: a backend restart does not take the VM down.
+//! - A helper (passt, for a user-mode NIC) is a plain service that makes
+//!   its own socket; the backend that uses it requires it, starts after it
+//!   and is restarted with it (`PartOf=`), since its connection dies with
+//!   the old helper. passt confines itself, so it gets no hardening here.
 //! - Hardening fitted to each device: no new privileges, a read-only
 //!   system, only Unix sockets, and only the capabilities its own sandbox
 //!   needs to set itself up (then it drops them).
@@ -68,6 +72,25 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
     for spec in specs {
         let dev = &spec.name;
         let base = format!("vmm-{vm}-{dev}");
+        if spec.ready_path.is_some() {
+            let mut words = vec![spec.program.display().to_string()];
+            words.extend(spec.args.iter().cloned());
+            units.push(Unit {
+                name: format!("{base}.service"),
+                text: format!(
+                    "[Unit]\nDescription=vmm {vm}: {dev} ({})\nPartOf={target}\n\n\
+                     [Service]\nType=simple\nExecStart={}\nRestart=always\nRestartSec=100ms\n\n\
+                     [Install]\nWantedBy={target}\n",
+                    spec.program
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    exec(&words),
+                ),
+            });
+            services.push(format!("{base}.service"));
+            continue;
+        }
         let socket = run_dir.join(format!("{dev}.sock"));
         units.push(Unit {
             name: format!("{base}.socket"),
@@ -95,9 +118,18 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
             .filter_map(|a| a.strip_prefix("--state-file=").map(PathBuf::from))
             .collect();
         let mut s = String::new();
+        // The helper it talks to, if any.
+        let helper = spec
+            .follows
+            .as_ref()
+            .map(|h| {
+                let h = format!("vmm-{vm}-{h}.service");
+                format!("Requires={h}\nAfter={h}\nPartOf={h}\n")
+            })
+            .unwrap_or_default();
         let _ = write!(
             s,
-            "[Unit]\nDescription=vmm {vm}: {dev} backend\nPartOf={target}\n\
+            "[Unit]\nDescription=vmm {vm}: {dev} backend\nPartOf={target}\n{helper}\
              Requires={base}.socket\nAfter={base}.socket\n\n\
              [Service]\nType=notify\nNotifyAccess=all\nExecStart={}\n\
              Restart=always\nRestartSec=100ms\n\
@@ -257,6 +289,15 @@ pub fn launchd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
         let label = format!("dev.vmm.{vm}.{}", spec.name);
         let mut args = vec![spec.program.display().to_string()];
         args.extend(spec.args.iter().cloned());
+        if spec.ready_path.is_some() {
+            // A helper: its own socket, its own confinement.
+            let log = run_dir.join(format!("{}.log", spec.name));
+            units.push(Unit {
+                name: format!("{label}.plist"),
+                text: plist(&label, &args, &log),
+            });
+            continue;
+        }
         args.push(format!(
             "--socket-path={}",
             run_dir.join(format!("{}.sock", spec.name)).display()
@@ -302,6 +343,7 @@ mod launchd_tests {
             args: vec!["--image=/tmp/a&b <disk>.img".into()],
             pass_fds: Vec::new(),
             open_tap: None,
+            ..Default::default()
         }];
         let units = launchd(&cfg, &specs, Path::new("/tmp/vmm/mac"), &["qemu".into()]);
         assert_eq!(units.len(), 2);

@@ -29,6 +29,11 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "net{0}: user = true needs passt, which is not installed (apt-get install passt), \
+         or give the NIC a tap instead"
+    )]
+    NoPasst(usize),
     #[error("creating the scratch disk {path}: {source}")]
     Scratch {
         path: PathBuf,
@@ -91,9 +96,84 @@ pub fn device_specs(cfg: &VmConfig, state_root: &Path) -> Result<Vec<DeviceSpec>
         v.push(blk_spec(i, b)?);
     }
     for (i, n) in cfg.net.iter().enumerate() {
-        v.push(net_spec(i, n)?);
+        let mut spec = net_spec(i, n)?;
+        if let NetLink::User { tcp_forward } = &n.link {
+            let socket = state_root.join(format!("net{i}-nat.passt.sock"));
+            let helper = passt_spec(i, tcp_forward, &socket)?;
+            spec.args.extend([
+                format!("--socket={}", socket.display()),
+                "--socket-type=stream".into(),
+                format!("--mtu={USER_MTU}"),
+            ]);
+            spec.follows = Some(helper.name.clone());
+            v.push(helper);
+        }
+        v.push(spec);
     }
     Ok(v)
+}
+
+/// The guest's side of a user-mode network, as QEMU's own user-mode
+/// network lays it out.
+pub const USER_GUEST_IP: &str = "10.0.2.15/24";
+pub const USER_GATEWAY: &str = "10.0.2.2";
+pub const USER_DNS: &str = "10.0.2.3";
+/// passt's own default MTU: large frames make up for the offloads a
+/// stream link cannot carry.
+const USER_MTU: u16 = 65520;
+
+/// passt, serving NIC `i`'s user-mode network at `socket`.
+fn passt_spec(i: usize, tcp_forward: &[String], socket: &Path) -> Result<DeviceSpec, VmError> {
+    let program = crate::find_program("passt").ok_or(VmError::NoPasst(i))?;
+    // SAFETY: getuid and getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut args: Vec<String> = vec![
+        // In the foreground, logging to stderr (the device's log).
+        "--foreground".into(),
+        "--stderr".into(),
+        // As whoever runs the VM (passt would switch root to nobody, who
+        // cannot make its socket in the VM's state directory); it confines
+        // itself either way.
+        format!("--runas={uid}:{gid}"),
+        format!("--socket={}", socket.display()),
+        "--address".into(),
+        USER_GUEST_IP.split('/').next().unwrap_or_default().into(),
+        "--netmask".into(),
+        "24".into(),
+        "--gateway".into(),
+        USER_GATEWAY.into(),
+        "--dns-forward".into(),
+        USER_DNS.into(),
+        format!("--mtu={USER_MTU}"),
+        "--udp-ports=none".into(),
+    ];
+    if tcp_forward.is_empty() {
+        args.push("--tcp-ports=none".into());
+    }
+    args.extend(tcp_forward.iter().map(|f| format!("--tcp-ports={f}")));
+    Ok(DeviceSpec {
+        name: format!("net{i}-nat"),
+        program,
+        args,
+        ready_path: Some(socket.to_path_buf()),
+        ..Default::default()
+    })
+}
+
+/// Whether this host has a default route (passt takes its addresses and
+/// routes from the interface that has one, and will not start without).
+pub fn has_default_route() -> bool {
+    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let v4 = v4.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 7 && f[1] == "00000000" && f[7] == "00000000"
+    });
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    let v6 = v6.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() == 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00" && f[9] != "lo"
+    });
+    v4 || v6
 }
 
 /// Where a net backend finds its tap: one queue per fd from here on.
@@ -115,6 +195,8 @@ fn net_spec(i: usize, n: &NetDevice) -> Result<DeviceSpec, VmError> {
         }
         NetLink::Socket(p) => args.push(format!("--socket={}", p.display())),
         NetLink::Listen(p) => args.push(format!("--socket-listen={}", p.display())),
+        // Its passt and socket come from `device_specs`.
+        NetLink::User { .. } => {}
     }
     Ok(DeviceSpec {
         name: format!("net{i}"),
@@ -122,6 +204,7 @@ fn net_spec(i: usize, n: &NetDevice) -> Result<DeviceSpec, VmError> {
         args,
         pass_fds: Vec::new(),
         open_tap,
+        ..Default::default()
     })
 }
 
@@ -153,6 +236,7 @@ fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
         args: fs_args(f),
         pass_fds: Vec::new(),
         open_tap: None,
+        ..Default::default()
     })
 }
 
@@ -173,12 +257,15 @@ fn blk_spec(i: usize, b: &BlkDevice) -> Result<DeviceSpec, VmError> {
         args,
         pass_fds: Vec::new(),
         open_tap: None,
+        ..Default::default()
     })
 }
 
 /// The config `orchestrator run` uses without a file: the current
 /// directory shared as `host` (mounted at /mnt/host), a sparse 1 GiB
-/// scratch disk in the state directory, QEMU's user-mode network.
+/// scratch disk in the state directory, and a user-mode network on
+/// net-backend through passt (QEMU's own user-mode network where passt is
+/// not installed or the host has no default route for it).
 pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let disk = state_dir.join("scratch.img");
@@ -220,8 +307,27 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
             queues: None,
             serial: Some("scratch".into()),
         }],
-        net: Vec::new(),
+        net: default_nic().into_iter().collect(),
     })
+}
+
+/// The default VM's NIC: user-mode through passt, where it can run.
+fn default_nic() -> Option<NetDevice> {
+    let why_not = if crate::find_program("passt").is_none() {
+        "passt is not installed (apt-get install passt)"
+    } else if !has_default_route() {
+        "this host has no default route, which passt needs"
+    } else {
+        return Some(NetDevice {
+            link: NetLink::User {
+                tcp_forward: Vec::new(),
+            },
+            mac: "52:54:00:12:34:56".into(),
+            queues: 1,
+        });
+    };
+    eprintln!("orchestrator: net: QEMU's user-mode network, since {why_not}");
+    None
 }
 
 /// The QEMU invocation for `cfg`, with device i on `sockets[i]` (in the
@@ -261,6 +367,12 @@ pub fn vmm_for(cfg: &VmConfig, sockets: &[PathBuf], vmm_core: Option<&Path>) -> 
     for (n, socket) in cfg.net.iter().zip(net_sockets) {
         // QEMU reconnects a vhost-user NIC to a restarted backend.
         q = q.net_reconnecting(socket, &n.mac, n.queues);
+    }
+    if matches!(cfg.net.first(), Some(n) if matches!(n.link, NetLink::User { .. })) {
+        // The guest's eth0 on the user-mode network.
+        q = q
+            .kernel_arg(format!("testbed.ip={USER_GUEST_IP},{USER_GATEWAY}"))
+            .kernel_arg(format!("testbed.dns={USER_DNS}"));
     }
     if let Some(c) = &cfg.cmdline {
         for a in c.split_whitespace() {
@@ -321,7 +433,12 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
             spec.command_line().join(" ")
         );
         let name = spec.name.clone();
+        let helper = spec.ready_path.is_some();
         let socket = sup.add(spec)?;
+        if helper {
+            // It serves a backend, not the VMM.
+            continue;
+        }
         if vmm == "qemu" && name.starts_with("fs") {
             // QEMU 7.2 cannot reconnect vhost-user-fs: it talks to a relay
             // that survives the backend's restarts (see relay.rs).

@@ -971,3 +971,180 @@ fn up_detached_serves_a_console_and_status_and_goes_down_leaving_nothing() {
     let console_log = std::fs::read_to_string(state.join("console.sock.log")).unwrap();
     assert!(console_log.contains("GOT-from the host"));
 }
+
+/// The default VM's network: passt behind net-backend. The guest fetches
+/// from a server on the host's loopback through its gateway; the host
+/// kills passt with -9; the supervisor starts it again and, after it, the
+/// NIC's backend (whose connection died with it); the guest fetches again.
+/// All inside a network namespace of the test's, whose default route (a
+/// veth pair going nowhere) is what passt takes its addresses from.
+#[test]
+fn the_default_vm_reaches_the_host_through_passt_and_survives_its_restart() {
+    use std::io::{Read, Write};
+    if !backends_built() {
+        return;
+    }
+    let built = Path::new(ORCH)
+        .parent()
+        .unwrap()
+        .join("net-backend")
+        .is_file();
+    if !orchestrator_tests_require(if built {
+        Ok(())
+    } else {
+        Err("net-backend is not built (cargo build --workspace)".into())
+    }) || !orchestrator_tests_require(
+        orchestrator::find_program("passt")
+            .map(drop)
+            .ok_or_else(|| "passt not found (apt-get install passt)".into()),
+    ) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        orchestrator_tests_require(Err("a network namespace needs root".into()));
+        return;
+    }
+    let ns = format!("vmmp{}", std::process::id() % 100_000);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    assert!(Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
+    let _del = Del(ns.clone());
+    for args in [
+        "ip link set lo up",
+        "ip link add up0 type veth peer name up1",
+        "ip link set up1 up",
+        "ip link set up0 up",
+        "ip addr add 192.0.2.2/24 dev up0",
+        "ip route add default via 192.0.2.1",
+    ] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(args.split(' '))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args}");
+    }
+    // A server on the namespace's loopback, which the guest reaches at
+    // its gateway: each answer names the request's path.
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let ns_path = format!("/run/netns/{ns}");
+    let server = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&ns_path).unwrap();
+        // SAFETY: setns on this thread only, with a namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        port_tx.send(l.local_addr().unwrap().port()).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut served = 0;
+        while served < 2 && Instant::now() < deadline {
+            let Ok((mut s, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&b[..n]),
+                }
+            }
+            let path = String::from_utf8_lossy(&req)
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .trim_start_matches('/')
+                .to_string();
+            let body = format!("FETCHED-{path}");
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            served += 1;
+        }
+    });
+    let port: u16 = port_rx.recv().unwrap();
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "wget -q -O- http://10.0.2.2:{port}/one; echo; echo PHASE1; \
+         while [ ! -e /mnt/host/go ]; do sleep 0.2; done; \
+         for i in $(seq 40); do timeout 5 wget -q -O- http://10.0.2.2:{port}/two && break; sleep 0.5; done; \
+         echo; echo DONE"
+    );
+    let mut vm = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            ORCH,
+            "run",
+            "--timeout",
+            "300",
+            "--",
+            &script,
+        ])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Lines::of(vm.stdout.take().unwrap());
+    let err = Lines::of(vm.stderr.take().unwrap());
+    out.wait_for("PHASE1", 120, &|| err.text());
+    let device = |dev: &str| {
+        VmStatus::read_in(runtime.path(), "default")
+            .expect("status file")
+            .devices
+            .into_iter()
+            .find(|d| d.device == dev)
+            .unwrap_or_else(|| panic!("no {dev}:\n{}", err.text()))
+    };
+    let (nat, net) = (device("net0-nat"), device("net0"));
+    let (nat_pid, net_pid) = (nat.pid.expect("passt runs"), net.pid.expect("net0 runs"));
+    // SAFETY: killing the passt the orchestrator started.
+    let killed = unsafe { libc::kill(nat_pid as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (nat, net) = (device("net0-nat"), device("net0"));
+        if nat.pid.is_some_and(|p| p != nat_pid) && net.pid.is_some_and(|p| p != net_pid) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "passt and net0 were not both started again: {nat:?} {net:?}\n{}",
+            err.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let code = vm.wait().unwrap();
+    out.wait_for("DONE", 20, &|| err.text());
+    let (text, log) = (out.text(), err.text());
+    assert!(text.contains("FETCHED-one"), "{text}\n{log}");
+    assert!(
+        text.contains("FETCHED-two"),
+        "after passt restarted:\n{text}\n{log}"
+    );
+    assert!(code.success(), "{text}\n{log}");
+    assert!(log.contains("--socket-type=stream"), "{log}");
+    assert!(log.contains("net0-nat started again"), "{log}");
+    assert!(!log.contains("QEMU's user-mode network"), "{log}");
+    server.join().unwrap();
+}

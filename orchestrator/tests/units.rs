@@ -6,6 +6,18 @@ use std::process::Command;
 
 const ORCH: &str = env!("CARGO_BIN_EXE_orchestrator");
 
+/// passt, under the rule of `require`.
+fn tests_passt() -> Option<std::path::PathBuf> {
+    let p = orchestrator::find_program("passt");
+    require(
+        p.as_ref()
+            .map(drop)
+            .ok_or_else(|| "passt not found (apt-get install passt)".to_string()),
+    )
+    .then_some(())?;
+    p
+}
+
 fn require(r: Result<(), String>) -> bool {
     match r {
         Ok(()) => true,
@@ -21,7 +33,7 @@ fn require(r: Result<(), String>) -> bool {
 #[test]
 fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
     let dir = Path::new(ORCH).parent().unwrap();
-    let built = ["virtiofsd-fast", "blk-backend"]
+    let built = ["virtiofsd-fast", "blk-backend", "net-backend"]
         .iter()
         .all(|b| dir.join(b).is_file());
     if !require(if built {
@@ -30,6 +42,9 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
         Err("the backends are not built beside the orchestrator (cargo build --workspace)".into())
     }) || !require(orchestrator::qemu::qemu_available())
     {
+        return;
+    }
+    if tests_passt().is_none() {
         return;
     }
     let Some(analyze) = orchestrator::find_program("systemd-analyze") else {
@@ -51,7 +66,8 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
         &cfg,
         format!(
             "[vm]\nname = \"svc\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"project\"\n\
-             [[blk]]\nimage = \"{}\"\nreadonly = true\n",
+             [[blk]]\nimage = \"{}\"\nreadonly = true\n\
+             [[net]]\nuser = true\ntcp_forward = [\"8080:80\"]\n",
             share.display(),
             img.display()
         ),
@@ -85,6 +101,9 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
             "vmm-svc-fs0-relay.socket",
             "vmm-svc-fs0.service",
             "vmm-svc-fs0.socket",
+            "vmm-svc-net0-nat.service",
+            "vmm-svc-net0.service",
+            "vmm-svc-net0.socket",
             "vmm-svc-vmm.service",
             "vmm-svc.target"
         ]
@@ -138,6 +157,26 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
         "CapabilityBoundingSet=\n",
     ] {
         assert!(relay.contains(want), "relay service lacks {want}:\n{relay}");
+    }
+    // A user-mode NIC: passt as a service of its own, which the backend
+    // requires and restarts with.
+    let nat = read("vmm-svc-net0-nat.service");
+    for want in [
+        "--foreground",
+        "--socket=/run/vmm/svc/net0-nat.passt.sock",
+        "--tcp-ports=8080:80",
+        "Restart=always",
+    ] {
+        assert!(nat.contains(want), "net0-nat service lacks {want}:\n{nat}");
+    }
+    assert!(!nat.contains("--fd="), "{nat}");
+    let net = read("vmm-svc-net0.service");
+    for want in [
+        "Requires=vmm-svc-net0-nat.service",
+        "PartOf=vmm-svc-net0-nat.service",
+        "--socket=/run/vmm/svc/net0-nat.passt.sock --socket-type=stream",
+    ] {
+        assert!(net.contains(want), "net0 service lacks {want}:\n{net}");
     }
     let vmm = read("vmm-svc-vmm.service");
     assert!(

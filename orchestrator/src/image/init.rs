@@ -1,7 +1,8 @@
 //! The guest's `/init`, a busybox shell script, and its protocol with the host.
 //!
 //! It mounts the pseudo filesystems, loads the modules in order, applies `testbed.fs=TAG:PATH`
-//! (virtio-fs mounts) and `testbed.ip=ADDR/PREFIX[,GW]` (eth0) from the kernel command line, then
+//! (virtio-fs mounts), `testbed.ip=ADDR/PREFIX[,GW]` (eth0) and `testbed.dns=ADDR` (resolv.conf)
+//! from the kernel command line, then
 //! runs `/test.sh` between a start marker line and an exit marker line carrying its exit code,
 //! and powers off. Without `/test.sh` it starts a shell on the console instead.
 
@@ -45,6 +46,9 @@ for arg in $(cat /proc/cmdline); do
         spec="${arg#testbed.ip=}"
         ip link set eth0 up && ip addr add "${spec%%,*}" dev eth0 || echo "testbed: could not set $spec"
         case "$spec" in *,*) ip route add default via "${spec#*,}" ;; esac
+        ;;
+    testbed.dns=*)
+        echo "nameserver ${arg#testbed.dns=}" > /etc/resolv.conf
         ;;
     esac
 done
