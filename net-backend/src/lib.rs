@@ -208,6 +208,9 @@ pub fn allowlist() -> Vec<c_long> {
         libc::SYS_epoll_ctl,
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
+        // A stream link waits for room in its socket.
+        libc::SYS_poll,
+        libc::SYS_ppoll,
     ]);
     v.sort_unstable();
     v.dedup();

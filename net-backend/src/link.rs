@@ -881,7 +881,17 @@ struct StreamTx {
     /// The unsent end of a frame the socket took only part of.
     pending: Vec<u8>,
     iov: Vec<libc::iovec>,
+    /// The peer took nothing for a whole [`STREAM_TX_WAIT`]: frames are
+    /// dropped without waiting until it takes some again.
+    stalled: bool,
 }
+
+/// How long a frame waits for room in the socket. A stream socket holds
+/// only a few large frames, and the peer takes them within microseconds;
+/// dropping a frame whenever the socket is full would make the guest's TCP
+/// retransmit at every burst. Waiting here holds the transmit ring, so the
+/// guest is slowed the way a full tap queue slows it.
+const STREAM_TX_WAIT_MS: libc::c_int = 200;
 
 struct StreamRx {
     buf: Box<[u8]>,
@@ -909,6 +919,7 @@ impl Stream {
             tx: Mutex::new(StreamTx {
                 pending: Vec::new(),
                 iov: Vec::with_capacity(8),
+                stalled: false,
             }),
             rx: Mutex::new(StreamRx {
                 buf: vec![0u8; 2 * (4 + STREAM_FRAME_MAX)].into_boxed_slice(),
@@ -929,6 +940,26 @@ impl Stream {
     /// Send `bytes` without blocking; how many went.
     fn send_some(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         send_frame(self.fd.as_raw_fd(), iov)
+    }
+
+    /// Wait until the socket takes more, for up to `ms`; whether it will.
+    fn writable(&self, ms: libc::c_int) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, ours, for the call.
+        unsafe { libc::poll(&mut p, 1, ms) > 0 }
+    }
+
+    /// Whether to try a send again after the socket said it was full:
+    /// after waiting for room, unless the peer has stalled.
+    fn room(&self, tx: &mut StreamTx) -> bool {
+        let ms = if tx.stalled { 0 } else { STREAM_TX_WAIT_MS };
+        let ok = self.writable(ms);
+        tx.stalled = !ok;
+        ok
     }
 }
 
@@ -996,9 +1027,11 @@ impl Link for Stream {
             ));
         }
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        if !tx.flush(self)? {
-            // The socket is full: dropped, as on a busy wire.
-            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        while !tx.flush(self)? {
+            if !self.room(&mut tx) {
+                // The peer takes nothing: dropped, as on a jammed wire.
+                return Err(io::Error::from(io::ErrorKind::WouldBlock));
+            }
         }
         let mut head = (len as u32).to_be_bytes();
         let tx = &mut *tx;
@@ -1021,7 +1054,15 @@ impl Link for Stream {
             });
             skip = 0;
         }
-        let sent = self.send_some(&tx.iov);
+        let sent = loop {
+            match self.send_some(&tx.iov) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.room(tx) => continue,
+                r => break r,
+            }
+        };
+        if sent.is_ok() {
+            tx.stalled = false;
+        }
         let r = match sent {
             Ok(n) if n == 4 + len => Ok(total),
             Ok(n) => {

@@ -149,6 +149,34 @@ fn frames_cross_a_stream_link_with_their_length_and_no_header() {
     assert!(b.output().contains("out of step"), "{}", b.output());
 }
 
+/// A stream socket holds only a few large frames: a burst larger than it
+/// waits for the peer to read instead of being dropped (which would cost
+/// the guest's TCP a retransmission at every burst).
+#[test]
+fn a_burst_larger_than_the_socket_waits_for_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("peer.sock");
+    let listener = UnixListener::bind(&link).unwrap();
+    let mut b = backend(&link, 9000);
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut c = client(&mut b);
+    const N: usize = 80;
+    let reader = std::thread::spawn(move || {
+        // Not reading for a while: the socket fills up.
+        std::thread::sleep(Duration::from_millis(150));
+        (0..N).map(|_| read_frame(&mut peer)).collect::<Vec<_>>()
+    });
+    let sent: Vec<Vec<u8>> = (0..N).map(|i| frame(9014, i as u8)).collect();
+    for f in &sent {
+        c.send(0, NetHdr::default(), f).unwrap();
+    }
+    let got = reader.join().expect("every frame of the burst arrives");
+    assert!(got == sent, "frames lost or out of order");
+    assert!(b.is_running(), "{}", b.output());
+}
+
 #[test]
 fn stream_links_only_connect() {
     let dir = tempfile::tempdir().unwrap();
