@@ -436,6 +436,20 @@ impl Qemu {
         self.net_nic(socket, mac, pairs, true)
     }
 
+    /// Give the NIC added last this MTU (QEMU offers VIRTIO_NET_F_MTU with
+    /// it; without, the guest starts at 1500).
+    pub fn nic_mtu(mut self, mtu: u16) -> Self {
+        if let Some(spec) = self
+            .devices
+            .iter_mut()
+            .rev()
+            .find(|d| d.to_string_lossy().starts_with("virtio-net-pci,"))
+        {
+            spec.push(format!(",host_mtu={mtu}"));
+        }
+        self
+    }
+
     fn net_nic(mut self, socket: &Path, mac: &str, pairs: u16, reconnect: bool) -> Self {
         self.vhost.push(VhostDevice::Net {
             socket: socket.to_path_buf(),

@@ -367,6 +367,9 @@ pub fn vmm_for(cfg: &VmConfig, sockets: &[PathBuf], vmm_core: Option<&Path>) -> 
     for (n, socket) in cfg.net.iter().zip(net_sockets) {
         // QEMU reconnects a vhost-user NIC to a restarted backend.
         q = q.net_reconnecting(socket, &n.mac, n.queues);
+        if matches!(n.link, NetLink::User { .. }) {
+            q = q.nic_mtu(USER_MTU);
+        }
     }
     if matches!(cfg.net.first(), Some(n) if matches!(n.link, NetLink::User { .. })) {
         // The guest's eth0 on the user-mode network.
