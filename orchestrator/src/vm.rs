@@ -543,3 +543,42 @@ mod fs_spec_tests {
             .any(|a| a == "--announce-submounts" || a == "--posix-acl"));
     }
 }
+
+#[cfg(test)]
+mod user_net_tests {
+    use super::*;
+
+    #[test]
+    fn a_user_mode_nic_gets_its_address_dns_and_mtu() {
+        let cfg = VmConfig {
+            name: "u".into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: None,
+            cpus: 1,
+            memory_mib: 512,
+            hugepages: false,
+            vmm: VmmChoice::Qemu,
+            fs: Vec::new(),
+            blk: Vec::new(),
+            net: vec![NetDevice {
+                link: NetLink::User {
+                    tcp_forward: vec!["8080:80".into()],
+                },
+                mac: "52:54:00:12:34:56".into(),
+                queues: 1,
+            }],
+        };
+        let q = qemu_for(&cfg, &[PathBuf::from("/run/n.sock")]);
+        let cmd = q.command(Path::new("/k"), Path::new("/i"));
+        let line: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = line.join(" ");
+        assert!(line.contains("host_mtu=65520"), "{line}");
+        assert!(line.contains("testbed.ip=10.0.2.15/24,10.0.2.2"), "{line}");
+        assert!(line.contains("testbed.dns=10.0.2.3"), "{line}");
+        assert!(!line.contains("-netdev user"), "{line}");
+    }
+}
