@@ -881,7 +881,7 @@ struct StreamTx {
     /// The unsent end of a frame the socket took only part of.
     pending: Vec<u8>,
     iov: Vec<libc::iovec>,
-    /// The peer took nothing for a whole [`STREAM_TX_WAIT`]: frames are
+    /// The peer took nothing for a whole [`STREAM_TX_WAIT_MS`]: frames are
     /// dropped without waiting until it takes some again.
     stalled: bool,
 }
@@ -937,7 +937,7 @@ impl Stream {
         io::Error::new(io::ErrorKind::NotConnected, why)
     }
 
-    /// Send `bytes` without blocking; how many went.
+    /// Send `iov` without blocking; how many bytes went.
     fn send_some(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         send_frame(self.fd.as_raw_fd(), iov)
     }
