@@ -84,6 +84,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
     /// The command to run in the guest (from /mnt/host); none: a console.
+    /// One word is a shell script (`-- 'make && ./test'`); several are a
+    /// command and its arguments, each kept whole (`-- sh -c 'a; b'`).
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
 }

@@ -212,7 +212,7 @@ fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
         } else {
             Duration::from_secs(a.timeout)
         };
-        let script = format!("cd /mnt/host 2>/dev/null\n{}\n", a.cmd.join(" "));
+        let script = format!("cd /mnt/host 2>/dev/null\n{}\n", guest_command(&a.cmd));
         let run = q.stream(true).run(&script, timeout)?;
         run.exit_code
     };
@@ -610,5 +610,57 @@ fn logs(a: &cli::LogsArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(200));
         let pos = f.stream_position()?;
         f.seek(std::io::SeekFrom::Start(pos))?;
+    }
+}
+
+/// The guest's shell line for `run -- CMD...`: one word is a script of its
+/// own (`run -- 'make && ./test'`); several are a command and its
+/// arguments, each kept whole as the user's shell split them (`run -- sh
+/// -c 'a; b'`), as `docker run` does.
+fn guest_command(words: &[String]) -> String {
+    match words {
+        [script] => script.clone(),
+        _ => words
+            .iter()
+            .map(|w| sh_quote(w))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// `word` for a POSIX shell: as it is when it is plain, else in single
+/// quotes.
+fn sh_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod guest_command_tests {
+    use super::*;
+
+    #[test]
+    fn words_stay_whole_and_one_word_is_a_script() {
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            guest_command(&w(&["ls", "-la", "/mnt/host"])),
+            "ls -la /mnt/host"
+        );
+        assert_eq!(guest_command(&w(&["echo a; exit 3"])), "echo a; exit 3");
+        assert_eq!(
+            guest_command(&w(&["sh", "-c", "echo a; exit 3"])),
+            "sh -c 'echo a; exit 3'"
+        );
+        assert_eq!(
+            guest_command(&w(&["echo", "it's", ""])),
+            "echo 'it'\\''s' ''"
+        );
     }
 }
