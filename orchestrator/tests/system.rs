@@ -981,67 +981,13 @@ fn up_detached_serves_a_console_and_status_and_goes_down_leaving_nothing() {
 #[test]
 fn the_default_vm_reaches_the_host_through_passt_and_survives_its_restart() {
     use std::io::{Read, Write};
-    if !backends_built() {
+    let Some(ns) = passt_netns("p") else {
         return;
-    }
-    let built = Path::new(ORCH)
-        .parent()
-        .unwrap()
-        .join("net-backend")
-        .is_file();
-    if !orchestrator_tests_require(if built {
-        Ok(())
-    } else {
-        Err("net-backend is not built (cargo build --workspace)".into())
-    }) || !orchestrator_tests_require(
-        orchestrator::find_program("passt")
-            .map(drop)
-            .ok_or_else(|| "passt not found (apt-get install passt)".into()),
-    ) {
-        return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        orchestrator_tests_require(Err("a network namespace needs root".into()));
-        return;
-    }
-    let ns = format!("vmmp{}", std::process::id() % 100_000);
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    assert!(Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .unwrap()
-        .success());
-    let _del = Del(ns.clone());
-    for args in [
-        "ip link set lo up",
-        "ip link add up0 type veth peer name up1",
-        "ip link set up1 up",
-        "ip link set up0 up",
-        "ip addr add 192.0.2.2/24 dev up0",
-        "ip route add default via 192.0.2.1",
-    ] {
-        let st = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .args(args.split(' '))
-            .status()
-            .unwrap();
-        assert!(st.success(), "{args}");
-    }
+    };
     // A server on the namespace's loopback, which the guest reaches at
     // its gateway: each answer names the request's path.
     let (port_tx, port_rx) = std::sync::mpsc::channel();
-    let ns_path = format!("/run/netns/{ns}");
-    let server = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(&ns_path).unwrap();
-        // SAFETY: setns on this thread only, with a namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let server = ns.spawn(move || {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         port_tx.send(l.local_addr().unwrap().port()).unwrap();
         l.set_nonblocking(true).unwrap();
@@ -1090,7 +1036,7 @@ fn the_default_vm_reaches_the_host_through_passt_and_survives_its_restart() {
         .args([
             "netns",
             "exec",
-            &ns,
+            &ns.0,
             ORCH,
             "run",
             "--timeout",
@@ -1147,4 +1093,152 @@ fn the_default_vm_reaches_the_host_through_passt_and_survives_its_restart() {
     assert!(log.contains("net0-nat started again"), "{log}");
     assert!(!log.contains("QEMU's user-mode network"), "{log}");
     server.join().unwrap();
+}
+
+/// A network namespace of the test's, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+impl Netns {
+    /// Run `f` on a thread inside the namespace.
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+/// What a user-mode NIC test needs (the backends, passt, root), and a
+/// network namespace whose default route (a veth pair going nowhere) is
+/// what passt takes its addresses from; None, said why, where not.
+fn passt_netns(tag: &str) -> Option<Netns> {
+    if !backends_built() {
+        return None;
+    }
+    let built = Path::new(ORCH)
+        .parent()
+        .unwrap()
+        .join("net-backend")
+        .is_file();
+    if !orchestrator_tests_require(if built {
+        Ok(())
+    } else {
+        Err("net-backend is not built (cargo build --workspace)".into())
+    }) || !orchestrator_tests_require(
+        orchestrator::find_program("passt")
+            .map(drop)
+            .ok_or_else(|| "passt not found (apt-get install passt)".into()),
+    ) {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        orchestrator_tests_require(Err("a network namespace needs root".into()));
+        return None;
+    }
+    let name = format!("vmm{tag}{}", std::process::id() % 100_000);
+    assert!(Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap()
+        .success());
+    let ns = Netns(name);
+    for args in [
+        "ip link set lo up",
+        "ip link add up0 type veth peer name up1",
+        "ip link set up1 up",
+        "ip link set up0 up",
+        "ip addr add 192.0.2.2/24 dev up0",
+        "ip route add default via 192.0.2.1",
+    ] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(args.split(' '))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args}");
+    }
+    Some(ns)
+}
+
+/// A user-mode NIC's `tcp_forward`: a host port reaches a server in the
+/// guest (busybox httpd), which serves a file from the share: host,
+/// passt, net-backend, guest, virtio-fs, and back.
+#[test]
+fn a_forwarded_host_port_reaches_a_server_in_the_guest() {
+    use std::io::{Read, Write};
+    let Some(ns) = passt_netns("f") else {
+        return;
+    };
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("page.html"), b"served from the share\n").unwrap();
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"fwd\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
+             [[net]]\nuser = true\ntcp_forward = [\"18080:80\"]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let script = "httpd -p 80 -h /mnt/host && echo PHASE1; \
+        while [ ! -e /mnt/host/done ]; do sleep 0.2; done";
+    let mut vm = Command::new("ip")
+        .args(["netns", "exec", &ns.0, ORCH, "run", "-f"])
+        .arg(&cfg)
+        .args(["--timeout", "300", "--", script])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Lines::of(vm.stdout.take().unwrap());
+    let err = Lines::of(vm.stderr.take().unwrap());
+    out.wait_for("PHASE1", 120, &|| err.text());
+    let page = ns
+        .spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let got = std::net::TcpStream::connect("127.0.0.1:18080").and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    s.write_all(b"GET /page.html HTTP/1.0\r\n\r\n")?;
+                    let mut v = Vec::new();
+                    s.read_to_end(&mut v)?;
+                    Ok(String::from_utf8_lossy(&v).into_owned())
+                });
+                match got {
+                    Ok(text) if text.contains(" 200 ") => return text,
+                    r if Instant::now() >= deadline => return format!("{r:?}"),
+                    _ => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    std::fs::write(dir.path().join("done"), b"").unwrap();
+    let code = vm.wait().unwrap();
+    assert!(
+        page.contains("served from the share"),
+        "{page}\n{}\n{}",
+        out.text(),
+        err.text()
+    );
+    assert!(code.success(), "{}\n{}", out.text(), err.text());
 }
