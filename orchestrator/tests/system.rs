@@ -1177,13 +1177,58 @@ fn passt_netns(tag: &str) -> Option<Netns> {
 
 /// A user-mode NIC's `tcp_forward`: a host port reaches a server in the
 /// guest (busybox httpd), which serves a file from the share: host,
-/// passt, net-backend, guest, virtio-fs, and back.
+/// passt, net-backend, guest, virtio-fs, and back. And its DNS: the
+/// guest's resolver, 10.0.2.3, is forwarded to the host's (here a
+/// one-name server of the test's on the namespace's loopback, which
+/// `ip netns exec` names in /etc/netns/NS/resolv.conf).
 #[test]
-fn a_forwarded_host_port_reaches_a_server_in_the_guest() {
+fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
     use std::io::{Read, Write};
     let Some(ns) = passt_netns("f") else {
         return;
     };
+    let etc = Path::new("/etc/netns").join(&ns.0);
+    std::fs::create_dir_all(&etc).unwrap();
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _etc = Rm(etc.clone());
+    std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+    let (dns_tx, dns_rx) = std::sync::mpsc::channel();
+    let _dns = ns.spawn(move || {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:53").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(300)))
+            .unwrap();
+        dns_tx.send(()).unwrap();
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            // Any question: its name, class IN, type A answered with
+            // 192.0.2.99; anything else an empty answer.
+            let q = &buf[..n];
+            if n < 12 {
+                continue;
+            }
+            let mut end = 12;
+            while end < n && q[end] != 0 {
+                end += 1 + q[end] as usize;
+            }
+            let qend = (end + 5).min(n);
+            let is_a = qend == end + 5 && q[end + 1..end + 3] == [0, 1];
+            let mut r = q[..qend].to_vec();
+            r[2] = 0x81;
+            r[3] = 0x80;
+            r[6..8].copy_from_slice(&[0, u8::from(is_a)]);
+            r[8..12].fill(0);
+            if is_a {
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 99]);
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    dns_rx.recv().unwrap();
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("page.html"), b"served from the share\n").unwrap();
@@ -1197,7 +1242,7 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest() {
         ),
     )
     .unwrap();
-    let script = "httpd -p 80 -h /mnt/host && echo PHASE1; \
+    let script = "nslookup vm.test; httpd -p 80 -h /mnt/host && echo PHASE1; \
         while [ ! -e /mnt/host/done ]; do sleep 0.2; done";
     let mut vm = Command::new("ip")
         .args(["netns", "exec", &ns.0, ORCH, "run", "-f"])
@@ -1241,4 +1286,9 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest() {
         err.text()
     );
     assert!(code.success(), "{}\n{}", out.text(), err.text());
+    assert!(
+        out.text().contains("192.0.2.99"),
+        "vm.test did not resolve:\n{}",
+        out.text()
+    );
 }
