@@ -904,11 +904,24 @@ struct StreamRx {
 unsafe impl Send for StreamTx {}
 
 impl Stream {
-    /// Connect to the peer listening at `path`.
+    /// Connect to the peer listening at `path`. A peer started just
+    /// before may have made its socket without listening on it yet: a
+    /// refused or missing socket is tried again for up to a second.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        let fd = unix_socket(libc::SOCK_STREAM)?;
-        connect(&fd, path)?;
-        Ok(Self::from_fd(fd, path.display().to_string()))
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let fd = unix_socket(libc::SOCK_STREAM)?;
+            match connect(&fd, path) {
+                Ok(()) => return Ok(Self::from_fd(fd, path.display().to_string())),
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT))
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// A connected stream socket.

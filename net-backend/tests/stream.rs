@@ -178,7 +178,7 @@ fn a_burst_larger_than_the_socket_waits_for_the_peer() {
 }
 
 #[test]
-fn stream_links_only_connect() {
+fn stream_links_only_connect_and_say_to_what() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_net-backend"))
         .arg("--socket-path")
@@ -191,6 +191,18 @@ fn stream_links_only_connect() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--socket PATH"), "{err}");
+    // Nobody listening there (after a second's grace): it says what should.
+    let out = Command::new(env!("CARGO_BIN_EXE_net-backend"))
+        .arg("--socket-path")
+        .arg(dir.path().join("vu2.sock"))
+        .arg("--socket")
+        .arg(dir.path().join("nobody.sock"))
+        .arg("--socket-type=stream")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("passt -f -s PATH"), "{err}");
 }
 
 /// passt in its own network namespace, serving `socket`.
