@@ -539,7 +539,8 @@ fn log_line(log: &Mutex<File>, echo: bool, name: &str, line: &str) {
     }
 }
 
-/// Wait for READY=1 on the device's notify socket.
+/// Wait for READY=1 on the device's notify socket (a helper: for its
+/// socket to appear).
 fn wait_ready(d: &mut Device) -> Result<(), SuperviseError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let not_ready = |d: &Device, why: String| SuperviseError::NotReady {
@@ -551,19 +552,19 @@ fn wait_ready(d: &mut Device) -> Result<(), SuperviseError> {
     let _ = d.notify.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = [0u8; 256];
     loop {
-        if let Some(p) = &d.spec.ready_path {
-            if p.exists() {
-                return Ok(());
+        let ready = match &d.spec.ready_path {
+            Some(p) => {
+                std::thread::sleep(Duration::from_millis(20));
+                p.exists()
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Ok(n) = d.notify.recv(&mut buf) {
-            if String::from_utf8_lossy(&buf[..n])
-                .lines()
-                .any(|l| l == "READY=1")
-            {
-                return Ok(());
-            }
+            None => d.notify.recv(&mut buf).is_ok_and(|n| {
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+            }),
+        };
+        if ready {
+            return Ok(());
         }
         if let Some(c) = &mut d.child {
             if let Ok(Some(status)) = c.try_wait() {
@@ -573,7 +574,11 @@ fn wait_ready(d: &mut Device) -> Result<(), SuperviseError> {
             }
         }
         if Instant::now() >= deadline {
-            return Err(not_ready(d, format!("no READY=1 within {READY_TIMEOUT:?}")));
+            let what = match &d.spec.ready_path {
+                Some(p) => format!("no socket at {} within {READY_TIMEOUT:?}", p.display()),
+                None => format!("no READY=1 within {READY_TIMEOUT:?}"),
+            };
+            return Err(not_ready(d, what));
         }
     }
 }

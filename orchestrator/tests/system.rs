@@ -750,13 +750,7 @@ fn a_two_queue_nic_on_a_tap_the_orchestrator_opens_survives_a_killed_backend() {
         .status()
         .unwrap()
         .success());
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _del = Del(ns.clone());
+    let _del = Netns(ns.clone());
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tap = format!("t{ns}");
