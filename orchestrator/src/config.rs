@@ -475,6 +475,40 @@ fn memory_mib(m: &Memory) -> Option<u64> {
 }
 
 /// `~/x` from $HOME, relative paths from the config's directory.
+/// `-p` port forwards, checked.
+pub fn check_publish(ports: &[String]) -> Result<(), String> {
+    match ports.iter().find(|p| !port_forward_ok(p)) {
+        Some(bad) => Err(format!(
+            "--publish {bad}: not HOST[:GUEST] ports (1-65535, or ranges like 8000-8010), \
+             e.g. -p 8080:80"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Add `-p` port forwards to the VM's first user-mode NIC.
+pub fn publish(cfg: &mut VmConfig, ports: &[String]) -> Result<(), String> {
+    check_publish(ports)?;
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let nic = cfg.net.iter_mut().find_map(|n| match &mut n.link {
+        NetLink::User { tcp_forward } => Some(tcp_forward),
+        _ => None,
+    });
+    match nic {
+        Some(f) => {
+            f.extend(ports.iter().cloned());
+            Ok(())
+        }
+        None => Err(format!(
+            "--publish needs a user-mode NIC, and VM `{}` has none: in its config, a [[net]] \
+             with user = true; the default VM has one where passt is installed (apt-get install passt)",
+            cfg.name
+        )),
+    }
+}
+
 /// A port forward as passt takes it: a port or range on the host, and
 /// optionally `:` and the port or range on the guest (ranges of one size).
 fn port_forward_ok(spec: &str) -> bool {
@@ -618,6 +652,20 @@ mod tests {
         assert!(e.message.contains("not several"), "{e}");
         let e = check("[vm]\n[[net]]\ntap = \"a\"\ntcp_forward = [\"22\"]\n").unwrap_err();
         assert!(e.message.contains("user = true"), "{e}");
+        let mut c = check("[vm]\n[[net]]\ntap = \"a\"\n[[net]]\nuser = true\n").unwrap();
+        publish(&mut c, &["8080:80".into()]).unwrap();
+        assert_eq!(
+            c.net[1].link,
+            NetLink::User {
+                tcp_forward: vec!["8080:80".into()]
+            }
+        );
+        let e = publish(&mut c, &["80:".into()]).unwrap_err();
+        assert!(e.contains("--publish 80:"), "{e}");
+        let mut c = check("[vm]\nname = \"t\"\n[[net]]\ntap = \"a\"\n").unwrap();
+        let e = publish(&mut c, &["22".into()]).unwrap_err();
+        assert!(e.contains("VM `t` has none"), "{e}");
+        publish(&mut c, &[]).unwrap();
     }
 
     #[test]

@@ -163,21 +163,23 @@ fn load_or_default(file: Option<&std::path::Path>) -> anyhow::Result<config::VmC
 /// state directory) and its state directory, locked.
 fn config_and_state(
     file: Option<&std::path::Path>,
+    publish: &[String],
 ) -> anyhow::Result<(config::VmConfig, StateDir)> {
     let cfg_file = file.map(config::load).transpose()?;
     let name = cfg_file
         .as_ref()
         .map_or("default".to_string(), |c| c.name.clone());
     let state = StateDir::acquire(&name)?;
-    let cfg = match cfg_file {
+    let mut cfg = match cfg_file {
         Some(c) => c,
         None => vm::default_config(&state.root)?,
     };
+    config::publish(&mut cfg, publish).map_err(anyhow::Error::msg)?;
     Ok((cfg, state))
 }
 
 fn run_vm(a: cli::RunArgs) -> anyhow::Result<ExitCode> {
-    let (cfg, state) = config_and_state(a.file.as_deref())?;
+    let (cfg, state) = config_and_state(a.file.as_deref(), &a.publish)?;
     // SIGINT and SIGTERM go to one thread that brings everything down;
     // blocked here, before any thread starts, so every thread inherits it.
     let signals = block_signals();
@@ -240,6 +242,7 @@ fn up(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
         return run_vm(cli::RunArgs {
             file: a.file,
             verbose: a.verbose,
+            publish: a.publish,
             timeout: 0,
             cmd: Vec::new(),
         });
@@ -269,6 +272,10 @@ fn up(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
     }
     if a.verbose {
         cmd.arg("-v");
+    }
+    config::check_publish(&a.publish).map_err(anyhow::Error::msg)?;
+    for p in &a.publish {
+        cmd.arg(format!("--publish={p}"));
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
@@ -321,7 +328,7 @@ fn up(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
 /// The background orchestrator of `up -d`: backends, then QEMU with its
 /// console and QMP on sockets; until QEMU exits or a signal comes.
 fn up_daemon(a: cli::UpArgs) -> anyhow::Result<ExitCode> {
-    let (cfg, state) = config_and_state(a.file.as_deref())?;
+    let (cfg, state) = config_and_state(a.file.as_deref(), &a.publish)?;
     let signals = block_signals();
     let root = state.root.clone();
     let running = vm::start(&cfg, state, a.verbose)?;

@@ -1169,8 +1169,8 @@ fn passt_netns(tag: &str) -> Option<Netns> {
     Some(ns)
 }
 
-/// A user-mode NIC's `tcp_forward`: a host port reaches a server in the
-/// guest (busybox httpd), which serves a file from the share: host,
+/// A user-mode NIC's forwarded port (`run -p`, which adds to the NIC's
+/// `tcp_forward`): a host port reaches a server in the guest (busybox httpd), which serves a file from the share: host,
 /// passt, net-backend, guest, virtio-fs, and back. And its DNS: the
 /// guest's resolver, 10.0.2.3, is forwarded to the host's (here a
 /// one-name server of the test's on the namespace's loopback, which
@@ -1231,7 +1231,7 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
         &cfg,
         format!(
             "[vm]\nname = \"fwd\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
-             [[net]]\nuser = true\ntcp_forward = [\"18080:80\"]\n",
+             [[net]]\nuser = true\n",
             dir.path().display()
         ),
     )
@@ -1239,7 +1239,7 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
     let script = "nslookup vm.test; httpd -p 80 -h /mnt/host && echo PHASE1; \
         while [ ! -e /mnt/host/done ]; do sleep 0.2; done";
     let mut vm = Command::new("ip")
-        .args(["netns", "exec", &ns.0, ORCH, "run", "-f"])
+        .args(["netns", "exec", &ns.0, ORCH, "run", "-p", "18080:80", "-f"])
         .arg(&cfg)
         .args(["--timeout", "300", "--", script])
         .env("XDG_RUNTIME_DIR", runtime.path())
