@@ -177,31 +177,42 @@ fn a_burst_larger_than_the_socket_waits_for_the_peer() {
     assert!(b.is_running(), "{}", b.output());
 }
 
+/// net-backend's stderr when `args` (and a vhost-user socket of its own)
+/// must make it refuse to start.
+fn refused(dir: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_net-backend"))
+        .arg("--socket-path")
+        .arg(dir.join("vu.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn stream_links_only_connect_and_say_to_what() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_net-backend"))
-        .arg("--socket-path")
-        .arg(dir.path().join("vu.sock"))
-        .arg("--socket-listen")
-        .arg(dir.path().join("l.sock"))
-        .arg("--socket-type=stream")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let l = dir.path().join("l.sock");
+    let err = refused(
+        dir.path(),
+        &[
+            "--socket-listen".as_ref(),
+            l.as_os_str(),
+            "--socket-type=stream".as_ref(),
+        ],
+    );
     assert!(err.contains("--socket PATH"), "{err}");
     // Nobody listening there (after a second's grace): it says what should.
-    let out = Command::new(env!("CARGO_BIN_EXE_net-backend"))
-        .arg("--socket-path")
-        .arg(dir.path().join("vu2.sock"))
-        .arg("--socket")
-        .arg(dir.path().join("nobody.sock"))
-        .arg("--socket-type=stream")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let nobody = dir.path().join("nobody.sock");
+    let err = refused(
+        dir.path(),
+        &[
+            "--socket".as_ref(),
+            nobody.as_os_str(),
+            "--socket-type=stream".as_ref(),
+        ],
+    );
     assert!(err.contains("passt -f -s PATH"), "{err}");
 }
 

@@ -773,18 +773,13 @@ fn a_two_queue_nic_on_a_tap_the_orchestrator_opens_survives_a_killed_backend() {
         while [ ! -e /mnt/host/go2 ]; do sleep 0.2; done; \
         for i in $(seq 60); do ping -c 1 -W 1 10.78.0.1 >/dev/null && break; done; \
         ping -c 3 -W 5 10.78.0.1 && echo PING2=ok";
-    let mut vm = Command::new("ip")
-        .args(["netns", "exec", &ns, ORCH, "run", "-f"])
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns, ORCH, "run", "-f"])
         .arg(&cfg)
         .args(["--timeout", "300", "--", script])
         .env("XDG_RUNTIME_DIR", runtime.path())
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Lines::of(vm.stdout.take().unwrap());
-    let err = Lines::of(vm.stderr.take().unwrap());
+        .current_dir(dir.path());
+    let (mut vm, out, err) = spawn_piped(c);
     // The tap exists once net0 is up: give the host side its address.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -1026,26 +1021,21 @@ fn the_default_vm_reaches_the_host_through_passt_and_survives_its_restart() {
          for i in $(seq 40); do timeout 5 wget -q -O- http://10.0.2.2:{port}/two && break; sleep 0.5; done; \
          echo; echo DONE"
     );
-    let mut vm = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            ORCH,
-            "run",
-            "--timeout",
-            "300",
-            "--",
-            &script,
-        ])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Lines::of(vm.stdout.take().unwrap());
-    let err = Lines::of(vm.stderr.take().unwrap());
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &ns.0,
+        ORCH,
+        "run",
+        "--timeout",
+        "300",
+        "--",
+        &script,
+    ])
+    .env("XDG_RUNTIME_DIR", runtime.path())
+    .current_dir(dir.path());
+    let (mut vm, out, err) = spawn_piped(c);
     out.wait_for("PHASE1", 120, &|| err.text());
     let device = |dev: &str| {
         VmStatus::read_in(runtime.path(), "default")
@@ -1238,18 +1228,13 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
     .unwrap();
     let script = "nslookup vm.test; httpd -p 80 -h /mnt/host && echo PHASE1; \
         while [ ! -e /mnt/host/done ]; do sleep 0.2; done";
-    let mut vm = Command::new("ip")
-        .args(["netns", "exec", &ns.0, ORCH, "run", "-p", "18080:80", "-f"])
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.0, ORCH, "run", "-p", "18080:80", "-f"])
         .arg(&cfg)
         .args(["--timeout", "300", "--", script])
         .env("XDG_RUNTIME_DIR", runtime.path())
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Lines::of(vm.stdout.take().unwrap());
-    let err = Lines::of(vm.stderr.take().unwrap());
+        .current_dir(dir.path());
+    let (mut vm, out, err) = spawn_piped(c);
     out.wait_for("PHASE1", 120, &|| err.text());
     let page = ns
         .spawn(|| {
