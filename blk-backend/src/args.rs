@@ -75,6 +75,15 @@ pub struct Args {
     /// io_uring.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub pool_reads_from: u64,
+    /// With --direct, transfers of at least this many bytes go through
+    /// huge-page buffers of the backend's own, so that the disk gets one
+    /// segment per transfer instead of one per 4 KiB guest page. `auto`:
+    /// from 16384 bytes on a virtio disk without indirect descriptors
+    /// (where each segment takes a slot of its ring), else off; `off` or 0:
+    /// never.
+    #[arg(long, value_name = "auto|off|BYTES", default_value = "auto",
+          value_parser = parse_bounce)]
+    pub bounce: Bounce,
     /// Serial number the guest reads (GET_ID), at most 20 bytes.
     #[arg(long, value_name = "STRING", default_value = "")]
     pub serial: String,
@@ -99,6 +108,29 @@ pub struct Args {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "info")]
     pub log_level: String,
+}
+
+/// When O_DIRECT transfers go through the backend's huge pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bounce {
+    /// Decided from the disk that holds the image.
+    Auto,
+    /// From this many bytes (0: never).
+    From(u64),
+}
+
+/// What `auto` means where it applies.
+pub const BOUNCE_AUTO_FROM: u64 = 16 << 10;
+
+fn parse_bounce(s: &str) -> Result<Bounce, String> {
+    match s {
+        "auto" => Ok(Bounce::Auto),
+        "off" => Ok(Bounce::From(0)),
+        n => n
+            .parse()
+            .map(Bounce::From)
+            .map_err(|_| format!("'{n}' is not auto, off or a number of bytes")),
+    }
 }
 
 fn default_queues() -> u16 {
@@ -144,6 +176,7 @@ pub struct Config {
     pub io_engine: IoEngine,
     pub pool_threads: usize,
     pub pool_reads_from: u64,
+    pub bounce: Bounce,
     pub poll: std::time::Duration,
     pub serial: Vec<u8>,
     pub logical_block_size: u32,
@@ -171,6 +204,7 @@ impl TryFrom<Args> for Config {
             io_engine: a.io_engine,
             pool_threads: usize::from(a.pool_threads),
             pool_reads_from: a.pool_reads_from,
+            bounce: a.bounce,
             poll: std::time::Duration::from_micros(a.poll_us),
             serial: a.serial.into_bytes(),
             logical_block_size: a.logical_block_size,
@@ -200,6 +234,11 @@ mod tests {
         assert_eq!(c.io_engine, IoEngine::Auto);
         assert!(!c.readonly && !c.direct);
         assert_eq!(c.sandbox, SandboxMode::Namespace);
+        assert_eq!(c.bounce, Bounce::Auto);
+        let c = parse(&["--socket-path", "/s", "--image", "/i", "--bounce", "off"]).unwrap();
+        assert_eq!(c.bounce, Bounce::From(0));
+        let c = parse(&["--socket-path", "/s", "--image", "/i", "--bounce", "65536"]).unwrap();
+        assert_eq!(c.bounce, Bounce::From(65536));
     }
 
     #[test]
@@ -220,6 +259,9 @@ mod tests {
             .unwrap_err()
             .contains("at most 20"));
         assert!(with(&["--num-queues", "0"]).is_err());
+        assert!(with(&["--bounce", "big"])
+            .unwrap_err()
+            .contains("auto, off or a number"));
         assert!(parse(&["--image", "/tmp/i"]).is_err());
         assert!(parse(&["--socket-path", "/s", "--fd", "3", "--image", "/i"]).is_err());
     }

@@ -30,7 +30,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::io::{Engine, IoResult, IoVecs, Op};
+use crate::io::{bounce, Engine, IoResult, IoVecs, Op};
 use crate::request::{self, status, Desc, Geometry, Plan, Segment};
 
 /// Feature bits (virtio 1.2, 5.2.3).
@@ -73,6 +73,9 @@ pub struct Disk {
     pub serial: Vec<u8>,
     /// Cleared when the filesystem refuses FALLOC_FL_ZERO_RANGE.
     zero_range: AtomicBool,
+    /// With O_DIRECT: transfers of at least this many bytes go through a
+    /// queue's huge-page bounce buffers ([`crate::io::bounce`]); 0: none do.
+    pub bounce_from: u64,
 }
 
 impl Disk {
@@ -97,9 +100,15 @@ impl Disk {
             dio_align,
             serial,
             zero_range: AtomicBool::new(true),
+            bounce_from: 0,
         };
         d.refresh_capacity()?;
         Ok(d)
+    }
+
+    /// The image as opened.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Whether the image is opened with O_DIRECT (every read is disk work).
@@ -205,6 +214,9 @@ struct InFlight {
     fallback: Fallback,
     kind: u32,
     generation: u64,
+    /// The bounce slot the transfer goes through, and the guest buffers it
+    /// stands for.
+    bounce: Option<(bounce::Slot, IoVecs)>,
 }
 
 /// One queue's engine and in-flight table.
@@ -218,6 +230,8 @@ struct QueueState {
     /// set one up.
     inflight: Option<InflightQueue>,
     inflight_counter: u64,
+    /// Huge pages for bounced transfers.
+    pool: bounce::Pool,
 }
 
 /// One queue's part of the inflight area (the vhost-user specification's
@@ -344,7 +358,9 @@ impl QueueState {
             let mut done = std::mem::take(&mut self.done);
             self.engine.reap(&mut done);
             for (token, _) in done.drain(..) {
-                self.release(token as usize);
+                if let Some(f) = self.release(token as usize) {
+                    self.give_back(f);
+                }
             }
             self.done = done;
         }
@@ -369,7 +385,18 @@ impl QueueState {
         self.free.push(i);
         Some(f)
     }
+
+    /// Return a finished request's bounce slot to the pool.
+    fn give_back(&mut self, mut f: InFlight) {
+        if let Some((slot, _)) = f.bounce.take() {
+            self.pool.give(slot);
+        }
+    }
 }
+
+/// Bounce pages per queue: 16 MiB, room for 16 transfers of 1 MiB or 128
+/// of 64 KiB in flight.
+const BOUNCE_PAGES: usize = 8;
 
 /// Adaptive polling, per queue (after QEMU's AioContext polling): the
 /// window grows while the next piece of work keeps arriving soon after the
@@ -438,6 +465,9 @@ pub struct BlkBackend {
     queues: Vec<Mutex<QueueState>>,
     mem: backend_common::MemorySlot,
     event_idx: AtomicBool,
+    /// Every region of guest memory is in hugetlbfs pages: transfers need
+    /// no bouncing.
+    guest_huge: AtomicBool,
     queue_size: usize,
     /// The longest a queue thread keeps looking for work after the last.
     poll: Duration,
@@ -494,11 +524,13 @@ impl BlkBackend {
                         generation: 0,
                         inflight: None,
                         inflight_counter: 0,
+                        pool: bounce::Pool::new(BOUNCE_PAGES),
                     })
                 })
                 .collect(),
             mem: backend_common::MemorySlot::default(),
             event_idx: AtomicBool::new(false),
+            guest_huge: AtomicBool::new(false),
             queue_size,
             poll,
             faults: Faults::default(),
@@ -943,6 +975,7 @@ impl BlkBackend {
                 return used_any;
             }
         };
+        let mut bounced = None;
         let (op, fallback) = match plan {
             Plan::Nothing => {
                 used_any |= finish(status::OK, 0);
@@ -961,7 +994,16 @@ impl BlkBackend {
                     return used_any;
                 };
                 let fd = self.disk.fd_for(&iov);
-                let op = if req.kind == request::kind::IN {
+                let is_read = req.kind == request::kind::IN;
+                let iov = match self.bounce(state, fd, is_read, iov) {
+                    Ok((slot, guest)) => {
+                        let v = slot.iovecs();
+                        bounced = Some((slot, guest));
+                        v
+                    }
+                    Err(iov) => iov,
+                };
+                let op = if is_read {
                     Op::Read { fd, iov, offset }
                 } else {
                     Op::Write { fd, iov, offset }
@@ -1021,15 +1063,48 @@ impl BlkBackend {
             fallback,
             kind: req.kind,
             generation,
+            bounce: bounced.take(),
         });
         if let Err(e) = state.engine.push(slot as u64, op) {
-            state.release(slot);
+            if let Some(f) = state.release(slot) {
+                state.give_back(f);
+            }
             if let Some(count) = self.faults.io_errors.hit() {
                 warn!(queue = q, error = %e, count, "cannot queue I/O");
             }
             used_any |= finish(status::IOERR, 0);
         }
         used_any
+    }
+
+    /// A bounce slot for a transfer between `iov` and the image on `fd`,
+    /// when this disk bounces transfers of its size (with a write, the
+    /// guest's data is copied into the slot now); else `iov` back.
+    fn bounce(
+        &self,
+        state: &mut QueueState,
+        fd: RawFd,
+        is_read: bool,
+        iov: IoVecs,
+    ) -> Result<(bounce::Slot, IoVecs), IoVecs> {
+        let from = self.disk.bounce_from;
+        let total = iov.total();
+        // Only O_DIRECT transfers (the page cache copies anyway), and not
+        // when guest memory is in huge pages itself.
+        if from == 0
+            || total < from
+            || fd != self.disk.file.as_raw_fd()
+            || self.guest_huge.load(Ordering::Relaxed)
+        {
+            return Err(iov);
+        }
+        let Some(mut slot) = state.pool.take(total as usize) else {
+            return Err(iov);
+        };
+        if !is_read {
+            slot.copy_in(&iov);
+        }
+        Ok((slot, iov))
     }
 
     /// Finish the requests whose I/O has completed. Returns whether any
@@ -1046,6 +1121,7 @@ impl BlkBackend {
                 continue;
             };
             if f.generation != state.generation {
+                state.give_back(f);
                 continue;
             }
             let st = match self.outcome(q, &mut f, res) {
@@ -1067,11 +1143,18 @@ impl BlkBackend {
                             };
                             let _ = f2.mem.write_obj(status::IOERR, f2.status);
                             used_any |= add_used(vstate, f2.head, 1, ifl);
+                            state.give_back(f2);
                             continue;
                         }
                     }
                 }
             };
+            if let Some((slot, guest)) = f.bounce.take() {
+                if st == status::OK && f.is_read {
+                    slot.copy_out(&guest, f.written as usize);
+                }
+                state.pool.give(slot);
+            }
             let _ = f.mem.write_obj(st, f.status);
             // The status byte too (a read of 4 GiB or more saturates).
             used_any |= add_used(vstate, f.head, f.written.saturating_add(1), ifl);
@@ -1245,6 +1328,28 @@ fn iovecs(mem: &GuestMemoryMmap, bufs: &[Segment]) -> Option<IoVecs> {
     (v.len() <= request::MAX_IOVECS).then_some(IoVecs(v))
 }
 
+/// Whether every region of `mem` is a hugetlbfs file: its pages are
+/// physically contiguous already, so bouncing would only add a copy.
+fn all_in_hugetlbfs(mem: &GuestMemoryMmap) -> bool {
+    const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
+    let mut any = false;
+    for r in mem.iter() {
+        let Some(fo) = r.file_offset() else {
+            return false;
+        };
+        // SAFETY: fstatfs fills the zeroed struct for the region's own file.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatfs(fo.file().as_raw_fd(), &mut st) } != 0
+            || st.f_type as libc::c_long != HUGETLBFS_MAGIC
+        {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 /// A write of `len` zeros at `offset`, from the static zero buffer.
 fn zero_write(disk: &Disk, offset: u64, len: u64) -> Op {
     let mut v = Vec::new();
@@ -1314,6 +1419,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        let huge = all_in_hugetlbfs(&vm_memory::GuestAddressSpace::memory(&mem));
+        self.guest_huge.store(huge, Ordering::Relaxed);
         self.mem.set(mem)
     }
 

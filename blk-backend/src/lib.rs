@@ -62,7 +62,9 @@ pub enum RunError {
 pub fn run(cfg: &Config) -> Result<(), RunError> {
     let listener = cfg.socket.listen()?;
     let notifier = backend_common::notify::Notifier::from_env();
-    let disk = Arc::new(open_disk(cfg)?);
+    let mut disk = open_disk(cfg)?;
+    let bounce_why = bounce_from(cfg, &mut disk);
+    let disk = Arc::new(disk);
     let mut keep = disk.fds();
     keep.push(listener.as_raw_fd());
     keep.extend(notifier.as_ref().map(|n| n.fd()));
@@ -84,6 +86,13 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         sandbox = ?cfg.sandbox,
         "serving"
     );
+    if disk.bounce_from > 0 {
+        info!(
+            from_bytes = disk.bounce_from,
+            why = bounce_why,
+            "O_DIRECT transfers go through huge-page buffers"
+        );
+    }
     let backend = Arc::new(BlkBackend::new(disk, engines, cfg.queue_size, cfg.poll));
     if cfg.resize_poll_ms > 0 {
         watch_size(
@@ -146,6 +155,26 @@ fn open_disk(cfg: &Config) -> Result<Disk, RunError> {
         hint: "",
         source,
     })
+}
+
+/// Set the disk's bounce threshold from `--bounce`; returns why.
+fn bounce_from(cfg: &Config, disk: &mut Disk) -> String {
+    if !cfg.direct {
+        return "no --direct".into();
+    }
+    match cfg.bounce {
+        args::Bounce::From(n) => {
+            disk.bounce_from = n;
+            "--bounce".into()
+        }
+        args::Bounce::Auto => match io::bounce::segment_bound_disk(disk.file()) {
+            Some(why) => {
+                disk.bounce_from = args::BOUNCE_AUTO_FROM;
+                why
+            }
+            None => "auto: the image's disk takes scattered buffers well".into(),
+        },
+    }
 }
 
 fn hint(e: &std::io::Error, direct: bool) -> &'static str {

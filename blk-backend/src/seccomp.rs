@@ -24,6 +24,8 @@ const IMAGE_IO: &[c_long] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
+    // Whether guest memory is in huge pages (no bouncing then).
+    libc::SYS_fstatfs,
     // The vhost-user message shim's private socket, one per frontend.
     libc::SYS_socket,
     libc::SYS_bind,

@@ -5,6 +5,7 @@
 //! eventfd when completions are ready; the queue thread has it in its epoll
 //! set next to the queue's kick.
 
+pub mod bounce;
 pub mod split;
 pub mod threads;
 pub mod uring;
