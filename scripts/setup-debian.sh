@@ -31,6 +31,7 @@ packages=(
     lz4                  # unpacks the ELF kernel from a bzImage for vmm-core's boot test
     acl                  # setfacl/getfacl: ACLs set in a guest on a virtio-fs share
     gdb gdbserver        # orchestrator attach --gdb, and its test
+    socat                # a UDP echo server in the guest, for a forwarded UDP port
 )
 echo "setup: apt-get update"
 apt-get update -qq

@@ -80,10 +80,11 @@ pub struct RunArgs {
     /// Also print every backend's log lines, prefixed with the device.
     #[arg(short, long)]
     pub verbose: bool,
-    /// Forward a host TCP port (or range) to the guest, e.g. `-p 8080:80`
-    /// (host 8080 to guest 80); repeatable. The VM's first user-mode NIC
-    /// takes it (the default VM's network is one), as `tcp_forward` does.
-    #[arg(short = 'p', long = "publish", value_name = "HOST[:GUEST]")]
+    /// Forward a host port (or range) to the guest, e.g. `-p 8080:80`
+    /// (TCP, host 8080 to guest 80) or `-p 5353:53/udp`; repeatable. The
+    /// VM's first user-mode NIC takes it (the default VM's network is one),
+    /// as `tcp_forward` and `udp_forward` do.
+    #[arg(short = 'p', long = "publish", value_name = "HOST[:GUEST][/udp]")]
     pub publish: Vec<String>,
     /// Give up on the guest after this many seconds (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -107,10 +108,11 @@ pub struct UpArgs {
     /// Also print every backend's log lines, prefixed with the device.
     #[arg(short, long)]
     pub verbose: bool,
-    /// Forward a host TCP port (or range) to the guest, e.g. `-p 8080:80`
-    /// (host 8080 to guest 80); repeatable. The VM's first user-mode NIC
-    /// takes it (the default VM's network is one), as `tcp_forward` does.
-    #[arg(short = 'p', long = "publish", value_name = "HOST[:GUEST]")]
+    /// Forward a host port (or range) to the guest, e.g. `-p 8080:80`
+    /// (TCP, host 8080 to guest 80) or `-p 5353:53/udp`; repeatable. The
+    /// VM's first user-mode NIC takes it (the default VM's network is one),
+    /// as `tcp_forward` and `udp_forward` do.
+    #[arg(short = 'p', long = "publish", value_name = "HOST[:GUEST][/udp]")]
     pub publish: Vec<String>,
     /// The detached orchestrator itself (started by `up -d`).
     #[arg(long, hide = true)]

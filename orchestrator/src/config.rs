@@ -123,6 +123,7 @@ pub struct Net {
     pub listen: Option<PathBuf>,
     pub user: Option<bool>,
     pub tcp_forward: Option<Vec<String>>,
+    pub udp_forward: Option<Vec<String>>,
     pub mac: Option<String>,
     pub queues: Option<u16>,
 }
@@ -164,9 +165,12 @@ pub enum NetLink {
     Listen(PathBuf),
     /// A user-mode network through passt (no root, no tap): the guest is
     /// 10.0.2.15/24, the host's loopback answers at the gateway 10.0.2.2,
-    /// DNS at 10.0.2.3; host TCP ports forwarded to the guest, in passt's
-    /// `-t` form (`8080:80`: host 8080 to guest 80).
-    User { tcp_forward: Vec<String> },
+    /// DNS at 10.0.2.3; host TCP and UDP ports forwarded to the guest, in
+    /// passt's `-t` / `-u` form (`8080:80`: host 8080 to guest 80).
+    User {
+        tcp_forward: Vec<String>,
+        udp_forward: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -357,26 +361,32 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
     for (i, n) in raw.net.iter().enumerate() {
         let v = n.get_ref();
         let user = v.user.unwrap_or(false);
-        if v.tcp_forward.is_some() && !user {
-            return Err(loc.at(
-                n.span(),
-                format!("net[{i}].tcp_forward: only for a user-mode NIC (user = true)"),
-            ));
+        let forwards = [
+            ("tcp_forward", &v.tcp_forward),
+            ("udp_forward", &v.udp_forward),
+        ];
+        for (key, list) in forwards {
+            if list.is_some() && !user {
+                return Err(loc.at(
+                    n.span(),
+                    format!("net[{i}].{key}: only for a user-mode NIC (user = true)"),
+                ));
+            }
+            if let Some(bad) = list.iter().flatten().find(|f| !port_forward_ok(f)) {
+                return Err(loc.at(
+                    n.span(),
+                    format!(
+                        "net[{i}].{key}: `{bad}` is not HOST[:GUEST] ports \
+                         (1-65535, or ranges like 8000-8010), e.g. \"8080:80\""
+                    ),
+                ));
+            }
         }
         let link = match (&v.tap, &v.socket, &v.listen) {
-            (None, None, None) if user => {
-                let tcp_forward = v.tcp_forward.clone().unwrap_or_default();
-                if let Some(bad) = tcp_forward.iter().find(|f| !port_forward_ok(f)) {
-                    return Err(loc.at(
-                        n.span(),
-                        format!(
-                            "net[{i}].tcp_forward: `{bad}` is not HOST[:GUEST] ports \
-                             (1-65535, or ranges like 8000-8010), e.g. \"8080:80\""
-                        ),
-                    ));
-                }
-                NetLink::User { tcp_forward }
-            }
+            (None, None, None) if user => NetLink::User {
+                tcp_forward: v.tcp_forward.clone().unwrap_or_default(),
+                udp_forward: v.udp_forward.clone().unwrap_or_default(),
+            },
             _ if user => {
                 return Err(loc.at(
                     n.span(),
@@ -474,16 +484,26 @@ fn memory_mib(m: &Memory) -> Option<u64> {
     }
 }
 
-/// `~/x` from $HOME, relative paths from the config's directory.
 /// `-p` port forwards, checked.
 pub fn check_publish(ports: &[String]) -> Result<(), String> {
-    match ports.iter().find(|p| !port_forward_ok(p)) {
+    match ports.iter().find(|p| split_publish(p).is_none()) {
         Some(bad) => Err(format!(
             "--publish {bad}: not HOST[:GUEST] ports (1-65535, or ranges like 8000-8010), \
-             e.g. -p 8080:80"
+             then /tcp (the default) or /udp, e.g. -p 8080:80 or -p 5353:53/udp"
         )),
         None => Ok(()),
     }
+}
+
+/// A `-p` forward's ports and whether it is UDP.
+fn split_publish(spec: &str) -> Option<(&str, bool)> {
+    let (ports, udp) = match spec.rsplit_once('/') {
+        Some((p, "tcp")) => (p, false),
+        Some((p, "udp")) => (p, true),
+        Some(_) => return None,
+        None => (spec, false),
+    };
+    port_forward_ok(ports).then_some((ports, udp))
 }
 
 /// Add `-p` port forwards to the VM's first user-mode NIC.
@@ -493,12 +513,19 @@ pub fn publish(cfg: &mut VmConfig, ports: &[String]) -> Result<(), String> {
         return Ok(());
     }
     let nic = cfg.net.iter_mut().find_map(|n| match &mut n.link {
-        NetLink::User { tcp_forward } => Some(tcp_forward),
+        NetLink::User {
+            tcp_forward,
+            udp_forward,
+        } => Some((tcp_forward, udp_forward)),
         _ => None,
     });
     match nic {
-        Some(f) => {
-            f.extend(ports.iter().cloned());
+        Some((tcp, udp)) => {
+            for p in ports {
+                if let Some((range, is_udp)) = split_publish(p) {
+                    if is_udp { &mut *udp } else { &mut *tcp }.push(range.to_string());
+                }
+            }
             Ok(())
         }
         None => Err(format!(
@@ -524,6 +551,7 @@ fn port_forward_ok(spec: &str) -> bool {
     }
 }
 
+/// `~/x` from $HOME, relative paths from the config's directory.
 fn expand(p: &Path, base: &Path) -> PathBuf {
     if let Ok(rest) = p.strip_prefix("~") {
         if let Some(home) = std::env::var_os("HOME") {
@@ -633,35 +661,64 @@ mod tests {
         let e = check("[vm]\n[[net]]\nmac = \"nope\"\n").unwrap_err();
         assert!(e.message.contains("net[0].mac"), "{e}");
 
-        let c = check("[vm]\n[[net]]\nuser = true\ntcp_forward = [\"8080:80\", \"9000-9002\"]\n")
-            .unwrap();
+        let c = check(
+            "[vm]\n[[net]]\nuser = true\ntcp_forward = [\"8080:80\", \"9000-9002\"]\n\
+             udp_forward = [\"5353:53\"]\n",
+        )
+        .unwrap();
         assert_eq!(
             c.net[0].link,
             NetLink::User {
-                tcp_forward: vec!["8080:80".into(), "9000-9002".into()]
+                tcp_forward: vec!["8080:80".into(), "9000-9002".into()],
+                udp_forward: vec!["5353:53".into()],
             }
         );
-        for bad in ["0", "80:", "x", "10-5", "8000-8002:80-81", "70000"] {
-            let e = check(&format!(
-                "[vm]\n[[net]]\nuser = true\ntcp_forward = [\"{bad}\"]\n"
-            ))
-            .unwrap_err();
-            assert!(e.message.contains("tcp_forward"), "{bad}: {e}");
+        for key in ["tcp_forward", "udp_forward"] {
+            for bad in [
+                "0",
+                "80:",
+                "x",
+                "10-5",
+                "8000-8002:80-81",
+                "70000",
+                "53/udp",
+            ] {
+                let e = check(&format!(
+                    "[vm]\n[[net]]\nuser = true\n{key} = [\"{bad}\"]\n"
+                ))
+                .unwrap_err();
+                assert!(e.message.contains(key), "{bad}: {e}");
+            }
+            let e = check(&format!("[vm]\n[[net]]\ntap = \"a\"\n{key} = [\"53\"]\n")).unwrap_err();
+            assert!(
+                e.message
+                    .contains(&format!("{key}: only for a user-mode NIC")),
+                "{e}"
+            );
         }
         let e = check("[vm]\n[[net]]\ntap = \"a\"\nuser = true\n").unwrap_err();
         assert!(e.message.contains("not several"), "{e}");
         let e = check("[vm]\n[[net]]\ntap = \"a\"\ntcp_forward = [\"22\"]\n").unwrap_err();
         assert!(e.message.contains("user = true"), "{e}");
         let mut c = check("[vm]\n[[net]]\ntap = \"a\"\n[[net]]\nuser = true\n").unwrap();
-        publish(&mut c, &["8080:80".into()]).unwrap();
+        let ports = [
+            "8080:80",
+            "5353:53/udp",
+            "9000/tcp",
+            "7000-7001:8000-8001/udp",
+        ];
+        publish(&mut c, &ports.map(String::from)).unwrap();
         assert_eq!(
             c.net[1].link,
             NetLink::User {
-                tcp_forward: vec!["8080:80".into()]
+                tcp_forward: vec!["8080:80".into(), "9000".into()],
+                udp_forward: vec!["5353:53".into(), "7000-7001:8000-8001".into()],
             }
         );
-        let e = publish(&mut c, &["80:".into()]).unwrap_err();
-        assert!(e.contains("--publish 80:"), "{e}");
+        for bad in ["80:", "53/sctp", "53/", "/udp", "53/udp/tcp"] {
+            let e = publish(&mut c, &[bad.into()]).unwrap_err();
+            assert!(e.contains(&format!("--publish {bad}:")), "{e}");
+        }
         let mut c = check("[vm]\nname = \"t\"\n[[net]]\ntap = \"a\"\n").unwrap();
         let e = publish(&mut c, &["22".into()]).unwrap_err();
         assert!(e.contains("VM `t` has none"), "{e}");

@@ -97,9 +97,13 @@ pub fn device_specs(cfg: &VmConfig, state_root: &Path) -> Result<Vec<DeviceSpec>
     }
     for (i, n) in cfg.net.iter().enumerate() {
         let mut spec = net_spec(i, n)?;
-        if let NetLink::User { tcp_forward } = &n.link {
+        if let NetLink::User {
+            tcp_forward,
+            udp_forward,
+        } = &n.link
+        {
             let socket = state_root.join(format!("net{i}-nat.passt.sock"));
-            let helper = passt_spec(i, tcp_forward, &socket)?;
+            let helper = passt_spec(i, tcp_forward, udp_forward, &socket)?;
             spec.args.extend([
                 format!("--socket={}", socket.display()),
                 "--socket-type=stream".into(),
@@ -123,7 +127,12 @@ pub const USER_DNS: &str = "10.0.2.3";
 const USER_MTU: u16 = 65520;
 
 /// passt, serving NIC `i`'s user-mode network at `socket`.
-fn passt_spec(i: usize, tcp_forward: &[String], socket: &Path) -> Result<DeviceSpec, VmError> {
+fn passt_spec(
+    i: usize,
+    tcp_forward: &[String],
+    udp_forward: &[String],
+    socket: &Path,
+) -> Result<DeviceSpec, VmError> {
     let program = crate::find_program("passt").ok_or(VmError::NoPasst(i))?;
     // SAFETY: getuid and getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -145,12 +154,14 @@ fn passt_spec(i: usize, tcp_forward: &[String], socket: &Path) -> Result<DeviceS
         "--dns-forward".into(),
         USER_DNS.into(),
         format!("--mtu={USER_MTU}"),
-        "--udp-ports=none".into(),
     ];
-    if tcp_forward.is_empty() {
-        args.push("--tcp-ports=none".into());
+    for (flag, list) in [("--tcp-ports", tcp_forward), ("--udp-ports", udp_forward)] {
+        if list.is_empty() {
+            // passt would forward every port otherwise.
+            args.push(format!("{flag}=none"));
+        }
+        args.extend(list.iter().map(|f| format!("{flag}={f}")));
     }
-    args.extend(tcp_forward.iter().map(|f| format!("--tcp-ports={f}")));
     Ok(DeviceSpec {
         name: format!("net{i}-nat"),
         program,
@@ -321,6 +332,7 @@ fn default_nic() -> Option<NetDevice> {
         return Some(NetDevice {
             link: NetLink::User {
                 tcp_forward: Vec::new(),
+                udp_forward: Vec::new(),
             },
             mac: "52:54:00:12:34:56".into(),
             queues: 1,
@@ -548,6 +560,34 @@ mod fs_spec_tests {
 mod user_net_tests {
     use super::*;
 
+    /// passt forwards exactly the ports asked for: none of a kind asked
+    /// for is `none`, since passt alone would forward them all.
+    #[test]
+    fn passt_forwards_the_ports_asked_for_and_no_others() {
+        if crate::find_program("passt").is_none() {
+            println!("skipped: passt is not installed");
+            return;
+        }
+        let sock = Path::new("/run/n.sock");
+        let args = |tcp: &[&str], udp: &[&str]| {
+            let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+            passt_spec(0, &s(tcp), &s(udp), sock).unwrap().args
+        };
+        let a = args(&[], &[]);
+        assert!(a.contains(&"--tcp-ports=none".into()), "{a:?}");
+        assert!(a.contains(&"--udp-ports=none".into()), "{a:?}");
+        let a = args(&["8080:80"], &["5353:53", "7000-7001"]);
+        let ports: Vec<&String> = a.iter().filter(|x| x.contains("-ports=")).collect();
+        assert_eq!(
+            ports,
+            [
+                "--tcp-ports=8080:80",
+                "--udp-ports=5353:53",
+                "--udp-ports=7000-7001"
+            ]
+        );
+    }
+
     #[test]
     fn a_user_mode_nic_gets_its_address_dns_and_mtu() {
         let cfg = VmConfig {
@@ -564,6 +604,7 @@ mod user_net_tests {
             net: vec![NetDevice {
                 link: NetLink::User {
                     tcp_forward: vec!["8080:80".into()],
+                    udp_forward: Vec::new(),
                 },
                 mac: "52:54:00:12:34:56".into(),
                 queues: 1,

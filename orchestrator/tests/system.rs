@@ -1159,18 +1159,42 @@ fn passt_netns(tag: &str) -> Option<Netns> {
     Some(ns)
 }
 
-/// A user-mode NIC's forwarded port (`run -p`, which adds to the NIC's
-/// `tcp_forward`): a host port reaches a server in the guest (busybox httpd), which serves a file from the share: host,
-/// passt, net-backend, guest, virtio-fs, and back. And its DNS: the
-/// guest's resolver, 10.0.2.3, is forwarded to the host's (here a
-/// one-name server of the test's on the namespace's loopback, which
-/// `ip netns exec` names in /etc/netns/NS/resolv.conf).
+/// Copy `program` and the shared libraries it loads (per ldd) into `dir`,
+/// to be run in a guest as `DIR/ld-linux-x86-64.so.2 --library-path DIR
+/// DIR/NAME`.
+fn guest_tool(program: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(program, dir.join(program.file_name().unwrap())).unwrap();
+    let ldd = Command::new("ldd").arg(program).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            let p = Path::new(p);
+            std::fs::copy(p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// A user-mode NIC's forwarded ports (`run -p`, which adds to the NIC's
+/// `tcp_forward` and `udp_forward`): a host TCP port reaches a server in
+/// the guest (busybox httpd), which serves a file from the share: host,
+/// passt, net-backend, guest, virtio-fs, and back; a host UDP port
+/// reaches an echo server in the guest (socat, from the share) and the
+/// datagram comes back. And its DNS: the guest's resolver, 10.0.2.3, is
+/// forwarded to the host's (here a one-name server of the test's on the
+/// namespace's loopback, which `ip netns exec` names in
+/// /etc/netns/NS/resolv.conf).
 #[test]
-fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
+fn forwarded_host_ports_reach_servers_in_the_guest_and_names_resolve() {
     use std::io::{Read, Write};
     let Some(ns) = passt_netns("f") else {
         return;
     };
+    let socat = orchestrator::find_program("socat");
+    if !orchestrator_tests_require(socat.clone().map(drop).ok_or_else(|| {
+        "socat not found (apt-get install socat): the guest's UDP echo server".into()
+    })) {
+        return;
+    }
     let etc = Path::new("/etc/netns").join(&ns.0);
     std::fs::create_dir_all(&etc).unwrap();
     struct Rm(std::path::PathBuf);
@@ -1216,6 +1240,7 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
     let runtime = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("page.html"), b"served from the share\n").unwrap();
+    guest_tool(&socat.unwrap(), &dir.path().join("tools"));
     let cfg = dir.path().join("vm.toml");
     std::fs::write(
         &cfg,
@@ -1226,10 +1251,13 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
         ),
     )
     .unwrap();
-    let script = "nslookup vm.test; httpd -p 80 -h /mnt/host && echo PHASE1; \
+    let script = "nslookup vm.test; httpd -p 80 -h /mnt/host && \
+        T=/mnt/host/tools; $T/ld-linux-x86-64.so.2 --library-path $T $T/socat \
+        UDP4-RECVFROM:5353,fork PIPE & echo PHASE1; \
         while [ ! -e /mnt/host/done ]; do sleep 0.2; done";
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.0, ORCH, "run", "-p", "18080:80", "-f"])
+    c.args(["netns", "exec", &ns.0, ORCH, "run", "-p", "18080:80"])
+        .args(["-p", "15353:5353/udp", "-f"])
         .arg(&cfg)
         .args(["--timeout", "300", "--", script])
         .env("XDG_RUNTIME_DIR", runtime.path())
@@ -1256,8 +1284,27 @@ fn a_forwarded_host_port_reaches_a_server_in_the_guest_and_names_resolve() {
         })
         .join()
         .unwrap();
+    let echo = ns
+        .spawn(|| {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut buf = [0u8; 64];
+            loop {
+                // Resent until it comes back: socat may not be up yet.
+                let _ = sock.send_to(b"datagram 42", "127.0.0.1:15353");
+                match sock.recv_from(&mut buf) {
+                    Ok((n, _)) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    Err(e) if Instant::now() >= deadline => return format!("{e}"),
+                    Err(_) => {}
+                }
+            }
+        })
+        .join()
+        .unwrap();
     std::fs::write(dir.path().join("done"), b"").unwrap();
     let code = vm.wait().unwrap();
+    assert_eq!(echo, "datagram 42", "{}\n{}", out.text(), err.text());
     assert!(
         page.contains("served from the share"),
         "{page}\n{}\n{}",
