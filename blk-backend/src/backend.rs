@@ -394,9 +394,12 @@ impl QueueState {
     }
 }
 
-/// Bounce pages per queue: 16 MiB, room for 16 transfers of 1 MiB or 128
+/// Bounce pages per queue: 16 MiB, room for 16 transfers of 1 MiB or 256
 /// of 64 KiB in flight.
 const BOUNCE_PAGES: usize = 8;
+/// With guest memory in hugetlbfs pages, transfers in at most this many
+/// pieces go straight.
+const HUGE_GUEST_IOVECS: usize = 4;
 
 /// Adaptive polling, per queue (after QEMU's AioContext polling): the
 /// window grows while the next piece of work keeps arriving soon after the
@@ -465,8 +468,8 @@ pub struct BlkBackend {
     queues: Vec<Mutex<QueueState>>,
     mem: backend_common::MemorySlot,
     event_idx: AtomicBool,
-    /// Every region of guest memory is in hugetlbfs pages: transfers need
-    /// no bouncing.
+    /// Every region of guest memory is in hugetlbfs pages: transfers in
+    /// few pieces need no bouncing.
     guest_huge: AtomicBool,
     queue_size: usize,
     /// The longest a queue thread keeps looking for work after the last.
@@ -1089,12 +1092,15 @@ impl BlkBackend {
     ) -> Result<(bounce::Slot, IoVecs), IoVecs> {
         let from = self.disk.bounce_from;
         let total = iov.total();
-        // Only O_DIRECT transfers (the page cache copies anyway), and not
-        // when guest memory is in huge pages itself.
+        // Only O_DIRECT transfers (the page cache copies anyway). Where
+        // guest memory is in huge pages, a transfer is about one segment
+        // per iovec (guest pages adjacent in guest memory are adjacent
+        // physically too): only one of many pieces is worth the copy.
         if from == 0
             || total < from
+            || !self.disk.direct()
             || fd != self.disk.file.as_raw_fd()
-            || self.guest_huge.load(Ordering::Relaxed)
+            || (self.guest_huge.load(Ordering::Relaxed) && iov.0.len() <= HUGE_GUEST_IOVECS)
         {
             return Err(iov);
         }
@@ -1150,7 +1156,9 @@ impl BlkBackend {
                 }
             };
             if let Some((slot, guest)) = f.bounce.take() {
-                if st == status::OK && f.is_read {
+                // What was read is real data, a failed read's first part
+                // too: the used length counts it.
+                if f.is_read {
                     slot.copy_out(&guest, f.written as usize);
                 }
                 state.pool.give(slot);
@@ -1328,8 +1336,8 @@ fn iovecs(mem: &GuestMemoryMmap, bufs: &[Segment]) -> Option<IoVecs> {
     (v.len() <= request::MAX_IOVECS).then_some(IoVecs(v))
 }
 
-/// Whether every region of `mem` is a hugetlbfs file: its pages are
-/// physically contiguous already, so bouncing would only add a copy.
+/// Whether every region of `mem` is a hugetlbfs file: runs of guest pages
+/// adjacent in guest memory are physically contiguous then.
 fn all_in_hugetlbfs(mem: &GuestMemoryMmap) -> bool {
     const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
     let mut any = false;

@@ -269,12 +269,31 @@ pub fn segment_bound_disk(image: &File) -> Option<String> {
         libc::major(dev),
         libc::minor(dev)
     ));
-    let features = virtio_features(&sys.canonicalize().ok()?)?;
-    lacks_indirect(&features).then(|| {
+    segment_bound(&sys.canonicalize().ok()?, 0).then(|| {
         format!(
-            "{} is a virtio disk without indirect descriptors",
+            "{} is (or lies on) a virtio disk without indirect descriptors",
             sys.display()
         )
+    })
+}
+
+/// Whether the block device at sysfs directory `dir` is a virtio disk
+/// without indirect descriptors, or a partition of one, or lies on one
+/// (device mapper, md: the devices under `slaves/`).
+fn segment_bound(dir: &Path, depth: u32) -> bool {
+    if let Some(f) = virtio_features(dir) {
+        return lacks_indirect(&f);
+    }
+    if depth >= 4 {
+        return false;
+    }
+    let Ok(slaves) = std::fs::read_dir(dir.join("slaves")) else {
+        return false;
+    };
+    slaves.flatten().any(|e| {
+        e.path()
+            .canonicalize()
+            .is_ok_and(|p| segment_bound(&p, depth + 1))
     })
 }
 
@@ -364,6 +383,16 @@ mod tests {
             .join("devices/pci0000:00/0000:00:04.0/nvme/nvme0/nvme0n1");
         std::fs::create_dir_all(&nvme).unwrap();
         assert!(virtio_features(&nvme).is_none());
+        assert!(segment_bound(&part, 0));
+        assert!(!segment_bound(&nvme, 0));
+        // A device-mapper volume on the partition (LVM, dm-crypt) is found
+        // through its slaves; one on the NVMe disk is not.
+        let dm = t.path().join("devices/virtual/block/dm-0");
+        std::fs::create_dir_all(dm.join("slaves")).unwrap();
+        std::os::unix::fs::symlink(&nvme, dm.join("slaves/nvme0n1")).unwrap();
+        assert!(!segment_bound(&dm, 0));
+        std::os::unix::fs::symlink(&part, dm.join("slaves/vda1")).unwrap();
+        assert!(segment_bound(&dm, 0));
     }
 
     #[test]
