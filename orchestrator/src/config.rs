@@ -111,6 +111,9 @@ pub struct Blk {
     pub image: Spanned<PathBuf>,
     #[serde(default)]
     pub readonly: bool,
+    /// O_DIRECT on the host (blk-backend --direct): no host page cache.
+    #[serde(default)]
+    pub direct: bool,
     pub queues: Option<u16>,
     pub serial: Option<String>,
 }
@@ -195,6 +198,7 @@ pub struct FsDevice {
 pub struct BlkDevice {
     pub image: PathBuf,
     pub readonly: bool,
+    pub direct: bool,
     pub queues: Option<u16>,
     pub serial: Option<String>,
 }
@@ -353,6 +357,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<VmConfig, ConfigErro
         blk.push(BlkDevice {
             image,
             readonly: b.readonly,
+            direct: b.direct,
             queues: b.queues,
             serial: b.serial.clone(),
         });

@@ -252,9 +252,24 @@ fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
 }
 
 fn blk_spec(i: usize, b: &BlkDevice) -> Result<DeviceSpec, VmError> {
+    Ok(DeviceSpec {
+        name: format!("blk{i}"),
+        program: program("blk-backend")?,
+        args: blk_args(b),
+        pass_fds: Vec::new(),
+        open_tap: None,
+        ..Default::default()
+    })
+}
+
+/// blk-backend's flags for a [[blk]] entry.
+fn blk_args(b: &BlkDevice) -> Vec<String> {
     let mut args = vec![format!("--image={}", b.image.display())];
     if b.readonly {
         args.push("--readonly".into());
+    }
+    if b.direct {
+        args.push("--direct".into());
     }
     if let Some(q) = b.queues {
         args.push(format!("--num-queues={q}"));
@@ -262,14 +277,7 @@ fn blk_spec(i: usize, b: &BlkDevice) -> Result<DeviceSpec, VmError> {
     if let Some(s) = &b.serial {
         args.push(format!("--serial={s}"));
     }
-    Ok(DeviceSpec {
-        name: format!("blk{i}"),
-        program: program("blk-backend")?,
-        args,
-        pass_fds: Vec::new(),
-        open_tap: None,
-        ..Default::default()
-    })
+    args
 }
 
 /// The config `orchestrator run` uses without a file: the current
@@ -315,6 +323,7 @@ pub fn default_config(state_dir: &Path) -> Result<VmConfig, VmError> {
         blk: vec![BlkDevice {
             image: disk,
             readonly: false,
+            direct: false,
             queues: None,
             serial: Some("scratch".into()),
         }],
@@ -553,6 +562,28 @@ mod fs_spec_tests {
         assert!(!args
             .iter()
             .any(|a| a == "--announce-submounts" || a == "--posix-acl"));
+    }
+
+    #[test]
+    fn blk_settings_become_blk_backend_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["d.img", "e.img"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let cfg = crate::config::parse(
+            "vm.toml",
+            "[vm]\n[[blk]]\nimage = \"d.img\"\ndirect = true\nreadonly = true\nqueues = 2\n\
+             [[blk]]\nimage = \"e.img\"\n",
+            dir.path(),
+        )
+        .unwrap();
+        let d = format!("--image={}", dir.path().join("d.img").display());
+        let e = format!("--image={}", dir.path().join("e.img").display());
+        assert_eq!(
+            blk_args(&cfg.blk[0]),
+            [d.as_str(), "--readonly", "--direct", "--num-queues=2"]
+        );
+        assert_eq!(blk_args(&cfg.blk[1]), [e]);
     }
 }
 
