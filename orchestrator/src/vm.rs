@@ -241,23 +241,23 @@ fn fs_args(f: &FsDevice) -> Vec<String> {
 }
 
 fn fs_spec(i: usize, f: &FsDevice) -> Result<DeviceSpec, VmError> {
-    Ok(DeviceSpec {
-        name: format!("fs{i}"),
-        program: program("virtiofsd-fast")?,
-        args: fs_args(f),
-        pass_fds: Vec::new(),
-        open_tap: None,
-        ..Default::default()
-    })
+    backend_spec(format!("fs{i}"), "virtiofsd-fast", fs_args(f))
 }
 
 fn blk_spec(i: usize, b: &BlkDevice) -> Result<DeviceSpec, VmError> {
+    backend_spec(format!("blk{i}"), "blk-backend", blk_args(b))
+}
+
+/// A backend of ours with these flags, on a socket of its own.
+fn backend_spec(
+    name: String,
+    binary: &'static str,
+    args: Vec<String>,
+) -> Result<DeviceSpec, VmError> {
     Ok(DeviceSpec {
-        name: format!("blk{i}"),
-        program: program("blk-backend")?,
-        args: blk_args(b),
-        pass_fds: Vec::new(),
-        open_tap: None,
+        name,
+        program: program(binary)?,
+        args,
         ..Default::default()
     })
 }
