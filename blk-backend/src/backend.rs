@@ -1066,7 +1066,7 @@ impl BlkBackend {
             fallback,
             kind: req.kind,
             generation,
-            bounce: bounced.take(),
+            bounce: bounced,
         });
         if let Err(e) = state.engine.push(slot as u64, op) {
             if let Some(f) = state.release(slot) {
