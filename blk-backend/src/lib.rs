@@ -86,11 +86,10 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
         sandbox = ?cfg.sandbox,
         "serving"
     );
-    if disk.bounce_from > 0 {
+    if let Some(why) = bounce_why {
         info!(
             from_bytes = disk.bounce_from,
-            why = bounce_why,
-            "O_DIRECT transfers go through huge-page buffers"
+            why, "O_DIRECT transfers go through huge-page buffers"
         );
     }
     let backend = Arc::new(BlkBackend::new(disk, engines, cfg.queue_size, cfg.poll));
@@ -157,24 +156,19 @@ fn open_disk(cfg: &Config) -> Result<Disk, RunError> {
     })
 }
 
-/// Set the disk's bounce threshold from `--bounce`; returns why.
-fn bounce_from(cfg: &Config, disk: &mut Disk) -> String {
-    if !cfg.direct {
-        return "no --direct".into();
-    }
-    match cfg.bounce {
-        args::Bounce::From(n) => {
-            disk.bounce_from = n;
-            "--bounce".into()
-        }
-        args::Bounce::Auto => match io::bounce::segment_bound_disk(disk.file()) {
-            Some(why) => {
-                disk.bounce_from = args::BOUNCE_AUTO_FROM;
-                why
-            }
-            None => "auto: the image's disk takes scattered buffers well".into(),
-        },
-    }
+/// Set the disk's bounce threshold from `--bounce`; returns why, when
+/// transfers bounce.
+fn bounce_from(cfg: &Config, disk: &mut Disk) -> Option<String> {
+    let (from, why) = match cfg.bounce {
+        _ if !cfg.direct => return None,
+        args::Bounce::From(n) => (n, "--bounce".to_string()),
+        args::Bounce::Auto => (
+            args::BOUNCE_AUTO_FROM,
+            io::bounce::segment_bound_disk(disk.file())?,
+        ),
+    };
+    disk.bounce_from = from;
+    (from > 0).then_some(why)
 }
 
 fn hint(e: &std::io::Error, direct: bool) -> &'static str {

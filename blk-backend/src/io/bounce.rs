@@ -147,11 +147,7 @@ impl Pool {
             return None;
         }
         let count = len.div_ceil(GRANULE) as u32;
-        let mask = if count == GRANULES {
-            u32::MAX
-        } else {
-            (1u32 << count) - 1
-        };
+        let mask = run_mask(count);
         for (i, p) in self.pages.iter_mut().enumerate() {
             for first in 0..=(GRANULES - count) {
                 if p.used & (mask << first) == 0 {
@@ -178,25 +174,27 @@ impl Pool {
 
     /// Return a slot whose transfer has completed.
     pub fn give(&mut self, s: Slot) {
-        let mask = if s.count == GRANULES {
-            u32::MAX
-        } else {
-            (1u32 << s.count) - 1
-        };
         if let Some(p) = self.pages.get_mut(s.page) {
-            p.used &= !(mask << s.first);
+            p.used &= !(run_mask(s.count) << s.first);
         }
     }
 
-    /// Granules lent out now (for tests).
-    pub fn in_use(&self) -> u32 {
+    /// Granules lent out now.
+    #[cfg(test)]
+    fn in_use(&self) -> u32 {
         self.pages.iter().map(|p| p.used.count_ones()).sum()
     }
 
     /// Pages mapped so far.
-    pub fn pages(&self) -> usize {
+    #[cfg(test)]
+    fn pages(&self) -> usize {
         self.pages.len()
     }
+}
+
+/// `count` granules' bits (1 to GRANULES), from bit 0.
+fn run_mask(count: u32) -> u32 {
+    u32::MAX >> (GRANULES - count)
 }
 
 impl Drop for Pool {
@@ -260,10 +258,12 @@ fn map_huge_page(require_huge: bool) -> io::Result<NonNull<u8>> {
         // the kernel to find a huge page.
         std::ptr::write_volatile(aligned as *mut u8, 0);
     }
-    if let Err(e) = ensure_huge(aligned).or_else(|e| if require_huge { Err(e) } else { Ok(()) }) {
-        // SAFETY: the aligned page is ours, and nothing uses it yet.
-        unsafe { libc::munmap(aligned as *mut libc::c_void, PAGE_BYTES) };
-        return Err(e);
+    if require_huge {
+        if let Err(e) = ensure_huge(aligned) {
+            // SAFETY: the aligned page is ours, and nothing uses it yet.
+            unsafe { libc::munmap(aligned as *mut libc::c_void, PAGE_BYTES) };
+            return Err(e);
+        }
     }
     NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::other("mmap returned null"))
 }
