@@ -171,6 +171,14 @@ fn jail(dir: Option<&Path>) -> Result<(), SandboxError> {
                 "cloning the share's mount tree (open_tree, Linux 5.2+)",
                 tree,
             )?;
+            // The guest can make device nodes and set-user-ID files in the
+            // share: inside the jail none of them work as such, on every
+            // mount of the tree (the host's own mounts are not touched).
+            if let Err(e) = forbid_devices_and_setuid(tree) {
+                // SAFETY: `tree` is ours and not used again.
+                unsafe { libc::close(tree) };
+                return Err(e);
+            }
             Some(tree)
         }
         None => None,
@@ -215,16 +223,23 @@ fn jail(dir: Option<&Path>) -> Result<(), SandboxError> {
         // SAFETY: `tree` is ours; the mount stays attached after the close.
         unsafe { libc::close(tree) };
         sys("attaching the share in the jail (move_mount)", rc)?;
-        // SAFETY: constant C strings; no data argument.
-        sys("mounting /proc in the jail", unsafe {
-            libc::mount(
-                c"proc".as_ptr(),
-                proc_in.as_ptr(),
-                c"proc".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            )
-        })?;
+        // Only what the daemon uses, /proc/self/fd: `subset=pid` (Linux
+        // 5.8+) leaves out everything that is not a process's directory
+        // (/proc/sys, /proc/sysrq-trigger, ...), which a root daemon could
+        // otherwise write; read-only on top.
+        // SAFETY: constant C strings; the data argument is a C string.
+        sys(
+            "mounting /proc (subset=pid, Linux 5.8+) in the jail",
+            unsafe {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    proc_in.as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
+                )
+            },
+        )?;
     }
     // SAFETY: valid C string.
     sys("chdir into the jail", unsafe {
@@ -258,6 +273,43 @@ fn jail(dir: Option<&Path>) -> Result<(), SandboxError> {
         )
     })?;
     Ok(())
+}
+
+/// Set `nodev` and `nosuid` on every mount of the detached tree `tree`
+/// (mount_setattr, Linux 5.12+).
+fn forbid_devices_and_setuid(tree: libc::c_int) -> Result<(), SandboxError> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `tree` is a mount descriptor from open_tree, the empty path
+    // with AT_EMPTY_PATH names it, and `attr` is a valid mount_attr of the
+    // size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree,
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    } as libc::c_int;
+    sys(
+        "making the share nodev,nosuid in the jail (mount_setattr, Linux 5.12+)",
+        rc,
+    )
 }
 
 /// Close every descriptor except stdin, stdout, stderr and `keep`, so the

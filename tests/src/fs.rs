@@ -465,6 +465,22 @@ impl FuseClient {
         parse_entry(&mut Rd(&body, 0))
     }
 
+    /// MKNOD: a device node, FIFO or socket (`mode` carries the type).
+    pub fn mknod(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Entry, FsError> {
+        let mut a = [0u8; 16];
+        a[0..4].copy_from_slice(&mode.to_le_bytes());
+        a[4..8].copy_from_slice(&rdev.to_le_bytes());
+        let n = cstr(name);
+        let body = self.call(op::MKNOD, parent, &[&a, &n], 128)?;
+        parse_entry(&mut Rd(&body, 0))
+    }
+
     pub fn unlink(&mut self, parent: u64, name: &str) -> Result<(), FsError> {
         self.call(op::UNLINK, parent, &[&cstr(name)], 0).map(|_| ())
     }
@@ -627,6 +643,18 @@ pub fn batch_forget_request(unique: u64, nodes: &[(u64, u64)]) -> ([u8; IN_HEADE
 }
 
 /// A name as FUSE sends it: NUL-terminated.
+/// The arguments of a RENAME2 of `old` in `parent` to `new` in `newdir`
+/// (fuse_rename2_in, then both names).
+pub fn rename2_args(newdir: u64, old: &str, new: &str, flags: u32) -> Vec<u8> {
+    let mut a = Vec::with_capacity(16 + old.len() + new.len() + 2);
+    a.extend_from_slice(&newdir.to_le_bytes());
+    a.extend_from_slice(&flags.to_le_bytes());
+    a.extend_from_slice(&0u32.to_le_bytes());
+    a.extend_from_slice(&cstr(old));
+    a.extend_from_slice(&cstr(new));
+    a
+}
+
 pub fn cstr(name: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(name.len() + 1);
     v.extend_from_slice(name.as_bytes());

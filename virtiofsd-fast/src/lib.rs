@@ -53,6 +53,11 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     // Everything from outside the share is opened first: the socket, then
     // (after the namespaces exist) the /proc handles of the filesystem.
     let listener = cfg.socket.listen()?;
+    // Nothing inherited by accident is reachable from guest-facing code.
+    {
+        use std::os::fd::AsRawFd;
+        sandbox::close_other_fds(&[listener.as_raw_fd()])?;
+    }
     let notifier = backend_common::notify::Notifier::from_env();
     raise_nofile(cfg.rlimit_nofile.unwrap_or(DEFAULT_NOFILE));
     let ledger = match &cfg.state_file {

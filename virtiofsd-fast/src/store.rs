@@ -12,8 +12,12 @@
 //!
 //! LOOKUP of a name the guest already holds costs one `statx` by name: a node
 //! with a descriptor pins its inode, so a matching (device, inode) is the same
-//! file. Anything else takes the exact path: open the name `O_PATH`, `statx`
-//! the descriptor.
+//! file. Anything else takes the exact path: open the name `O_PATH` once and
+//! take its type, identity and file handle from that one descriptor, so a
+//! rename racing the lookup cannot pair one file's type with another's
+//! handle. Whatever is reopened by handle later is checked against the
+//! node's identity and type (a mismatch is ESTALE), and only regular files
+//! and directories are ever opened for I/O.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -257,6 +261,10 @@ enum HandleState {
 }
 
 impl Node {
+    /// Whether `sx` describes this node's file: same device, inode and type.
+    pub fn is(&self, sx: &libc::statx) -> bool {
+        key_of(sx) == self.key && u32::from(sx.stx_mode) & libc::S_IFMT == self.kind
+    }
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
@@ -477,7 +485,8 @@ impl Store {
         self.maps.read().unwrap().by_id.len()
     }
 
-    /// A descriptor for `node`: its own, or reopened by handle.
+    /// A descriptor for `node`: its own, or reopened by handle (and checked
+    /// to be the node's file).
     pub fn fd(&self, node: &Node) -> io::Result<Arc<OwnedFd>> {
         node.used.store(true, Ordering::Relaxed);
         let mut slot = node.fd.lock().unwrap();
@@ -497,7 +506,12 @@ impl Store {
     /// A new open file description of `node` with `flags` (not O_PATH),
     /// kept by the caller: through the node's descriptor if it has one,
     /// else straight from its handle, one syscall, with nothing cached.
+    /// Only regular files and directories are opened: opening a device
+    /// node or a FIFO has effects of its own.
     pub fn open_node(&self, node: &Node, flags: libc::c_int) -> io::Result<OwnedFd> {
+        if !node.is_reg() && !node.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::ENXIO));
+        }
         node.used.store(true, Ordering::Relaxed);
         if let Some(fd) = node.fd.lock().unwrap().clone() {
             return openat(fd.as_raw_fd(), c".", flags, 0);
@@ -508,7 +522,9 @@ impl Store {
         }
     }
 
-    /// Open `node` from its file handle (None: it has none).
+    /// Open `node` from its file handle (None: it has none), and check that
+    /// what opened is the node's file: its device, inode and type. A
+    /// mismatch is ESTALE, as for a file deleted under the guest.
     fn open_by_handle(&self, node: &Node, flags: libc::c_int) -> io::Result<Option<OwnedFd>> {
         let handle = match &*node.handle.lock().unwrap() {
             HandleState::Some(h) => h.clone(),
@@ -521,7 +537,16 @@ impl Store {
             .get(&node.key.0)
             .cloned()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
-        handle.open(mount.as_raw_fd(), flags).map(Some)
+        let fd = handle.open(mount.as_raw_fd(), flags)?;
+        let sx = statx(fd.as_raw_fd(), c"")?;
+        if !node.is(&sx) {
+            tracing::warn!(
+                node = node.id,
+                "a file handle opened a file other than its node's: refused"
+            );
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        Ok(Some(fd))
     }
 
     /// The attributes of `node`: through its descriptor if it has one,
@@ -567,14 +592,16 @@ impl Store {
     ///
     /// A node already known costs one `statx` by name (plus a
     /// `name_to_handle_at` to confirm the identity of one that has given its
-    /// descriptor back). A new one costs the same two calls and opens
-    /// nothing: it is named by its handle until a request needs a descriptor.
-    /// Without handles, the new file is opened `O_PATH` and `statx`ed again
-    /// through the descriptor, which cannot race with a rename.
+    /// descriptor back: a handle names one file exactly, so a match is that
+    /// file). A new one is opened `O_PATH` once, and its attributes, type
+    /// and handle all come from that descriptor: a rename between two
+    /// resolutions of the name could otherwise give the node one file's
+    /// type and another's handle. The descriptor is then closed (the node
+    /// is named by its handle until a request needs one); without handles
+    /// the node keeps it.
     pub fn lookup(&self, parent: u64, dir: RawFd, name: &CStr) -> io::Result<Found> {
         let sx = statx(dir, name)?;
         let key = key_of(&sx);
-        let mut handle = None;
         {
             let maps = self.maps.read().unwrap();
             if let Some(node) = maps.by_key.get(&key).and_then(|id| maps.by_id.get(id)) {
@@ -582,18 +609,13 @@ impl Store {
                 let same = node.fd.lock().unwrap().is_some() || {
                     // Only a handle: the inode number may have been reused.
                     match &*node.handle.lock().unwrap() {
-                        HandleState::Some(h) => match FileHandle::at(dir, name) {
-                            Ok(ours) => {
-                                let same = *h == ours;
-                                handle = Some(ours);
-                                same
-                            }
-                            Err(_) => false,
-                        },
+                        HandleState::Some(h) => {
+                            FileHandle::at(dir, name).is_ok_and(|ours| *h == ours)
+                        }
                         _ => false,
                     }
                 };
-                if same {
+                if same && node.is(&sx) {
                     node.refs.fetch_add(1, Ordering::Relaxed);
                     node.used.store(true, Ordering::Relaxed);
                     self.note_refs(node);
@@ -604,20 +626,17 @@ impl Store {
                 }
             }
         }
+        let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let sx = statx(fd.as_raw_fd(), c"")?;
+        let key = key_of(&sx);
         if self.handles != Handles::Never && self.mounts.read().unwrap().contains_key(&key.0) {
-            let h = match handle {
-                Some(h) => Ok(h),
-                None => FileHandle::at(dir, name),
-            };
-            match h {
+            match FileHandle::of(fd.as_raw_fd()) {
                 Ok(h) => return Ok(self.insert_named(key, h, sx, (parent, name))),
                 Err(e) if self.handles == Handles::Mandatory => return Err(e),
                 // This filesystem makes none: keep a descriptor.
                 Err(_) => {}
             }
         }
-        let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        let sx = statx(fd.as_raw_fd(), c"")?;
         self.adopt(fd, sx)
     }
 
@@ -629,7 +648,7 @@ impl Store {
             // Made by another request meanwhile?
             let same = node.fd.lock().unwrap().is_some()
                 || matches!(&*node.handle.lock().unwrap(), HandleState::Some(o) if *o == h);
-            if same {
+            if same && node.is(&sx) {
                 node.refs.fetch_add(1, Ordering::Relaxed);
                 self.note_refs(node);
                 return Found {

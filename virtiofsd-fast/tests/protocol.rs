@@ -4,29 +4,14 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::{client, start};
 use tests::frontend::BackendProcess;
 use tests::fs::{self, op, FsError, FuseClient, ROOT_ID};
 use tests::hostile;
 use tests::queue::Shape;
 use tests::ring::Seg;
-
-fn start(dir: &std::path::Path, extra: &[&str]) -> BackendProcess {
-    let mut argv = vec![
-        env!("CARGO_BIN_EXE_virtiofsd-fast").to_string(),
-        "--fd={fd}".into(),
-        format!("--shared-dir={}", dir.display()),
-    ];
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("virtiofsd-fast starts")
-}
-
-fn client(b: &mut BackendProcess) -> FuseClient {
-    let mut c = FuseClient::connect(b, 8).unwrap_or_else(|e| panic!("{e}\n{}", b.output()));
-    c.set_timeout(Duration::from_secs(5));
-    c.init()
-        .unwrap_or_else(|e| panic!("INIT: {e}\n{}", b.output()));
-    c
-}
 
 #[test]
 fn serves_the_share() {

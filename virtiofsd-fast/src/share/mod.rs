@@ -1178,7 +1178,25 @@ impl FileSystem for ShareFs {
             | libc::O_NOFOLLOW
             | (args.flags as libc::c_int & libc::O_EXCL);
         let mode = self.create_mode(&dir, args.mode, args.umask)?;
-        let file = self.as_caller(ctx, || openat(dir.as_raw_fd(), name, flags, mode))?;
+        // Create exclusively; a name that exists is opened only where it is
+        // a regular file: O_CREAT on a device node or a FIFO would open it.
+        let file = match self.as_caller(ctx, || {
+            openat(dir.as_raw_fd(), name, flags | libc::O_EXCL, mode)
+        }) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                let path_fd = openat(dir.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                let kind = u32::from(statx(path_fd.as_raw_fd(), c"")?.stx_mode) & libc::S_IFMT;
+                match kind {
+                    libc::S_IFREG => {}
+                    libc::S_IFDIR => return Err(err(libc::EISDIR)),
+                    libc::S_IFLNK => return Err(err(libc::ELOOP)),
+                    _ => return Err(err(libc::ENXIO)),
+                }
+                let reopen = flags & !(libc::O_CREAT | libc::O_EXCL);
+                self.as_caller(ctx, || self.reopen(&path_fd, reopen).map(OwnedFd::from))?
+            }
+            r => r?,
+        };
         // The node names the file just opened, not whatever the name
         // points at by now.
         let path_fd = {
