@@ -36,16 +36,18 @@ pub enum Action {
 }
 
 /// Install a filter allowing only `allowed` on every thread of the process
-/// (TSYNC), so threads the serve loop already started are covered too.
+/// (TSYNC), so threads the serve loop already started are covered too;
+/// `ioctl` passes only with one of the request numbers in `ioctls` (add
+/// [`IOCTLS`] for what every backend's runtime makes).
 /// Sets `PR_SET_NO_NEW_PRIVS` first, which an unprivileged filter requires.
 /// Irreversible; [`Action::None`] does nothing.
-pub fn install(allowed: &[c_long], action: Action) -> Result<(), SeccompError> {
+pub fn install(allowed: &[c_long], ioctls: &[u32], action: Action) -> Result<(), SeccompError> {
     let mismatch = match action {
         Action::Kill => SeccompAction::KillProcess,
         Action::Log => SeccompAction::Log,
         Action::None => return Ok(()),
     };
-    let prog = compile(allowed, mismatch)?;
+    let prog = compile_with_ioctls(allowed, ioctls, mismatch)?;
     // glibc's malloc counts the CPUs (opening /sys/devices/system/cpu/online)
     // the first time a thread needs a ninth arena; under a filter without
     // openat that kills the process. A fixed arena limit means it never asks.
@@ -87,14 +89,97 @@ pub fn install_thread(allowed: &[c_long], action: Action) -> Result<(), SeccompE
 }
 
 fn compile(allowed: &[c_long], mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    compile_with_ioctls(allowed, &[], mismatch)
+}
+
+/// `allowed` outright (an empty rule chain allows a syscall whatever its
+/// arguments), and `ioctl` only for the request numbers in `ioctls`. The
+/// request is compared as the 32-bit number the kernel takes.
+fn compile_with_ioctls(
+    allowed: &[c_long],
+    ioctls: &[u32],
+    mismatch: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let arch = std::env::consts::ARCH;
     let arch = TargetArch::try_from(arch).map_err(|e| SeccompError::Arch(arch, e))?;
-    // No argument rules: an empty rule chain allows the syscall outright.
-    let rules: BTreeMap<i64, Vec<_>> = allowed.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed.iter().map(|&nr| (nr, Vec::new())).collect();
+    if !ioctls.is_empty() {
+        let by_request = ioctls
+            .iter()
+            .map(|&req| {
+                let c = SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    u64::from(req),
+                )?;
+                SeccompRule::new(vec![c])
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SeccompError::Build)?;
+        rules.insert(libc::SYS_ioctl, by_request);
+    }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
         .map_err(SeccompError::Build)?;
     BpfProgram::try_from(filter).map_err(SeccompError::Build)
 }
+
+/// Whether a process under this policy (`allowed`, `ioctls`, killing on a
+/// mismatch) is killed when it makes ioctl `request`: checked in a forked
+/// child, so a backend's tests can show its real policy refuses what it
+/// must. The ioctl goes to a descriptor of /dev/null (what it would do
+/// there does not matter: the filter decides before the call runs).
+pub fn ioctl_is_refused(allowed: &[c_long], ioctls: &[u32], request: u32) -> bool {
+    let null = match std::fs::File::open("/dev/null") {
+        Ok(f) => f,
+        Err(_) => return false,
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+    let mut all = allowed.to_vec();
+    // What the child needs to get from installing to _exit.
+    all.extend_from_slice(&[
+        libc::SYS_exit_group,
+        libc::SYS_exit,
+        libc::SYS_munmap,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_write,
+    ]);
+    let prog = match compile_with_ioctls(&all, ioctls, SeccompAction::KillProcess) {
+        Ok(p) => p,
+        Err(_) => return false,
+    };
+    // SAFETY: the child only installs the filter, makes one ioctl and
+    // _exits; glibc makes malloc safe after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return false;
+    }
+    if pid == 0 {
+        let mut arg = [0u8; 64];
+        if seccompiler::apply_filter(&prog).is_err() {
+            // SAFETY: ends the child without unwinding into the parent's code.
+            unsafe { libc::_exit(2) };
+        }
+        // SAFETY: `arg` has room for what any ioctl of a test writes.
+        unsafe { libc::ioctl(fd, request as _, arg.as_mut_ptr()) };
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waitpid writes our own child's status into `status`.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+}
+
+/// The ioctl requests every backend's runtime makes while it serves:
+/// FIONBIO, which the standard library and vhost's listener use to make a
+/// socket (non-)blocking. A backend adds its own device's requests; any
+/// other request (TIOCSTI on a terminal, a block device's, KVM's) is
+/// refused.
+pub const IOCTLS: &[u32] = &[libc::FIONBIO as u32];
 
 /// What any thread of the workspace's programs needs: the Rust runtime
 /// (memory, locks, signals for abort, time) and plain descriptor work.
@@ -158,7 +243,6 @@ pub const SERVING: &[c_long] = &[
     libc::SYS_accept4,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
-    libc::SYS_ioctl,
 ];
 
 /// What any of the workspace's backends needs once it serves:
@@ -207,7 +291,7 @@ mod tests {
 
     fn getppid_under(allowed: &[c_long], action: Action) -> libc::c_int {
         in_child(|| {
-            if install(allowed, action).is_err() {
+            if install(allowed, &[], action).is_err() {
                 return 2;
             }
             // SAFETY: getppid takes no arguments and cannot fail.
@@ -247,6 +331,53 @@ mod tests {
     fn none_installs_nothing() {
         let status = getppid_under(&[], Action::None);
         assert!(exited_ok(status), "wait status {status:#x}");
+    }
+
+    /// Run `f` under `common()` plus `ioctls` (Kill) and report how it ended.
+    fn ioctl_under(ioctls: &'static [u32], f: fn() -> libc::c_int) -> libc::c_int {
+        in_child(move || {
+            let mut allowed = common();
+            allowed.extend_from_slice(TINY);
+            if install(&allowed, ioctls, Action::Kill).is_err() {
+                return 2;
+            }
+            if f() < 0 {
+                return 3;
+            }
+            0
+        })
+    }
+
+    #[test]
+    fn only_the_listed_ioctls_pass() {
+        fn fionbio() -> libc::c_int {
+            let mut on: libc::c_int = 1;
+            // SAFETY: FIONBIO reads an int; stderr is a valid descriptor.
+            unsafe { libc::ioctl(2, libc::FIONBIO, &mut on) }
+        }
+        fn tiocsti() -> libc::c_int {
+            let c = b'x';
+            // SAFETY: TIOCSTI reads one byte; the call is refused anyway.
+            unsafe { libc::ioctl(0, libc::TIOCSTI, &c) }
+        }
+        // FIONBIO on a pipe or file answers; what matters is that the
+        // filter lets it through.
+        let status = ioctl_under(IOCTLS, fionbio);
+        assert!(
+            libc::WIFEXITED(status),
+            "FIONBIO was refused: wait status {status:#x}"
+        );
+        let status = ioctl_under(IOCTLS, tiocsti);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "TIOCSTI was let through: wait status {status:#x}"
+        );
+        // Without any listed request, no ioctl passes at all.
+        let status = ioctl_under(&[], fionbio);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "wait status {status:#x}"
+        );
     }
 
     #[test]

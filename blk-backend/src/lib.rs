@@ -75,7 +75,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     if let Some(n) = &notifier {
         n.ready();
     }
-    backend_common::seccomp::install(&seccomp::allowlist(), cfg.seccomp)?;
+    backend_common::seccomp::install(&seccomp::allowlist(), &seccomp::ioctls(), cfg.seccomp)?;
     info!(
         image = %cfg.image.display(),
         bytes = disk.capacity(),

@@ -11,6 +11,13 @@ pub fn allowlist() -> Vec<c_long> {
     v
 }
 
+/// The ioctl requests blk-backend makes once it is serving: only the
+/// runtime's. Block-device requests (BLKDISCARD, BLKZEROOUT, ...) stay out:
+/// discard and write-zeroes go through fallocate.
+pub fn ioctls() -> Vec<u32> {
+    backend_common::seccomp::IOCTLS.to_vec()
+}
+
 const IMAGE_IO: &[c_long] = &[
     // The thread-pool engine.
     libc::SYS_preadv,
@@ -44,6 +51,20 @@ const IMAGE_IO: &[c_long] = &[
 
 #[cfg(test)]
 mod tests {
+    use backend_common::seccomp::ioctl_is_refused;
+
+    #[test]
+    fn refuses_every_ioctl_but_its_own() {
+        let (list, ioctls) = (super::allowlist(), super::ioctls());
+        for req in [libc::TIOCSTI, libc::TIOCSCTTY, 0x1277 /* BLKDISCARD */] {
+            assert!(
+                ioctl_is_refused(&list, &ioctls, req as u32),
+                "{req:#x} passes"
+            );
+        }
+        assert!(!ioctl_is_refused(&list, &ioctls, libc::FIONBIO as u32));
+    }
+
     #[test]
     fn compiles_and_holds_the_io_calls() {
         let list = super::allowlist();

@@ -56,7 +56,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     if let Some(n) = &notifier {
         n.ready();
     }
-    backend_common::seccomp::install(&allowlist(), cfg.seccomp)?;
+    backend_common::seccomp::install(&allowlist(), &ioctls(), cfg.seccomp)?;
     tracing::info!(
         link = links[0].name(),
         pairs = links.len(),
@@ -182,6 +182,16 @@ fn open_links(cfg: &Config) -> Result<Vec<Arc<dyn link::Link>>, RunError> {
     })
 }
 
+/// The ioctl requests net-backend makes once it is serving: a multiqueue
+/// tap attaches and detaches queues (TUNSETQUEUE) and the offloads follow
+/// the features the guest agrees (TUNSETOFFLOAD). Taps are opened and
+/// configured before the filter.
+pub fn ioctls() -> Vec<u32> {
+    let mut v = backend_common::seccomp::IOCTLS.to_vec();
+    v.extend_from_slice(&[link::TUNSETQUEUE as u32, link::TUNSETOFFLOAD as u32]);
+    v
+}
+
 /// The syscalls net-backend needs once it is serving.
 pub fn allowlist() -> Vec<c_long> {
     let mut v = backend_common::seccomp::common();
@@ -201,9 +211,8 @@ pub fn allowlist() -> Vec<c_long> {
         libc::SYS_shutdown,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
-        // Multiqueue taps attach and detach queues; a listening link
-        // accepts its peer and polls its private epoll set.
-        libc::SYS_ioctl,
+        // A listening link accepts its peer and polls its private epoll
+        // set.
         libc::SYS_accept4,
         libc::SYS_epoll_ctl,
         libc::SYS_epoll_wait,
@@ -215,4 +224,24 @@ pub fn allowlist() -> Vec<c_long> {
     v.sort_unstable();
     v.dedup();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use backend_common::seccomp::ioctl_is_refused;
+
+    #[test]
+    fn refuses_every_ioctl_but_its_own() {
+        let (list, ioctls) = (super::allowlist(), super::ioctls());
+        // TIOCSTI, TUNSETIFF (a new tap) and SIOCSIFADDR (an address).
+        for req in [libc::TIOCSTI as u32, super::link::TUNSETIFF as u32, 0x8916] {
+            assert!(ioctl_is_refused(&list, &ioctls, req), "{req:#x} passes");
+        }
+        for req in [super::link::TUNSETQUEUE, super::link::TUNSETOFFLOAD] {
+            assert!(
+                !ioctl_is_refused(&list, &ioctls, req as u32),
+                "{req:#x} refused"
+            );
+        }
+    }
 }

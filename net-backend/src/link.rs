@@ -99,11 +99,11 @@ pub struct Tap {
     tx_ring: Option<Mutex<Option<TxRing>>>,
 }
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+pub(crate) const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+pub(crate) const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+pub(crate) const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+pub(crate) const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+pub(crate) const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;

@@ -108,7 +108,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     }
     // Last, once nothing is left to set up: from here on only the
     // syscalls serving the guest needs are allowed.
-    backend_common::seccomp::install(&seccomp::allowlist(), cfg.seccomp)?;
+    backend_common::seccomp::install(&seccomp::allowlist(), &seccomp::ioctls(), cfg.seccomp)?;
     let backend = Arc::new(backend::FsBackend::new(
         fs,
         cfg.tag.clone(),

@@ -4,8 +4,8 @@
 //! named libc function or raw syscall), then checked by tracing the daemon
 //! under the protocol and guest tests, and widened only to the calls a
 //! different libc picks for the same function (`*v2` I/O, `faccessat2`).
-//! Locks and ioctls are not served, so `flock`, `fcntl` locking and
-//! `ioctl` stay out.
+//! Locks and ioctls are not served, so `flock` and `fcntl` locking stay
+//! out, and `ioctl` passes only with the runtime's own requests.
 //!
 //! x86_64 syscall numbers.
 
@@ -18,6 +18,12 @@ pub fn allowlist() -> Vec<c_long> {
     v.sort_unstable();
     v.dedup();
     v
+}
+
+/// The ioctl requests virtiofsd-fast makes once it is serving: only the
+/// runtime's (FUSE_IOCTL is not served).
+pub fn ioctls() -> Vec<u32> {
+    backend_common::seccomp::IOCTLS.to_vec()
 }
 
 const FILESYSTEM: &[c_long] = &[
@@ -82,6 +88,17 @@ mod tests {
             assert!(list.contains(nr), "{nr} missing");
         }
         assert!(list.contains(&libc::SYS_open_by_handle_at));
+    }
+
+    #[test]
+    fn refuses_every_ioctl_but_its_own() {
+        use backend_common::seccomp::ioctl_is_refused;
+        let (list, ioctls) = (allowlist(), super::ioctls());
+        // TIOCSTI, and FS_IOC_SETFLAGS (chattr +i on a host file).
+        for req in [libc::TIOCSTI as u32, 0x4008_6602] {
+            assert!(ioctl_is_refused(&list, &ioctls, req), "{req:#x} passes");
+        }
+        assert!(!ioctl_is_refused(&list, &ioctls, libc::FIONBIO as u32));
     }
 
     #[test]
