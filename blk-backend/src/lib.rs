@@ -70,7 +70,7 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     keep.extend(notifier.as_ref().map(|n| n.fd()));
     // Only the image and the socket stay open.
     sandbox::confine(cfg.sandbox, &keep)?;
-    let engines = make_engines(cfg)?;
+    let engines = make_engines(cfg, &disk.fds())?;
     let engine_name = engines.first().map(|e| e.name()).unwrap_or("none");
     if let Some(n) = &notifier {
         n.ready();
@@ -213,13 +213,16 @@ fn lock(file: &File, readonly: bool, path: &Path) -> Result<(), RunError> {
     }
 }
 
-fn make_engines(cfg: &Config) -> Result<Vec<Box<dyn io::Engine>>, RunError> {
+fn make_engines(
+    cfg: &Config,
+    files: &[std::os::fd::RawFd],
+) -> Result<Vec<Box<dyn io::Engine>>, RunError> {
     let depth = cfg.queue_size as u32;
     let mut engines: Vec<Box<dyn io::Engine>> = Vec::new();
     let mut use_uring = cfg.io_engine != IoEngine::Threads;
     for q in 0..cfg.num_queues {
         if use_uring {
-            match io::uring::UringEngine::new(depth) {
+            match io::uring::UringEngine::new(depth, files) {
                 Ok(e) if !cfg.direct && cfg.pool_reads_from > 0 => {
                     let e = io::split::SplitEngine::new(
                         e,

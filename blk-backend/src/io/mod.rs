@@ -213,10 +213,13 @@ mod tests {
     }
 
     /// Both engines do the same operations with the same results.
-    pub(crate) fn exercise(engine: &mut dyn Engine) {
-        let f = tempfile::tempfile().unwrap();
-        use std::os::fd::AsRawFd;
-        let fd = f.as_raw_fd();
+    /// A scratch file for an engine to work on.
+    pub(crate) fn scratch() -> std::fs::File {
+        tempfile::tempfile().unwrap()
+    }
+
+    /// What every engine must do, on `fd` (a scratch file it was given).
+    pub(crate) fn exercise(engine: &mut dyn Engine, fd: RawFd) {
         let mut data = vec![7u8; 8192];
         let mut back = vec![0u8; 8192];
         let iov = |buf: &mut [u8]| {

@@ -104,22 +104,25 @@ impl Engine for SplitEngine {
 mod tests {
     #[test]
     fn does_what_the_other_engines_do() {
-        let Ok(ring) = super::UringEngine::new(128) else {
-            eprintln!("skipped: io_uring refused on this host");
+        let f = super::super::tests::scratch();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let ring =
+            super::UringEngine::new(128, &[fd]).map_err(|e| format!("io_uring refused: {e}"));
+        let Some(ring) = tests::require(ring) else {
             return;
         };
         // The exercise's single reads stay on the ring; of its 64 reads
         // in one burst the first does too and 63 go to the pool.
         let mut e = super::SplitEngine::new(ring, 2, "test", 512).unwrap();
-        super::super::tests::exercise(&mut e);
+        super::super::tests::exercise(&mut e, fd);
     }
 
     /// A lone large read stays on the ring; one with company goes to the
     /// pool, and so does the next while the pool is busy.
     #[test]
     fn only_large_reads_with_company_go_to_the_pool() {
-        let Ok(ring) = super::UringEngine::new(16) else {
-            eprintln!("skipped: io_uring refused on this host");
+        let ring = super::UringEngine::new(16, &[]).map_err(|e| format!("io_uring refused: {e}"));
+        let Some(ring) = tests::require(ring) else {
             return;
         };
         let mut e = super::SplitEngine::new(ring, 2, "test", 4096).unwrap();

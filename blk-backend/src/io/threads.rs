@@ -139,6 +139,7 @@ mod tests {
     #[test]
     fn does_what_io_uring_does() {
         let mut e = super::ThreadEngine::new(3, "test").unwrap();
-        super::super::tests::exercise(&mut e);
+        let f = super::super::tests::scratch();
+        super::super::tests::exercise(&mut e, std::os::fd::AsRawFd::as_raw_fd(&f));
     }
 }
