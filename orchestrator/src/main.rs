@@ -479,17 +479,24 @@ fn attach(a: &cli::AttachArgs) -> anyhow::Result<ExitCode> {
         a.device,
         argv.join(" ")
     );
-    // Ctrl-C is for the backend; this process only waits and hands back.
-    // SAFETY: setting a signal disposition; no handler runs.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    // The backend never gets this terminal: it runs in a session of its
+    // own with stdin on /dev/null, its output comes through pipes that
+    // this process copies here, and Ctrl-C (or a TERM) is passed on to it
+    // as a signal. So it cannot push input into the user's shell (TIOCSTI).
+    let mask = block_signals();
     let raw = fd.as_raw_fd();
     let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
+    cmd.args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     // SAFETY: async-signal-safe calls only, between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
             orchestrator::unblock_signals_in_child()?;
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let target = orchestrator::supervisor::LISTEN_FD;
             if raw == target {
                 let flags = libc::fcntl(raw, libc::F_GETFD);
@@ -500,7 +507,27 @@ fn attach(a: &cli::AttachArgs) -> anyhow::Result<ExitCode> {
             Ok(())
         });
     }
-    let status = cmd.status();
+    let status = cmd.spawn().and_then(|mut child| {
+        let copies = [
+            child.stdout.take().map(|o| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut { o }, &mut std::io::stdout());
+                })
+            }),
+            child.stderr.take().map(|e| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut { e }, &mut std::io::stderr());
+                })
+            }),
+        ];
+        let pid = child.id() as libc::pid_t;
+        std::thread::spawn(move || forward_signals(mask, pid));
+        let status = child.wait();
+        for c in copies.into_iter().flatten() {
+            let _ = c.join();
+        }
+        status
+    });
     drop(fd);
     let back = orchestrator::control::request(&path, "release", &a.device);
     let status = status.with_context(|| format!("running {}", argv[0]))?;
@@ -517,6 +544,19 @@ fn attach(a: &cli::AttachArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(
         u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
     ))
+}
+
+/// Wait for the signals in `set` (blocked in every thread) and pass each
+/// on to `pid`, for as long as this process lives.
+fn forward_signals(set: libc::sigset_t, pid: libc::pid_t) {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: sigwait reads the set and writes the signal number.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            // SAFETY: kill takes integers only.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
 }
 
 fn block_signals() -> libc::sigset_t {

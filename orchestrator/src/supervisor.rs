@@ -481,10 +481,11 @@ fn spawn(d: &mut Device, echo: bool) -> Result<(), SuperviseError> {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // Its own process group: a Ctrl-C at the terminal is for the
-            // orchestrator (which brings everything down in order), not
-            // for each backend at once.
-            if libc::setpgid(0, 0) != 0 {
+            // Its own session, with no controlling terminal: a Ctrl-C at
+            // the terminal is for the orchestrator (which brings everything
+            // down in order), not for each backend at once, and a backend
+            // cannot reach the user's terminal (no /dev/tty, no TIOCSTI).
+            if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // A backend never outlives its orchestrator.

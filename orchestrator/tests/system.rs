@@ -526,6 +526,29 @@ fn attach(
     (child, err, out)
 }
 
+/// Backend `pid` (started by `parent`) leads a session of its own, so it
+/// has no controlling terminal, and its stdin is /dev/null: it cannot push
+/// input into the user's terminal (TIOCSTI).
+fn assert_alone_in_its_session(pid: u32, parent: u32) {
+    let session = |p: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        // state ppid pgrp session tty_nr
+        let f: Vec<&str> = after.split_whitespace().collect();
+        (f[3].parse::<u32>().unwrap(), f[4].parse::<i64>().unwrap())
+    };
+    let (sid, tty) = session(pid);
+    assert_eq!(sid, pid, "backend {pid} is not its session's leader");
+    assert_ne!(
+        sid,
+        session(parent).0,
+        "backend {pid} shares its parent's session"
+    );
+    assert_eq!(tty, 0, "backend {pid} has a controlling terminal");
+    let stdin = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
+    assert_eq!(stdin, Path::new("/dev/null"), "backend {pid}'s stdin");
+}
+
 /// Wait until blk0 of VM `name` runs under supervision again; its restarts.
 fn supervised_again(runtime: &Path, name: &str) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -584,12 +607,16 @@ fn attach_runs_a_backend_here_and_restart_hands_a_new_one_in() {
     let children =
         std::fs::read_to_string(format!("/proc/{att_pid}/task/{att_pid}/children")).unwrap();
     let backend: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    assert_alone_in_its_session(backend as u32, att_pid);
     // SAFETY: signalling the backend the attach command started.
     unsafe { libc::kill(backend, libc::SIGTERM) };
     att.wait().unwrap();
     // The exit and the last line read from its stderr race: wait for it.
     att_out.wait_for("back under supervision", 20, &vm_err);
     let restarts = supervised_again(runtime.path(), "attach");
+    let st = VmStatus::read_in(runtime.path(), "attach").unwrap();
+    let blk = st.devices.iter().find(|d| d.device == "blk0").unwrap();
+    assert_alone_in_its_session(blk.pid.unwrap(), vm.id());
     // And `restart` replaces it once more.
     let r = orch(runtime.path(), dir.path())
         .args(["restart", "blk0", "--name", "attach"])
