@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,11 @@ pub enum StateError {
          stop it with `orchestrator down --name {name}` or pick another [vm] name"
     )]
     Busy { name: String, pid: String },
+    #[error(
+        "the state directory {path} {why}: another user could plant sockets in it; \
+         remove it, or set XDG_RUNTIME_DIR to a directory of your own"
+    )]
+    NotOurs { path: PathBuf, why: String },
 }
 
 /// The state directory of one VM, locked for as long as this value lives.
@@ -52,6 +58,37 @@ pub fn dir_of(name: &str) -> PathBuf {
     base_dir().join(name)
 }
 
+/// Refuse a state directory that is not a directory owned by this user, or
+/// that others may write to (a symbolic link planted there included).
+fn check_private(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| StateError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let why = if !meta.is_dir() {
+        Some("is not a directory".to_string())
+    } else if meta.uid() != uid {
+        Some(format!("belongs to uid {}, not to you ({uid})", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by others (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(StateError::NotOurs {
+            path: dir.to_path_buf(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
 impl StateDir {
     /// Create and lock the state directory of VM `name`.
     pub fn acquire(name: &str) -> Result<Self, StateError> {
@@ -60,6 +97,17 @@ impl StateDir {
             let path = path.to_path_buf();
             move |source| StateError::Io { path, source }
         };
+        // Made private to us; and one that exists already (in /tmp, where
+        // anyone may make it first) is used only if it is ours alone.
+        let base = base_dir();
+        for dir in [&base, &root] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io(dir))?;
+            check_private(dir)?;
+        }
         for sub in ["sockets", "logs", "notify"] {
             std::fs::create_dir_all(root.join(sub)).map_err(io(&root))?;
         }
@@ -165,5 +213,25 @@ mod tests {
         );
         drop(a);
         StateDir::acquire("t").unwrap();
+
+        // A directory others may write to, or someone else's, is refused.
+        use std::os::unix::fs::PermissionsExt;
+        let vm = dir.path().join("vmm").join("open");
+        std::fs::create_dir_all(&vm).unwrap();
+        std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = StateDir::acquire("open").err().unwrap();
+        assert!(e.to_string().contains("writable by others"), "{e}");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = dir.path().join("vmm").join("theirs");
+            std::fs::create_dir_all(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = StateDir::acquire("theirs").err().unwrap();
+            assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+        }
+        let link = dir.path().join("vmm").join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let e = StateDir::acquire("link").err().unwrap();
+        assert!(e.to_string().contains("not a directory"), "{e}");
     }
 }
