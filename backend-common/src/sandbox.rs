@@ -359,6 +359,14 @@ pub fn confine(mode: Confinement, keep: &[std::os::fd::RawFd]) -> Result<(), San
     close_other_fds(keep)?;
     if mode == Confinement::Namespace {
         pivot_into_empty_jail()?;
+    } else {
+        // The host's network namespace: the message shim needs a socket
+        // nobody else can connect to.
+        crate::serve::prepare_private_shim().map_err(|source| SandboxError::Sys {
+            what: "making the message shim's private socket",
+            hint: "",
+            source,
+        })?;
     }
     drop_capabilities(&[])
 }

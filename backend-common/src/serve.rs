@@ -142,6 +142,71 @@ where
     Ok(())
 }
 
+/// The shim's private listener where the process shares the host's
+/// network namespace (see [`PrivateListener`]); unset inside the namespace
+/// sandbox, whose abstract socket names nobody else can see.
+static PRIVATE: std::sync::OnceLock<PrivateListener> = std::sync::OnceLock::new();
+
+/// A listening socket no other process can find: bound in a fresh private
+/// directory, which is removed at once, and reached only through this
+/// process's /proc/self/fd link to the socket's inode. (An abstract name
+/// would be visible in /proc/net/unix, and another local process could
+/// connect to it before the shim does and be served as the frontend.)
+pub(crate) struct PrivateListener {
+    listener: UnixListener,
+    inode: std::os::fd::OwnedFd,
+}
+
+impl PrivateListener {
+    fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let template = std::env::temp_dir().join("vmm-shim-XXXXXX");
+        let mut t = std::ffi::CString::new(template.as_os_str().as_bytes())
+            .map_err(std::io::Error::other)?
+            .into_bytes_with_nul();
+        // SAFETY: a NUL-terminated template that mkdtemp rewrites in place.
+        if unsafe { libc::mkdtemp(t.as_mut_ptr().cast()) }.is_null() {
+            return Err(std::io::Error::last_os_error());
+        }
+        t.pop();
+        let dir = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&t));
+        let path = dir.join("s");
+        let bound = UnixListener::bind(&path).and_then(|l| {
+            let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+                .map_err(std::io::Error::other)?;
+            // SAFETY: a valid C string; the result is checked.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: a fresh descriptor owned by nobody else.
+            Ok((l, unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+        });
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+        let (listener, inode) = bound?;
+        Ok(PrivateListener { listener, inode })
+    }
+
+    /// The path the connecting side uses (this process only).
+    fn connect_path(&self) -> String {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", self.inode.as_raw_fd())
+    }
+}
+
+/// For a backend that keeps the host's network namespace (`--sandbox
+/// none`): make the shim's private listener now, while the process may
+/// still create files, so each frontend's shim connection is one nobody
+/// else can make. Call before seccomp.
+pub(crate) fn prepare_private_shim() -> std::io::Result<()> {
+    if PRIVATE.get().is_none() {
+        let _ = PRIVATE.set(PrivateListener::new()?);
+    }
+    Ok(())
+}
+
 /// Accept the frontend on `listener`, and start `daemon` on a private
 /// socket whose other end a relay thread joins to the frontend through
 /// the shim.
@@ -160,10 +225,26 @@ where
     let (front, _) = listener
         .accept()
         .map_err(|e| ServeError::Accept(e.to_string()))?;
-    let name = format!("vmm-shim-{}-{n}", std::process::id());
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(ServeError::Listener)?;
-    let private = UnixListener::bind_addr(&addr).map_err(ServeError::Listener)?;
-    let connector = std::thread::spawn(move || UnixStream::connect_addr(&addr));
+    let (private, connector) = match PRIVATE.get() {
+        Some(p) => {
+            let path = p.connect_path();
+            (
+                p.listener.try_clone().map_err(ServeError::Listener)?,
+                std::thread::spawn(move || UnixStream::connect(path)),
+            )
+        }
+        None => {
+            // Inside the namespace sandbox: the network namespace, and with
+            // it the abstract socket names, are this process's alone.
+            let name = format!("vmm-shim-{}-{n}", std::process::id());
+            let addr =
+                SocketAddr::from_abstract_name(name.as_bytes()).map_err(ServeError::Listener)?;
+            (
+                UnixListener::bind_addr(&addr).map_err(ServeError::Listener)?,
+                std::thread::spawn(move || UnixStream::connect_addr(&addr)),
+            )
+        }
+    };
     daemon
         .start(&mut Listener::from(private))
         .map_err(|e| ServeError::Accept(e.to_string()))?;

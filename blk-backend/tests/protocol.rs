@@ -3,36 +3,15 @@
 //! reconnects with I/O in flight, the sandbox, and bad command lines.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{client, image, start, IMAGE};
 use tests::blk::{self, req, BlkClient, BlkError};
-use tests::frontend::BackendProcess;
 use tests::hostile;
 use tests::queue::Shape;
 use tests::ring::Seg;
-
-const IMAGE: u64 = 64 << 20;
-
-fn image() -> tempfile::NamedTempFile {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    f.as_file().set_len(IMAGE).unwrap();
-    f
-}
-
-fn start(img: &Path, extra: &[&str]) -> BackendProcess {
-    let mut argv = vec![
-        env!("CARGO_BIN_EXE_blk-backend").to_string(),
-        "--fd={fd}".into(),
-        format!("--image={}", img.display()),
-    ];
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    BackendProcess::spawn(&argv, Duration::from_secs(10)).expect("blk-backend starts")
-}
-
-fn client(b: &mut BackendProcess, queues: usize, depth: usize) -> BlkClient {
-    BlkClient::connect(b, queues, depth, 1 << 20).unwrap_or_else(|e| panic!("{e}\n{}", b.output()))
-}
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
