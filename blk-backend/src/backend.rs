@@ -76,6 +76,11 @@ pub struct Disk {
     /// With O_DIRECT: transfers of at least this many bytes go through a
     /// queue's huge-page bounce buffers ([`crate::io::bounce`]); 0: none do.
     pub bounce_from: u64,
+    /// A regular file (not a block device): it could grow.
+    pub regular: bool,
+    /// The process's file size limit follows the capacity (see
+    /// [`Disk::hold_writes_to_capacity`]).
+    limit_writes: AtomicBool,
 }
 
 impl Disk {
@@ -91,6 +96,7 @@ impl Disk {
         } else {
             1
         };
+        let regular = file.metadata()?.file_type().is_file();
         let d = Disk {
             file,
             buffered,
@@ -101,6 +107,8 @@ impl Disk {
             serial,
             zero_range: AtomicBool::new(true),
             bounce_from: 0,
+            regular,
+            limit_writes: AtomicBool::new(false),
         };
         d.refresh_capacity()?;
         Ok(d)
@@ -116,11 +124,37 @@ impl Disk {
         self.buffered.is_some()
     }
 
-    /// Re-read the image's size. Returns whether it changed.
+    /// Re-read the image's size. Returns whether it changed. With the
+    /// write limit on, the limit follows before anyone hears of the change.
     pub fn refresh_capacity(&self) -> io::Result<bool> {
         let bytes = image_size(&self.file)?;
         let cap = bytes - bytes % u64::from(self.logical_block_size);
+        if self.limit_writes.load(Ordering::Relaxed) && cap != self.capacity() {
+            limit_file_size(cap)?;
+        }
         Ok(self.capacity.swap(cap, Ordering::Relaxed) != cap)
+    }
+
+    /// Where the image ends now.
+    pub fn end_now(&self) -> io::Result<u64> {
+        image_size(&self.file)
+    }
+
+    /// Have the kernel refuse any write of this process past the capacity
+    /// the guest was told (RLIMIT_FSIZE, following every resize; EFBIG
+    /// instead of SIGXFSZ), whatever happens to the file meanwhile. For a
+    /// backend process only: the limit holds for every regular file it
+    /// writes, which is the image alone (its output goes to pipes or the
+    /// journal).
+    pub fn hold_writes_to_capacity(&self) -> io::Result<()> {
+        if !self.regular || self.readonly {
+            return Ok(());
+        }
+        // SAFETY: setting a signal disposition; no handler runs.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        limit_file_size(self.capacity())?;
+        self.limit_writes.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn capacity(&self) -> u64 {
@@ -159,6 +193,25 @@ impl Disk {
 }
 
 /// Size of a regular file or a block device.
+/// Set this process's RLIMIT_FSIZE soft limit to `bytes` (at most the
+/// hard limit).
+fn limit_file_size(bytes: u64) -> io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = bytes.min(lim.rlim_max);
+    // SAFETY: setrlimit reads `lim`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn image_size(f: &File) -> io::Result<u64> {
     // SAFETY: lseek on our own descriptor; SEEK_END works for both kinds.
     let end = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
@@ -232,6 +285,9 @@ struct QueueState {
     inflight_counter: u64,
     /// Huge pages for bounced transfers.
     pool: bounce::Pool,
+    /// Where the image file ends, read once per pass over the ring that
+    /// has a write (None: not read in this pass).
+    file_end: Option<u64>,
 }
 
 /// One queue's part of the inflight area (the vhost-user specification's
@@ -528,6 +584,7 @@ impl BlkBackend {
                         inflight: None,
                         inflight_counter: 0,
                         pool: bounce::Pool::new(BOUNCE_PAGES),
+                        file_end: None,
                     })
                 })
                 .collect(),
@@ -769,6 +826,37 @@ impl BlkBackend {
         stop.done.notify_all();
     }
 
+    /// Whether a write of `len` bytes at `offset` stays inside the image
+    /// file as it is now (a block device cannot grow: always). A file the
+    /// host shrank under the guest is never grown back by a write planned
+    /// against its old size: the write fails instead, and is logged.
+    fn within_file(&self, state: &mut QueueState, offset: u64, len: u64) -> bool {
+        if !self.disk.regular {
+            return true;
+        }
+        let end = match state.file_end {
+            Some(e) => e,
+            None => match self.disk.end_now() {
+                Ok(e) => *state.file_end.insert(e),
+                // Unknown: the rlimit still holds writes to the capacity.
+                Err(_) => return true,
+            },
+        };
+        let inside = offset.checked_add(len).is_some_and(|e| e <= end);
+        if !inside {
+            if let Some(count) = self.faults.rejected.hit() {
+                warn!(
+                    offset,
+                    len,
+                    file_end = end,
+                    count,
+                    "a write past the image file's end (shrunk on the host?) refused"
+                );
+            }
+        }
+        inside
+    }
+
     /// One step of queue `q`: complete what the engine has finished, take
     /// every available request and start its I/O. Returns whether anything
     /// happened.
@@ -787,6 +875,7 @@ impl BlkBackend {
         let ifl = state.inflight;
         let mut vstate = vring.get_mut();
         let geometry = self.disk.geometry();
+        state.file_end = None;
         let direct = self.disk.direct();
         let mut used_any = self.complete(q, &mut state, &mut vstate);
         let mut took = 0usize;
@@ -996,6 +1085,10 @@ impl BlkBackend {
                     used_any |= finish(status::IOERR, 0);
                     return used_any;
                 };
+                if req.kind != request::kind::IN && !self.within_file(state, offset, iov.total()) {
+                    used_any |= finish(status::IOERR, 0);
+                    return used_any;
+                }
                 let fd = self.disk.fd_for(&iov);
                 let is_read = req.kind == request::kind::IN;
                 let iov = match self.bounce(state, fd, is_read, iov) {
@@ -1030,6 +1123,10 @@ impl BlkBackend {
             ),
             Plan::WriteZeroes { offset, len, unmap } => {
                 let fallback = Fallback::WriteZeros { offset, len };
+                if !self.within_file(state, offset, len) {
+                    used_any |= finish(status::IOERR, 0);
+                    return used_any;
+                }
                 if !unmap && !self.disk.zero_range.load(Ordering::Relaxed) {
                     (zero_write(&self.disk, offset, len), Fallback::None)
                 } else {

@@ -64,6 +64,12 @@ pub fn run(cfg: &Config) -> Result<(), RunError> {
     let notifier = backend_common::notify::Notifier::from_env();
     let mut disk = open_disk(cfg)?;
     let bounce_why = bounce_from(cfg, &mut disk);
+    disk.hold_writes_to_capacity()
+        .map_err(|source| RunError::Image {
+            path: cfg.image.clone(),
+            hint: " (setting RLIMIT_FSIZE to the disk's size)",
+            source,
+        })?;
     let disk = Arc::new(disk);
     let mut keep = disk.fds();
     keep.push(listener.as_raw_fd());

@@ -31,6 +31,8 @@ const IMAGE_IO: &[c_long] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
+    // The file size limit follows the capacity (setrlimit is prlimit64).
+    libc::SYS_prlimit64,
     // Whether guest memory is in huge pages (no bouncing then).
     libc::SYS_fstatfs,
     // The vhost-user message shim's private socket, one per frontend.

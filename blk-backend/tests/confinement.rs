@@ -1,5 +1,7 @@
-//! What blk-backend lets others reach: without the namespace sandbox its
-//! message shim's private socket has no name anyone else can connect to.
+//! What blk-backend reaches and lets others reach: the image never grows
+//! past what it is or what the guest was told, and without the namespace
+//! sandbox its message shim's private socket has no name anyone else can
+//! connect to.
 
 mod common;
 
@@ -58,4 +60,46 @@ fn without_the_sandbox_the_shim_socket_has_no_name_to_connect_to() {
         }
     }
     assert!(b.is_running(), "{}", b.output());
+}
+
+/// The host shrinks the image under a running guest; the backend has not
+/// looked at its size since (resize polling off): a write planned against
+/// the old size fails instead of growing the file back, and the process
+/// cannot write past the capacity the guest was told at all.
+#[test]
+fn a_write_never_grows_the_image() {
+    for engine in ["uring", "threads"] {
+        let img = image();
+        let mut b = start(
+            img.path(),
+            &["--resize-poll-ms=0", &format!("--io-engine={engine}")],
+        );
+        let mut c = client(&mut b, 1, 4);
+        let limits =
+            std::fs::read_to_string(format!("/proc/{}/limits", b.serving_pid().unwrap())).unwrap();
+        let fsize = limits
+            .lines()
+            .find(|l| l.starts_with("Max file size"))
+            .unwrap();
+        assert_eq!(
+            fsize.split_whitespace().nth(3),
+            Some(common::IMAGE.to_string().as_str()),
+            "{engine}: {fsize}"
+        );
+        img.as_file().set_len(32 << 20).unwrap();
+        let at_48m = (48 << 20) / 512;
+        let r = c.write(at_48m, &[7u8; 4096]);
+        assert!(
+            r.is_err(),
+            "{engine}: a write past the shrunk image's end: {r:?}"
+        );
+        assert_eq!(
+            img.as_file().metadata().unwrap().len(),
+            32 << 20,
+            "{engine}"
+        );
+        c.write(0, &[7u8; 4096]).unwrap();
+        assert_eq!(c.read(0, 4096).unwrap(), vec![7u8; 4096]);
+        assert!(b.is_running(), "{}", b.output());
+    }
 }
