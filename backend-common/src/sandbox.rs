@@ -227,19 +227,18 @@ fn jail(dir: Option<&Path>) -> Result<(), SandboxError> {
         // 5.8+) leaves out everything that is not a process's directory
         // (/proc/sys, /proc/sysrq-trigger, ...), which a root daemon could
         // otherwise write; read-only on top.
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY;
         // SAFETY: constant C strings; the data argument is a C string.
-        sys(
-            "mounting /proc (subset=pid, Linux 5.8+) in the jail",
-            unsafe {
-                libc::mount(
-                    c"proc".as_ptr(),
-                    proc_in.as_ptr(),
-                    c"proc".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
-                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
-                )
-            },
-        )?;
+        let rc = unsafe {
+            libc::mount(
+                c"proc".as_ptr(),
+                proc_in.as_ptr(),
+                c"proc".as_ptr(),
+                flags,
+                c"subset=pid,hidepid=invisible".as_ptr().cast(),
+            )
+        };
+        sys("mounting /proc (subset=pid, Linux 5.8+) in the jail", rc)?;
     }
     // SAFETY: valid C string.
     sys("chdir into the jail", unsafe {

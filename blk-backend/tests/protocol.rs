@@ -437,7 +437,7 @@ fn a_resized_image_shows_in_the_config_space() {
 fn the_sandbox_leaves_only_the_image_and_sockets() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: the namespace sandbox needs root");
+        backend_common::skip_or_fail("the namespace sandbox needs root");
         return;
     }
     let img = image();

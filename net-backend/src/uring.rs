@@ -142,7 +142,11 @@ mod tests {
     /// A ring on `fd`, or None (said) where the kernel refuses one.
     fn ring_on(fd: &OwnedFd) -> Option<TxRing> {
         TxRing::new(fd.as_raw_fd())
-            .map_err(|e| eprintln!("skipped: this kernel refuses a restricted io_uring ({e})"))
+            .map_err(|e| {
+                backend_common::skip_or_fail(&format!(
+                    "this kernel refuses a restricted io_uring ({e})"
+                ))
+            })
             .ok()
     }
 

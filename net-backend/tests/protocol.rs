@@ -303,7 +303,7 @@ fn many_frames_in_both_directions() {
 fn the_sandbox_leaves_only_the_link_and_sockets() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: the namespace sandbox needs root");
+        backend_common::skip_or_fail("the namespace sandbox needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

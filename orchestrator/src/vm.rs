@@ -596,7 +596,7 @@ mod user_net_tests {
     #[test]
     fn passt_forwards_the_ports_asked_for_and_no_others() {
         if crate::find_program("passt").is_none() {
-            println!("skipped: passt is not installed");
+            backend_common::skip_or_fail("passt is not installed (apt-get install passt)");
             return;
         }
         let sock = Path::new("/run/n.sock");

@@ -245,10 +245,9 @@ mod tests {
             }
             Err(MemoryError::HugePages { free, want, .. }) => {
                 assert!(free < 16 && want >= 16, "free {free}, want {want}");
-                let _ = std::io::Write::write_fmt(
-                    &mut std::io::stderr(),
-                    format_args!("skipped: huge page memory: {free} free (vm.nr_hugepages)\n"),
-                );
+                backend_common::skip_or_fail(&format!(
+                    "huge page memory: {free} free (sysctl vm.nr_hugepages=16)"
+                ));
             }
             Err(e) => panic!("{e}"),
         }

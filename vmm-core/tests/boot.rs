@@ -104,13 +104,10 @@ fn debians_kernel_boots_in_huge_pages_too() {
     let huge: &[&str] = if free >= 128 {
         &["--hugepages"]
     } else {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!(
-                "skipped: huge pages: {free} of the 128 needed are free \
-                 (sysctl vm.nr_hugepages=128); booting in normal pages\n"
-            ),
-        );
+        backend_common::skip_or_fail(&format!(
+            "huge pages: {free} of the 128 needed are free \
+             (sysctl vm.nr_hugepages=128); booting in normal pages"
+        ));
         &[]
     };
     boots_to_its_early_console(dir.path(), &kernel, huge);

@@ -314,10 +314,9 @@ fn a_long_mode_guest_program_reads_a_block_through_vmm_core() {
 fn a_block_read_in_huge_page_memory() {
     let free = vmm_core::memory::free_huge_pages();
     if free < 16 {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("skipped: huge pages: {free} of 16 free (sysctl vm.nr_hugepages=16)\n"),
-        );
+        backend_common::skip_or_fail(&format!(
+            "huge pages: {free} of 16 free (sysctl vm.nr_hugepages=16)"
+        ));
         return;
     }
     reads_a_block(true);

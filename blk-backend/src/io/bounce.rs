@@ -478,7 +478,7 @@ mod tests {
     fn pages_are_aligned_and_huge() {
         let mut p = Pool::new(1);
         let Some(s) = p.take(PAGE_BYTES) else {
-            println!("skipped: no huge page to be had on this host now");
+            backend_common::skip_or_fail("no huge page to be had on this host now");
             return;
         };
         let addr = s.ptr.as_ptr() as usize;
