@@ -144,6 +144,97 @@ pub fn init_logging(level: &str) -> Result<(), SetupError> {
     Ok(())
 }
 
+/// Logging set-up like [`init_logging`], with each line sent to the
+/// system log (/dev/log, facility daemon) as `name[pid]: line` instead of
+/// stderr: virtiofsd's `--syslog`, which Kata passes. Where no syslog
+/// daemon listens, logs stay on stderr and the first line says why.
+pub fn init_syslog(name: &str, level: &str) -> Result<(), SetupError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => f,
+        _ => level.to_string(),
+    };
+    let env =
+        EnvFilter::try_new(&filter).map_err(|source| SetupError::LogFilter { filter, source })?;
+    let sock =
+        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect("/dev/log").map(|()| s));
+    match sock {
+        Ok(sock) => {
+            let w = syslog::Syslog {
+                sock: std::sync::Arc::new(sock),
+                tag: format!("{name}[{}]: ", std::process::id()),
+            };
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(env)
+                .with_ansi(false)
+                .without_time()
+                .with_writer(w)
+                .try_init();
+        }
+        Err(e) => {
+            init_logging(level)?;
+            tracing::warn!(error = %e, "--syslog: no system log at /dev/log; logging to stderr");
+        }
+    }
+    Ok(())
+}
+
+mod syslog {
+    use std::sync::Arc;
+
+    /// Makes one writer per log event, at the event's severity.
+    pub struct Syslog {
+        pub sock: Arc<std::os::unix::net::UnixDatagram>,
+        pub tag: String,
+    }
+
+    /// One event: its line goes out as one datagram.
+    pub struct Line {
+        sock: Arc<std::os::unix::net::UnixDatagram>,
+        head: String,
+    }
+
+    impl std::io::Write for Line {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let text = String::from_utf8_lossy(buf);
+            let msg = format!("{}{}", self.head, text.trim_end_matches('\n'));
+            // A full or absent log socket loses the line, never the daemon.
+            let _ = self.sock.send(msg.as_bytes());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Syslog {
+        type Writer = Line;
+        fn make_writer(&'a self) -> Line {
+            self.line(6)
+        }
+        fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
+            // Severities: err 3, warning 4, info 6, debug 7.
+            let sev = match *meta.level() {
+                tracing::Level::ERROR => 3,
+                tracing::Level::WARN => 4,
+                tracing::Level::INFO => 6,
+                _ => 7,
+            };
+            self.line(sev)
+        }
+    }
+
+    impl Syslog {
+        fn line(&self, severity: u8) -> Line {
+            // Facility daemon (3).
+            Line {
+                sock: self.sock.clone(),
+                head: format!("<{}>{}", 3 * 8 + severity, self.tag),
+            }
+        }
+    }
+}
+
 /// For tests: a prerequisite is missing. On a developer machine the test
 /// says `skipped: <reason>` on stderr (not through `println!`, which the
 /// harness hides) and returns; under CI (where `CI` is set) a missing

@@ -64,9 +64,23 @@ pub struct Args {
     #[arg(
         long,
         value_name = "DIR",
-        required_unless_present = "print_capabilities"
+        required_unless_present_any = ["print_capabilities", "compat"]
     )]
     pub shared_dir: Option<PathBuf>,
+    /// virtiofsd's compatibility options, as libvirt and Kata pass them
+    /// (comma-separated, `,,` for a comma in a value): source=DIR,
+    /// cache=none|auto|always|metadata, sandbox=namespace|chroot,
+    /// loglevel=debug|info|warn|err, xattr, no_xattr, posix_acl,
+    /// no_posix_acl, writeback, no_writeback, announce_submounts,
+    /// readdirplus, no_flock, no_posix_lock. Anything else is refused.
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    pub compat: Vec<String>,
+    /// Debug logging (as --log-level=debug).
+    #[arg(short = 'd')]
+    pub debug: bool,
+    /// Log to the system log (/dev/log) instead of stderr.
+    #[arg(long)]
+    pub syslog: bool,
     /// The tag the guest mounts (also in the device's config space).
     #[arg(long, default_value = "share")]
     pub tag: String,
@@ -169,6 +183,93 @@ pub enum ArgsError {
     Tag(usize),
     #[error("--{0} is not supported yet; leave it off")]
     Unsupported(&'static str),
+    #[error("-o {option}: {why}")]
+    Compat { option: String, why: &'static str },
+}
+
+/// Split one `-o` argument at its commas; `,,` is a comma inside a value
+/// (libvirt's escaping of a path).
+fn compat_options(arg: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = arg.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().unwrap().push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().unwrap().push(c);
+        }
+    }
+    out.retain(|o| !o.is_empty());
+    out
+}
+
+impl Args {
+    /// Fold virtiofsd's `-o` options (and `-d`) into the flags they stand
+    /// for; once: what is folded is cleared.
+    pub fn apply_compat(&mut self) -> Result<(), ArgsError> {
+        let bad = |option: &str, why| ArgsError::Compat {
+            option: option.to_string(),
+            why,
+        };
+        for option in std::mem::take(&mut self.compat)
+            .iter()
+            .flat_map(|a| compat_options(a))
+        {
+            match option.split_once('=') {
+                Some(("source", dir)) => self.shared_dir = Some(PathBuf::from(dir)),
+                Some(("cache", v)) => {
+                    self.cache = match v {
+                        "none" | "never" => CacheMode::Never,
+                        "auto" => CacheMode::Auto,
+                        "always" => CacheMode::Always,
+                        "metadata" => CacheMode::Metadata,
+                        _ => return Err(bad(&option, "cache is none, auto, always or metadata")),
+                    }
+                }
+                Some(("sandbox", v)) => {
+                    self.sandbox = match v {
+                        "namespace" => SandboxMode::Namespace,
+                        "chroot" => SandboxMode::Chroot,
+                        "none" => SandboxMode::None,
+                        _ => return Err(bad(&option, "sandbox is namespace, chroot or none")),
+                    }
+                }
+                Some(("loglevel" | "log_level", v)) => {
+                    self.log_level = match v {
+                        "debug" | "info" | "warn" => v.to_string(),
+                        "err" => "error".to_string(),
+                        _ => return Err(bad(&option, "loglevel is debug, info, warn or err")),
+                    }
+                }
+                Some(_) => return Err(bad(&option, "not an option virtiofsd-fast knows")),
+                None => match option.as_str() {
+                    "xattr" => self.xattr = true,
+                    "no_xattr" => self.xattr = false,
+                    "posix_acl" => self.posix_acl = true,
+                    "no_posix_acl" => self.posix_acl = false,
+                    "writeback" => self.writeback = true,
+                    "no_writeback" => self.writeback = false,
+                    "announce_submounts" => self.announce_submounts = true,
+                    // What the daemon does anyway.
+                    "readdirplus" | "no_flock" | "no_posix_lock" => {}
+                    "flock" | "posix_lock" => return Err(bad(
+                        &option,
+                        "host locks are not served (leave it off, or use no_flock/no_posix_lock)",
+                    )),
+                    _ => return Err(bad(&option, "not an option virtiofsd-fast knows")),
+                },
+            }
+        }
+        if self.debug {
+            self.log_level = "debug".into();
+        }
+        Ok(())
+    }
 }
 
 /// The daemon's configuration, validated.
@@ -197,7 +298,8 @@ pub struct Config {
 impl TryFrom<Args> for Config {
     type Error = ArgsError;
 
-    fn try_from(a: Args) -> Result<Self, ArgsError> {
+    fn try_from(mut a: Args) -> Result<Self, ArgsError> {
+        a.apply_compat()?;
         let socket = SocketSource::from_flags(a.socket_path, a.fd)?;
         let given = a.shared_dir.ok_or(ArgsError::NoSharedDir)?;
         let shared_dir = std::fs::canonicalize(&given).map_err(|source| ArgsError::SharedDir {
@@ -238,9 +340,10 @@ impl TryFrom<Args> for Config {
 }
 
 /// The vhost-user backend capabilities, as `--print-capabilities` prints
-/// them (the vhost-user spec's JSON for a backend program).
+/// them (the vhost-user spec's JSON for a backend program): a virtio-fs
+/// device, and no optional feature (it does not migrate).
 pub fn capabilities_json() -> &'static str {
-    "{\n  \"type\": \"fs\",\n  \"features\": [\n    \"migrate-precopy\"\n  ]\n}"
+    "{\n  \"type\": \"fs\",\n  \"features\": []\n}"
 }
 
 #[cfg(test)]
@@ -281,6 +384,76 @@ mod tests {
         assert!(!c.posix_acl);
         let c = parse(&["--posix-acl"]).unwrap();
         assert!(c.posix_acl && c.xattr, "--posix-acl implies --xattr");
+    }
+
+    fn parse_only(argv: &[&str]) -> Result<Config, ArgsError> {
+        let mut v = vec!["virtiofsd-fast"];
+        v.extend_from_slice(argv);
+        Config::try_from(Args::try_parse_from(v).unwrap())
+    }
+
+    /// The command line libvirt builds (qemuVirtioFSBuildCommandLine):
+    /// --fd, one -o with source (commas doubled), cache, sandbox, xattr and
+    /// the lock options, --thread-pool-size, -d.
+    #[test]
+    fn libvirts_command_line_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("a,b");
+        std::fs::create_dir(&odd).unwrap();
+        let source = odd.display().to_string().replace(',', ",,");
+        let o = format!("source={source},cache=always,sandbox=chroot,xattr,no_flock,no_posix_lock");
+        let c = parse_only(&["--fd=3", "-o", &o, "--thread-pool-size=16", "-d"]).unwrap();
+        assert_eq!(c.shared_dir, odd.canonicalize().unwrap());
+        assert_eq!(
+            (c.cache, c.sandbox, c.xattr, c.thread_pool_size),
+            (CacheMode::Always, SandboxMode::Chroot, true, 16)
+        );
+        let c = parse_only(&[
+            "--fd=3",
+            "-o",
+            &format!("source={source},cache=none,no_xattr"),
+        ])
+        .unwrap();
+        assert_eq!((c.cache, c.xattr), (CacheMode::Never, false));
+    }
+
+    /// The command lines Kata builds: --syslog, --cache, --shared-dir,
+    /// --fd=3 and its extra arguments (new and old style).
+    #[test]
+    fn katas_command_lines_parse() {
+        let dir = std::env::temp_dir();
+        let shared = format!("--shared-dir={}", dir.display());
+        for extra in [
+            &["--thread-pool-size=1", "--announce-submounts"][..],
+            &["--thread-pool-size=1", "-o", "announce_submounts"],
+        ] {
+            let mut argv = vec!["--syslog", "--cache=auto", &shared, "--fd=3"];
+            argv.extend_from_slice(extra);
+            let a = Args::try_parse_from(std::iter::once("virtiofsd-fast").chain(argv.clone()))
+                .unwrap();
+            assert!(a.syslog);
+            let c = parse_only(&argv).unwrap();
+            assert!(
+                c.announce_submounts && c.cache == CacheMode::Auto,
+                "{argv:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn compat_options_that_would_mislead_are_refused() {
+        for o in [
+            "flock",
+            "posix_lock",
+            "modcaps=+sys_admin",
+            "cache=bogus",
+            "frobnicate",
+        ] {
+            let e =
+                parse_only(&["--socket-path=/x", "-o", &format!("source=/tmp,{o}")]).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("-o {o}")), "{e}");
+        }
+        assert!(!capabilities_json().contains("migrate"));
     }
 
     #[test]

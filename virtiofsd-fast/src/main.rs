@@ -6,12 +6,22 @@ use clap::Parser;
 use virtiofsd_fast::{args, Args, Config};
 
 fn main() -> ExitCode {
-    let a = Args::parse();
+    let mut a = Args::parse();
     if a.print_capabilities {
         println!("{}", args::capabilities_json());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = backend_common::init_logging(&a.log_level) {
+    // -d and -o loglevel decide the log level.
+    if let Err(e) = a.apply_compat() {
+        eprintln!("virtiofsd-fast: {e}");
+        return ExitCode::from(2);
+    }
+    let logging = if a.syslog {
+        backend_common::init_syslog("virtiofsd-fast", &a.log_level)
+    } else {
+        backend_common::init_logging(&a.log_level)
+    };
+    if let Err(e) = logging {
         eprintln!("virtiofsd-fast: {e}");
         return ExitCode::from(2);
     }
