@@ -199,3 +199,59 @@ fn the_jail_holds_the_share_nodev_nosuid_and_only_process_entries_of_proc() {
     );
     assert!(opts("/proc").split(',').any(|o| o == "ro"), "{mountinfo}");
 }
+
+/// A descriptor the daemon inherits by accident (here: a file its parent
+/// left open at 20) is closed before it serves, in the process that serves
+/// and in the one that waits outside the sandbox.
+#[test]
+fn inherited_descriptors_are_closed() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fs.sock");
+    let leaked = std::fs::File::open("/proc/self/exe").unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&leaked);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_virtiofsd-fast"));
+    cmd.arg(format!("--socket-path={}", sock.display()))
+        .arg(format!("--shared-dir={}", share.path().display()))
+        .stdin(std::process::Stdio::null());
+    // SAFETY: dup2 and prctl between fork and exec, on descriptors we own.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::dup2(raw, 20) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The sandboxed child appears once the namespaces exist.
+    let pid = child.id();
+    let serving = loop {
+        let kids =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(k) = kids.split_whitespace().next() {
+            break k.parse::<u32>().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no sandboxed child");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // The parent closes what it inherited before it forks the child, so
+    // both are past it now.
+    for p in [pid, serving] {
+        let fd = format!("/proc/{p}/fd/20");
+        assert!(
+            std::fs::read_link(&fd).is_err(),
+            "{fd} is still open: {:?}",
+            std::fs::read_link(&fd)
+        );
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+}
