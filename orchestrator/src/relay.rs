@@ -291,10 +291,20 @@ impl Setup {
                     say(m)?;
                 }
             }
+        }
+        // One answered request after the replay: the backend handles its
+        // messages in order, so once this is answered every ring is
+        // enabled. A kick that arrives before its ring's SET_VRING_ENABLE
+        // is consumed and dropped by the library, and the requests behind
+        // it would wait for a kick that never comes.
+        ask(GET_FEATURES)?;
+        for ring in done {
             // Requests made while no backend was there were kicked into
-            // the void: kick once more.
-            if let Some(kick) = self.rings.get(&(ring, SET_VRING_KICK)) {
-                if let Some(fd) = kick.fds.first() {
+            // the void: kick once more. And the dead backend may have
+            // returned buffers without interrupting the guest: a spare
+            // interrupt makes the guest look at its used ring.
+            for request in [SET_VRING_KICK, SET_VRING_CALL] {
+                if let Some(fd) = self.rings.get(&(ring, request)).and_then(|m| m.fds.first()) {
                     let one = 1u64.to_ne_bytes();
                     // SAFETY: an eventfd write of 8 bytes from a buffer we own.
                     unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
@@ -459,6 +469,72 @@ mod tests {
             .unwrap();
         assert_eq!(setup.used_index(1), None);
         assert!(setup.rings.is_empty());
+    }
+
+    /// The replay kicks a ring only after the backend has answered a
+    /// request sent after the ring's SET_VRING_ENABLE: a kick that comes
+    /// before the enable is dropped by the library, and the guest's
+    /// requests would wait for good.
+    #[test]
+    fn a_replayed_ring_is_kicked_only_once_enabled() {
+        let eventfd = || {
+            // SAFETY: eventfd takes no pointers; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: a fresh descriptor owned by nobody else.
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        };
+        let kick = eventfd();
+        let kick_probe = kick.try_clone().unwrap();
+        let mut setup = Setup::default();
+        setup
+            .record(&msg(SET_VRING_KICK, words(&[1]), vec![kick]))
+            .unwrap();
+        setup
+            .record(&msg(
+                SET_VRING_ENABLE,
+                [1u32, 1].iter().flat_map(|w| w.to_le_bytes()).collect(),
+                vec![],
+            ))
+            .unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let backend = std::thread::spawn(move || {
+            let mut enabled = false;
+            let mut kicked_before_answer = false;
+            while let Ok(Some(m)) = recv(&theirs) {
+                match m.request() {
+                    SET_VRING_ENABLE => {
+                        enabled = true;
+                        // A backend slow to get to the enable: the relay
+                        // must not have kicked meanwhile.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        let mut v = [0u8; 8];
+                        // SAFETY: an 8-byte read into a local buffer.
+                        let n =
+                            unsafe { libc::read(kick_probe.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+                        kicked_before_answer |= n == 8;
+                    }
+                    GET_FEATURES => {
+                        let mut r = msg(GET_FEATURES, words(&[0]), vec![]);
+                        r.hdr[4..8].copy_from_slice(&(1u32 | FLAG_REPLY).to_le_bytes());
+                        send(&theirs, &r).unwrap();
+                    }
+                    _ => {}
+                }
+            }
+            (enabled, kicked_before_answer, kick_probe)
+        });
+        setup.replay(&ours).unwrap();
+        drop(ours);
+        let (enabled, early, probe) = backend.join().unwrap();
+        assert!(
+            enabled && !early,
+            "the kick came before the backend had enabled the ring"
+        );
+        let mut v = [0u8; 8];
+        // SAFETY: an 8-byte read into a local buffer.
+        let n = unsafe { libc::read(probe.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        assert_eq!(n, 8, "the ring was never kicked");
     }
 
     #[test]

@@ -8,66 +8,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::*;
 use orchestrator::state::VmStatus;
-
-const ORCH: &str = env!("CARGO_BIN_EXE_orchestrator");
-
-/// The backends are found beside the orchestrator binary; a test build
-/// puts them in the same target directory when the workspace is built.
-fn backends_built() -> bool {
-    let dir = Path::new(ORCH).parent().unwrap();
-    let ok = ["virtiofsd-fast", "blk-backend"]
-        .iter()
-        .all(|b| dir.join(b).is_file());
-    if !ok {
-        let why = format!(
-            "virtiofsd-fast and blk-backend are not built in {} (cargo build --workspace)",
-            dir.display()
-        );
-        return orchestrator_tests_require(Err(why));
-    }
-    orchestrator_tests_require(orchestrator::qemu::qemu_available())
-}
-
-fn orchestrator_tests_require(r: Result<(), String>) -> bool {
-    match r {
-        Ok(()) => true,
-        Err(why) if std::env::var_os("CI").is_some() => panic!("{why} (CI is set)"),
-        Err(why) => {
-            let _ =
-                std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("skipped: {why}\n"));
-            false
-        }
-    }
-}
-
-/// A config for VM `name` under QEMU sharing `dir` as `host`, with a
-/// `disk_mib` MiB disk image made there; returns the config's path.
-fn share_and_disk_vm(dir: &Path, name: &str, disk_mib: u64) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(disk_mib << 20)
-        .unwrap();
-    let cfg = dir.join("vm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[vm]\nname = \"{name}\"\nvmm = \"qemu\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"host\"\n\
-             [[blk]]\nimage = \"{}\"\n",
-            dir.display(),
-            img.display()
-        ),
-    )
-    .unwrap();
-    cfg
-}
-
-fn orch(runtime: &Path, cwd: &Path) -> Command {
-    let mut c = Command::new(ORCH);
-    c.env("XDG_RUNTIME_DIR", runtime).current_dir(cwd);
-    c
-}
 
 #[test]
 fn run_lists_the_current_directory_and_passes_the_exit_code() {
@@ -368,48 +312,6 @@ fn a_killed_share_backend_is_restarted_and_the_guest_keeps_its_mount() {
     assert!(err.contains("relay reconnected"), "{err}");
 }
 
-/// `orchestrator run -f CFG -- SCRIPT` in the background, with its stdout
-/// and stderr readable while it runs.
-fn run_in_guest(
-    runtime: &Path,
-    cwd: &Path,
-    cfg: &Path,
-    script: &str,
-) -> (std::process::Child, Lines, Lines) {
-    let mut run = orch(runtime, cwd);
-    run.args(["run", "-f"])
-        .arg(cfg)
-        .args(["--timeout", "300", "--", script]);
-    spawn_piped(run)
-}
-
-/// Start `c` with its stdout and stderr read line by line, in that order.
-fn spawn_piped(mut c: Command) -> (std::process::Child, Lines, Lines) {
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Lines::of(child.stdout.take().unwrap());
-    let err = Lines::of(child.stderr.take().unwrap());
-    (child, out, err)
-}
-
-/// Find `name` anywhere under `dir`.
-fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if let Some(f) = find_file(&p, name) {
-                return Some(f);
-            }
-        } else if p.file_name().is_some_and(|n| n == name) {
-            return Some(p);
-        }
-    }
-    None
-}
-
 #[test]
 fn a_disk_backend_killed_under_writes_loses_none_of_them() {
     if !backends_built() {
@@ -466,47 +368,6 @@ fn a_disk_backend_killed_under_writes_loses_none_of_them() {
         ),
     }
 }
-
-/// Lines of a child's stream, collected on a thread, readable while it runs.
-struct Lines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-impl Lines {
-    fn of(stream: impl std::io::Read + Send + 'static) -> Self {
-        let v = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let w = std::sync::Arc::clone(&v);
-        std::thread::spawn(move || {
-            for l in BufReader::new(stream).lines() {
-                let Ok(l) = l else { break };
-                w.lock().unwrap().push(l);
-            }
-        });
-        Lines(v)
-    }
-    fn text(&self) -> String {
-        self.0.lock().unwrap().join("\n")
-    }
-    fn wait_for(&self, what: &str, secs: u64, also: &dyn Fn() -> String) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !self.text().contains(what) {
-            assert!(
-                Instant::now() < deadline,
-                "no `{what}` within {secs} s:\n{}\n--- other ---\n{}",
-                self.text(),
-                also()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Shell functions for a guest script: `w NAME AT` writes 1 MiB of
-/// random data to /dev/vda at AT x 64 KiB (kept as /tmp/NAME), `r NAME AT`
-/// reads it back and prints NAME=ok when it matches, `wait_for FILE` waits
-/// for FILE to appear in the share.
-const DISK_FNS: &str = "w() { dd if=/dev/urandom of=/tmp/$1 bs=64k count=16 2>/dev/null; \
-      dd if=/tmp/$1 of=/dev/vda bs=64k seek=$2 oflag=direct 2>/dev/null; }; \
-    r() { dd if=/dev/vda bs=64k skip=$2 count=16 iflag=direct 2>/dev/null | cmp - /tmp/$1 && echo \"$1=ok\"; }; \
-    wait_for() { while [ ! -e /mnt/host/$1 ]; do sleep 0.2; done; }; ";
 
 /// `orchestrator attach blk0` on VM `name` with `extra` flags: the child,
 /// its stderr and its stdout.

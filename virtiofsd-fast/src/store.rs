@@ -769,8 +769,13 @@ impl Store {
         if id == ROOT_ID {
             return;
         }
-        let node = match self.maps.read().unwrap().by_id.get(&id) {
-            Some(n) => n.clone(),
+        // The read guard must be gone before `restore`, which takes the
+        // write lock: held across it (as a match on the guard's borrow
+        // would), the thread deadlocks on itself, and every request after
+        // it waits behind the writer.
+        let known = self.maps.read().unwrap().by_id.get(&id).cloned();
+        let node = match known {
+            Some(n) => n,
             // Maybe one the previous daemon left and the guest has not
             // used since.
             None => match self.restore(id) {

@@ -488,6 +488,8 @@ fn a_restarted_daemon_serves_the_session_the_dead_one_left() {
     let f = c.lookup(d.nodeid, "file").unwrap();
     assert_eq!(c.lookup(d.nodeid, "file").unwrap().nodeid, f.nodeid);
     let doomed = c.lookup(ROOT_ID, "doomed").unwrap();
+    std::fs::write(share.join("other"), b"o").unwrap();
+    let other = c.lookup(ROOT_ID, "other").unwrap();
     let fh = c.open(f.nodeid, libc::O_RDONLY as u32).unwrap();
     let dfh = c.opendir(d.nodeid).unwrap();
     let (n, nfh) = c
@@ -504,7 +506,14 @@ fn a_restarted_daemon_serves_the_session_the_dead_one_left() {
     let mut b = start(&share, &[&state_flag]);
     let mut c = FuseClient::connect(&mut b, 8).unwrap();
     c.set_timeout(Duration::from_secs(5));
-    // No INIT: the guest's mount carries on.
+    // No INIT: the guest's mount carries on. Its first request forgets a
+    // node the dead daemon handed out (taken back from the state file to
+    // be dropped): the daemon answers the next one.
+    c.forget(other.nodeid, 1).unwrap();
+    let e = c
+        .lookup(ROOT_ID, "other")
+        .unwrap_or_else(|e| panic!("after a FORGET of a node left by the dead daemon: {e}"));
+    c.forget(e.nodeid, 1).unwrap();
     assert_eq!(
         c.getattr(f.nodeid)
             .unwrap_or_else(|e| panic!("{e}\n{}", b.output()))

@@ -259,8 +259,9 @@ impl VhostUserDevice {
     /// queue its size, addresses, base (the used index in guest memory:
     /// what the dead backend finished), call and kick eventfds (the same
     /// ones KVM has bound, so nothing changes on the guest's side) and
-    /// enable. A kick the guest sent meanwhile is still pending on the
-    /// eventfd, so the new backend finds the request at once.
+    /// enable; then each queue is kicked and its interrupt raised once, so
+    /// requests the guest made meanwhile are taken and buffers the dead
+    /// backend returned are seen.
     pub fn reconnect(&mut self, wait: Duration) -> Result<(), String> {
         tracing::warn!(socket = %self.socket.display(), "backend hung up; waiting for it to serve again");
         let h = wait_for_backend(&self.socket, self.kicks.len(), wait)?;
@@ -294,6 +295,24 @@ impl VhostUserDevice {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             self.start(driver_features, &queues, &bases)?;
+            // A kick the guest sent while no backend ran sits in the kick
+            // eventfd, and the library consumes and drops a kick that comes
+            // before its ring's SET_VRING_ENABLE: so kick each ring again
+            // now that the enables are done (one answered request makes
+            // sure, REPLY_ACK or not). And the dead backend
+            // may have returned buffers without interrupting the guest: a
+            // spare interrupt makes the guest look at its used rings.
+            self.frontend
+                .get_features()
+                .map_err(|e| format!("GET_FEATURES after the replay: {e}"))?;
+            for &(i, _) in &queues {
+                if let Some(k) = self.kicks.get(i) {
+                    let _ = k.write(1);
+                }
+                if let Some(c) = self.calls.get(i) {
+                    let _ = c.write(1);
+                }
+            }
             tracing::info!(
                 socket = %sock,
                 queues = queues.len(),
