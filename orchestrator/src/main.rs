@@ -610,8 +610,8 @@ fn status(name: &str) -> anyhow::Result<ExitCode> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     println!(
-        "{:<8} {:>8} {:<11} {:>8} {:>8}  SOCKET",
-        "DEVICE", "PID", "STATE", "RESTARTS", "UPTIME"
+        "{:<8} {:>8} {:<11} {:>8} {:>8} {:>9}  SOCKET",
+        "DEVICE", "PID", "STATE", "RESTARTS", "UPTIME", "LAST DOWN"
     );
     for d in &st.devices {
         let up = if d.pid.is_some() {
@@ -621,13 +621,27 @@ fn status(name: &str) -> anyhow::Result<ExitCode> {
             "-".into()
         };
         println!(
-            "{:<8} {:>8} {:<11} {:>8} {:>8}  {}",
+            "{:<8} {:>8} {:<11} {:>8} {:>8} {:>9}  {}",
             d.device,
             d.pid.map_or("-".into(), |p| p.to_string()),
             d.state,
             d.restarts,
             up,
+            d.last_down_ms.map_or("-".into(), |ms| format!("{ms} ms")),
             d.socket.display()
+        );
+    }
+    for d in st.devices.iter().filter(|d| d.state == "crash-loop") {
+        println!(
+            "{} is crashing in a loop; last error: {}\n  see `orchestrator logs {}{}`",
+            d.device,
+            d.last_error.as_deref().unwrap_or("unknown"),
+            d.device,
+            if name == "default" {
+                String::new()
+            } else {
+                format!(" --name {name}")
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -92,15 +92,19 @@ fn check_private(dir: &Path) -> Result<(), StateError> {
 impl StateDir {
     /// Create and lock the state directory of VM `name`.
     pub fn acquire(name: &str) -> Result<Self, StateError> {
-        let root = dir_of(name);
+        Self::acquire_in(&base_dir(), name)
+    }
+
+    /// [`StateDir::acquire`] under `base` instead of [`base_dir`].
+    pub fn acquire_in(base: &Path, name: &str) -> Result<Self, StateError> {
+        let root = base.join(name);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StateError::Io { path, source }
         };
         // Made private to us; and one that exists already (in /tmp, where
         // anyone may make it first) is used only if it is ours alone.
-        let base = base_dir();
-        for dir in [&base, &root] {
+        for dir in [base, root.as_path()] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -161,6 +165,13 @@ pub struct DeviceStatus {
     pub started_at: u64,
     pub socket: PathBuf,
     pub command: Vec<String>,
+    /// How the last process ended, with its last line of output.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// At the last restart, how long the device had no backend (death to
+    /// the successor's readiness), in ms.
+    #[serde(default)]
+    pub last_down_ms: Option<u64>,
 }
 
 /// What `status.json` holds.

@@ -25,12 +25,17 @@ use crate::state::{DeviceStatus, StateDir, VmStatus};
 
 /// The descriptor number a backend finds its listening socket at.
 pub const LISTEN_FD: RawFd = 3;
-/// First restart delay; doubles per quick death up to [`BACKOFF_MAX`].
+/// Restart delay after a quick death; doubles per quick death in a row up
+/// to [`BACKOFF_MAX`]. After a healthy run a backend restarts at once.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A backend that ran this long before dying starts again from the
-/// shortest delay.
-const STABLE: Duration = Duration::from_secs(30);
+/// A backend that served this long before dying had worked: it starts
+/// again from the shortest delay. One that dies sooner died quickly, and
+/// the delay doubles.
+const HEALTHY: Duration = Duration::from_secs(1);
+/// This many quick deaths in a row: the backend is crashing in a loop,
+/// which `status` and the log say, with its last words.
+const CRASH_LOOP: u32 = 3;
 /// How long a restarted helper gets to make its socket before the device
 /// that uses it starts again.
 const HELPER_SETTLE: Duration = Duration::from_millis(300);
@@ -106,6 +111,15 @@ struct Device {
     restart_at: Option<Instant>,
     /// Taken out of supervision (stopped on purpose).
     held: bool,
+    /// Deaths in a row within [`HEALTHY`] of starting.
+    quick_deaths: u32,
+    /// How the last process ended, and its last line of output.
+    last_error: Option<String>,
+    /// When the last process died, until its successor reports ready.
+    down_since: Option<Instant>,
+    /// How long the device had no backend at its last restart (death to
+    /// the successor's READY=1): what the guest's requests waited.
+    last_down: Option<Duration>,
 }
 
 /// The running backends of one VM.
@@ -186,6 +200,10 @@ impl Supervisor {
             backoff: BACKOFF_MIN,
             restart_at: None,
             held: false,
+            quick_deaths: 0,
+            last_error: None,
+            down_since: None,
+            last_down: None,
         };
         spawn(&mut d, self.echo)?;
         wait_ready(&mut d)?;
@@ -209,24 +227,73 @@ impl Supervisor {
             if let Some(child) = &mut d.child {
                 if let Ok(Some(status)) = child.try_wait() {
                     d.child = None;
-                    if d.started.elapsed() >= STABLE {
+                    d.down_since = Some(Instant::now());
+                    // One that had served restarts at once: the guest's
+                    // requests wait for it. One that died quickly waits,
+                    // longer each time, so a crash loop does not spin.
+                    let delay = if d.started.elapsed() >= HEALTHY {
                         d.backoff = BACKOFF_MIN;
-                    }
-                    let delay = d.backoff;
-                    d.backoff = (d.backoff * 2).min(BACKOFF_MAX);
+                        d.quick_deaths = 0;
+                        Duration::ZERO
+                    } else {
+                        d.quick_deaths += 1;
+                        let delay = d.backoff;
+                        d.backoff = (d.backoff * 2).min(BACKOFF_MAX);
+                        delay
+                    };
                     d.restart_at = Some(Instant::now() + delay);
+                    let last_words = last_line(&d.log_path);
+                    d.last_error = Some(match &last_words {
+                        Some(l) => format!("{status}; its last line: {l}"),
+                        None => status.to_string(),
+                    });
                     // The supervisor's own events always reach the terminal.
                     log_line(
                         &d.log,
                         true,
                         &d.spec.name,
                         &format!(
-                            "orchestrator: {} exited ({status}); restarting in {delay:?}",
-                            d.spec.name
+                            "orchestrator: {} exited ({status}); restarting {}",
+                            d.spec.name,
+                            if delay.is_zero() {
+                                "now".to_string()
+                            } else {
+                                format!("in {delay:?}")
+                            }
                         ),
                     );
+                    if d.quick_deaths == CRASH_LOOP {
+                        log_line(
+                            &d.log,
+                            true,
+                            &d.spec.name,
+                            &format!(
+                                "orchestrator: {} is crashing in a loop ({} deaths within {HEALTHY:?} \
+                                 of starting); last error: {}; see `orchestrator logs {}`",
+                                d.spec.name,
+                                d.quick_deaths,
+                                d.last_error.as_deref().unwrap_or("none"),
+                                d.spec.name
+                            ),
+                        );
+                    }
                     changed = true;
                 }
+            }
+            if d.child.is_some() && d.down_since.is_some() && ready_now(d) {
+                let down = d.down_since.take().unwrap_or_else(Instant::now).elapsed();
+                d.last_down = Some(down);
+                log_line(
+                    &d.log,
+                    true,
+                    &d.spec.name,
+                    &format!(
+                        "orchestrator: {} ready again; it was down {} ms (the guest's requests to it waited at least that long)",
+                        d.spec.name,
+                        down.as_millis()
+                    ),
+                );
+                changed = true;
             }
             if d.child.is_none() && !d.held && d.restart_at.is_some_and(|t| Instant::now() >= t) {
                 d.restart_at = None;
@@ -387,7 +454,11 @@ impl Supervisor {
             .map(|d| DeviceStatus {
                 device: d.spec.name.clone(),
                 pid: d.child.as_ref().map(Child::id),
-                state: if d.child.is_some() {
+                state: if d.child.is_some() && d.quick_deaths < CRASH_LOOP {
+                    "running".into()
+                } else if !d.held && d.quick_deaths >= CRASH_LOOP {
+                    "crash-loop".into()
+                } else if d.child.is_some() {
                     "running".into()
                 } else if d.held && d.restart_at.is_none() && !self.stopping {
                     "attached".into()
@@ -398,6 +469,8 @@ impl Supervisor {
                 },
                 restarts: d.restarts,
                 started_at: d.started_at,
+                last_error: d.last_error.clone(),
+                last_down_ms: d.last_down.map(|t| t.as_millis() as u64),
                 socket: d.socket.clone(),
                 command: d.spec.command_line(),
             })
@@ -584,8 +657,123 @@ fn wait_ready(d: &mut Device) -> Result<(), SuperviseError> {
     }
 }
 
+/// A helper's socket, or READY=1 on the device's notify socket, without
+/// waiting.
+fn ready_now(d: &Device) -> bool {
+    if let Some(p) = &d.spec.ready_path {
+        return p.exists();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: recv into a local buffer of the length given.
+    let n = unsafe {
+        libc::recv(
+            d.notify.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+        && String::from_utf8_lossy(&buf[..n as usize])
+            .lines()
+            .any(|l| l == "READY=1")
+}
+
+/// The last non-empty line of a log that is not the supervisor's own.
+fn last_line(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("orchestrator: "))
+        .map(|l| l.chars().take(300).collect())
+}
+
 fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A helper device that runs `script` (sh) and is ready once it has
+    /// made its ready file.
+    fn helper(dir: &Path, name: &str, script: &str) -> DeviceSpec {
+        DeviceSpec {
+            name: name.into(),
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ready_path: Some(dir.join(format!("{name}.ready"))),
+            ..Default::default()
+        }
+    }
+
+    fn poll_until(sup: &mut Supervisor, what: &str, done: impl Fn(&Supervisor) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done(sup) {
+            assert!(Instant::now() < deadline, "{what}");
+            sup.poll();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_backend_that_dies_at_once_is_reported_crashing_in_a_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::acquire_in(&dir.path().join("vmm"), "t").unwrap();
+        let mut sup = Supervisor::new(state, "qemu", false);
+        let ready = dir.path().join("bad.ready");
+        let script = format!(
+            "echo 'boom: the image is gone' >&2; touch {}; exit 3",
+            ready.display()
+        );
+        sup.add(helper(dir.path(), "bad", &script)).unwrap();
+        poll_until(&mut sup, "never in a crash loop", |s| {
+            s.status.devices.iter().any(|d| d.state == "crash-loop")
+        });
+        let d = &sup.status.devices[0];
+        let err = d.last_error.as_deref().unwrap_or_default();
+        assert!(
+            err.contains("exit status: 3") && err.contains("boom: the image is gone"),
+            "{err}"
+        );
+        let log = std::fs::read_to_string(sup.state.log("bad")).unwrap();
+        assert!(log.contains("bad is crashing in a loop"), "{log}");
+        // The delay doubled with each quick death.
+        assert!(
+            log.contains("restarting in 200ms") && log.contains("restarting in 400ms"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn a_backend_that_served_a_while_restarts_at_once_and_its_down_time_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::acquire_in(&dir.path().join("vmm"), "t").unwrap();
+        let mut sup = Supervisor::new(state, "qemu", false);
+        let ready = dir.path().join("good.ready");
+        let script = format!("touch {}; exec sleep 1000", ready.display());
+        sup.add(helper(dir.path(), "good", &script)).unwrap();
+        for round in 1..=3u32 {
+            // It serves past the healthy mark, then dies.
+            std::thread::sleep(HEALTHY + Duration::from_millis(100));
+            let pid = sup.devices[0].child.as_ref().unwrap().id();
+            // SAFETY: killing the helper this test started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            poll_until(&mut sup, "not restarted", |s| {
+                s.devices[0].restarts == round
+                    && s.devices[0].last_down.is_some()
+                    && s.devices[0].down_since.is_none()
+            });
+            let d = &sup.status.devices[0];
+            assert_eq!(d.state, "running");
+            assert!(d.last_down_ms.is_some_and(|ms| ms < 5000), "{d:?}");
+        }
+        let log = std::fs::read_to_string(sup.state.log("good")).unwrap();
+        // Every kill came after a healthy run: no delay each time.
+        assert_eq!(log.matches("restarting now").count(), 3, "{log}");
+        assert!(log.contains("ready again; it was down"), "{log}");
+    }
 }

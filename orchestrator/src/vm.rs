@@ -506,7 +506,10 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
                 if let Ok(mut s) = supervisor.lock() {
                     s.poll();
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                // A dead backend is seen within this, and the guest's
+                // requests wait that much longer: keep it short (a poll is
+                // a waitpid per device).
+                std::thread::sleep(Duration::from_millis(20));
             }
         })
     };
