@@ -162,3 +162,83 @@ pub fn device_now(runtime: &Path, name: &str, dev: &str) -> (Option<u32>, u32) {
         .unwrap_or_else(|| panic!("no device {dev}"));
     (d.pid, d.restarts)
 }
+
+/// A network namespace of the test's, deleted on drop.
+pub struct Netns(pub String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+impl Netns {
+    /// Run `f` on a thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+/// What a user-mode NIC test needs (the backends, passt, root), and a
+/// network namespace whose default route (a veth pair going nowhere) is
+/// what passt takes its addresses from; None, said why, where not.
+pub fn passt_netns(tag: &str) -> Option<Netns> {
+    if !backends_built() {
+        return None;
+    }
+    let built = Path::new(ORCH)
+        .parent()
+        .unwrap()
+        .join("net-backend")
+        .is_file();
+    if !orchestrator_tests_require(if built {
+        Ok(())
+    } else {
+        Err("net-backend is not built (cargo build --workspace)".into())
+    }) || !orchestrator_tests_require(
+        orchestrator::find_program("passt")
+            .map(drop)
+            .ok_or_else(|| "passt not found (apt-get install passt)".into()),
+    ) {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        orchestrator_tests_require(Err("a network namespace needs root".into()));
+        return None;
+    }
+    let name = format!("vmm{tag}{}", std::process::id() % 100_000);
+    assert!(Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap()
+        .success());
+    let ns = Netns(name);
+    for args in [
+        "ip link set lo up",
+        "ip link add up0 type veth peer name up1",
+        "ip link set up1 up",
+        "ip link set up0 up",
+        "ip addr add 192.0.2.2/24 dev up0",
+        "ip route add default via 192.0.2.1",
+    ] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(args.split(' '))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args}");
+    }
+    Some(ns)
+}
