@@ -49,13 +49,12 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let cfg = load_or_default(a.file.as_deref())?;
             let run_dir = a.run_dir.join(&cfg.name);
             let specs = vm::device_specs(&cfg, &run_dir)?;
-            // QEMU reaches each share through its relay's socket.
+            // QEMU reaches each backend through its relay's socket; a
+            // helper (passt) serves a backend, not the VMM.
             let sockets: Vec<_> = specs
                 .iter()
-                .map(|s| match s.name.starts_with("fs") {
-                    true => run_dir.join(format!("{}.vmm.sock", s.name)),
-                    false => run_dir.join(format!("{}.sock", s.name)),
-                })
+                .filter(|s| s.ready_path.is_none())
+                .map(|s| run_dir.join(format!("{}.vmm.sock", s.name)))
                 .collect();
             let q = vm::qemu_for(&cfg, &sockets);
             let img = image::build(q.image_config())?;

@@ -1,20 +1,25 @@
-//! A vhost-user relay that keeps QEMU's virtio-fs devices across backend
+//! A vhost-user relay that keeps QEMU's vhost-user devices across backend
 //! restarts.
 //!
 //! QEMU 7.2 has no reconnect for vhost-user-fs: when the backend's socket
-//! hangs up, the device is dead for the rest of the VM's life. So for a
-//! share under QEMU the orchestrator puts this relay between the two. QEMU
-//! talks to the relay, which forwards every message (and its descriptors)
-//! to the backend and every reply back, and keeps what set the device up:
-//! features, the memory table, each running ring. When the backend dies the
-//! relay connects to its successor (the socket path is the orchestrator's,
-//! so the connection waits in its backlog until the new process serves),
-//! replays that state with each ring's base read from its used index in
-//! guest memory, and kicks the rings, so requests the guest made meanwhile
-//! are served. QEMU never sees the hang-up. The data path does not pass
-//! through here: kicks, interrupts and guest memory go between QEMU and the
-//! backend as before. With `--state-file` the new virtiofsd-fast also
-//! knows the guest's node IDs and open files, so the mount carries on.
+//! hangs up, the device is dead for the rest of the VM's life. For disks
+//! and NICs it reconnects, but polls for the new backend once a second
+//! (`reconnect=1`, its finest setting), so the guest waits a second per
+//! restart. So under QEMU the orchestrator puts this relay between QEMU
+//! and every backend. QEMU talks to the relay, which forwards every
+//! message (and its descriptors) to the backend and every reply back, and
+//! keeps what set the device up: features, the memory table, the inflight
+//! area, each running ring. When the backend dies the relay connects to its
+//! successor at once (the socket path is the orchestrator's, so the
+//! connection waits in its backlog until the new process serves), replays
+//! that state with each ring's base read from its used index in guest
+//! memory, and, once the backend has answered, kicks the rings and raises
+//! their interrupts, so requests the guest made meanwhile are served. QEMU
+//! never sees the hang-up. The data path does not pass through here:
+//! kicks, interrupts and guest memory go between QEMU and the backend as
+//! before. With `--state-file` the new virtiofsd-fast also knows the
+//! guest's node IDs and open files, so the mount carries on; a restarted
+//! blk-backend finds in the inflight area what its predecessor left.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -48,13 +53,16 @@ const SET_VRING_ENABLE: u32 = 18;
 const SET_BACKEND_REQ_FD: u32 = 21;
 const GET_CONFIG: u32 = 24;
 const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
 const RESET_DEVICE: u32 = 34;
 const GET_MAX_MEM_SLOTS: u32 = 36;
 const GET_STATUS: u32 = 40;
 /// Protocol features the relay takes out of the backend's offer: with
-/// CONFIGURE_MEM_SLOTS QEMU would send memory regions one by one, and the
-/// inflight area would be a second memory the relay would have to carry.
-const MASKED_PROTOCOL: u64 = (1 << 15) | (1 << 12);
+/// CONFIGURE_MEM_SLOTS QEMU would send memory regions one by one. The
+/// inflight area (INFLIGHT_SHMFD) passes: QEMU gives it to the backend
+/// with SET_INFLIGHT_FD, which the relay keeps and hands each successor,
+/// so a restarted disk backend finds what its predecessor left in flight.
+const MASKED_PROTOCOL: u64 = 1 << 15;
 
 /// How long the relay waits for a dead backend's successor.
 const RECONNECT_WAIT: Duration = Duration::from_secs(60);
@@ -196,7 +204,11 @@ struct Setup {
 impl Setup {
     fn record(&mut self, m: &Msg) -> io::Result<()> {
         match m.request() {
-            SET_OWNER | SET_FEATURES | SET_PROTOCOL_FEATURES | SET_BACKEND_REQ_FD => {
+            SET_OWNER
+            | SET_FEATURES
+            | SET_PROTOCOL_FEATURES
+            | SET_BACKEND_REQ_FD
+            | SET_INFLIGHT_FD => {
                 self.device.insert(m.request(), m.dup()?);
             }
             SET_MEM_TABLE => {
@@ -217,6 +229,8 @@ impl Setup {
             }
             RESET_OWNER | RESET_DEVICE => {
                 self.rings.clear();
+                // A reset device starts with a fresh inflight area.
+                self.device.remove(&SET_INFLIGHT_FD);
             }
             _ => {}
         }
@@ -255,6 +269,7 @@ impl Setup {
             SET_BACKEND_REQ_FD,
             SET_FEATURES,
             SET_MEM_TABLE,
+            SET_INFLIGHT_FD,
         ] {
             if let Some(m) = self.device.get(&request) {
                 say(m)?;

@@ -169,9 +169,10 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
             text: s,
         });
         services.push(format!("{base}.service"));
-        if dev.starts_with("fs") {
-            // QEMU 7.2 cannot reconnect vhost-user-fs: it reaches the share
-            // through a relay that outlives the backend's restarts.
+        {
+            // QEMU 7.2 cannot reconnect vhost-user-fs, and reconnects disks
+            // and NICs once a second: it reaches each backend through a
+            // relay that outlives the backend's restarts.
             let relay = format!("{base}-relay");
             let front = run_dir.join(format!("{dev}.vmm.sock"));
             let me = std::env::current_exe()
@@ -298,16 +299,38 @@ pub fn launchd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
             });
             continue;
         }
-        args.push(format!(
-            "--socket-path={}",
-            run_dir.join(format!("{}.sock", spec.name)).display()
-        ));
+        let socket = run_dir.join(format!("{}.sock", spec.name));
+        args.push(format!("--socket-path={}", socket.display()));
         // The Linux sandbox does not exist there.
         args.push("--sandbox=none".into());
         let log = run_dir.join(format!("{}.log", spec.name));
         units.push(Unit {
             name: format!("{label}.plist"),
             text: plist(&label, &args, &log),
+        });
+        // QEMU reaches the backend through a relay that outlives its
+        // restarts (see relay.rs).
+        let me = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "orchestrator".into());
+        let relay = [
+            me,
+            "relay".into(),
+            format!(
+                "--listen={}",
+                run_dir.join(format!("{}.vmm.sock", spec.name)).display()
+            ),
+            format!("--backend={}", socket.display()),
+            format!("--device={}", spec.name),
+        ];
+        let label = format!("dev.vmm.{vm}.{}-relay", spec.name);
+        units.push(Unit {
+            name: format!("{label}.plist"),
+            text: plist(
+                &label,
+                &relay,
+                &run_dir.join(format!("{}-relay.log", spec.name)),
+            ),
         });
     }
     let label = format!("dev.vmm.{vm}.vmm");
@@ -346,7 +369,8 @@ mod launchd_tests {
             ..Default::default()
         }];
         let units = launchd(&cfg, &specs, Path::new("/tmp/vmm/mac"), &["qemu".into()]);
-        assert_eq!(units.len(), 2);
+        // The backend, its relay, the VMM.
+        assert_eq!(units.len(), 3);
         for u in &units {
             let t = &u.text;
             assert!(t.starts_with("<?xml version=\"1.0\""));
@@ -374,5 +398,8 @@ mod launchd_tests {
         let blk = &units[0].text;
         assert!(blk.contains("<string>--image=/tmp/a&amp;b &lt;disk&gt;.img</string>"));
         assert!(blk.contains("--socket-path=/tmp/vmm/mac/blk0.sock"));
+        let relay = &units[1].text;
+        assert!(relay.contains("<string>--listen=/tmp/vmm/mac/blk0.vmm.sock</string>"));
+        assert!(relay.contains("<string>--backend=/tmp/vmm/mac/blk0.sock</string>"));
     }
 }

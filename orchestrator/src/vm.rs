@@ -382,12 +382,20 @@ pub fn vmm_for(cfg: &VmConfig, sockets: &[PathBuf], vmm_core: Option<&Path>) -> 
             .kernel_arg(format!("testbed.fs={}:{mount}", f.tag));
     }
     for socket in blk_sockets {
-        // QEMU reconnects a vhost-user-blk disk to a restarted backend.
-        q = q.blk_reconnecting(socket);
+        // Under QEMU the socket is a relay's, which keeps the device across
+        // backend restarts (QEMU's own reconnect polls once a second).
+        q = if vmm_core.is_some() {
+            q.blk_reconnecting(socket)
+        } else {
+            q.blk(socket)
+        };
     }
     for (n, socket) in cfg.net.iter().zip(net_sockets) {
-        // QEMU reconnects a vhost-user NIC to a restarted backend.
-        q = q.net_reconnecting(socket, &n.mac, n.queues);
+        q = if vmm_core.is_some() {
+            q.net_reconnecting(socket, &n.mac, n.queues)
+        } else {
+            q.net_queues(socket, &n.mac, n.queues)
+        };
         if matches!(n.link, NetLink::User { .. }) {
             q = q.nic_mtu(USER_MTU);
         }
@@ -463,9 +471,10 @@ pub fn start(cfg: &VmConfig, state: StateDir, verbose: bool) -> Result<Running, 
             // It serves a backend, not the VMM.
             continue;
         }
-        if vmm == "qemu" && name.starts_with("fs") {
-            // QEMU 7.2 cannot reconnect vhost-user-fs: it talks to a relay
-            // that survives the backend's restarts (see relay.rs).
+        if vmm == "qemu" {
+            // QEMU 7.2 cannot reconnect vhost-user-fs, and reconnects disks
+            // and NICs only once a second: it talks to a relay that
+            // survives the backend's restarts (see relay.rs).
             let front = sup.state().root.join(format!("{name}.vmm.sock"));
             let _ = std::fs::remove_file(&front);
             let listener = std::os::unix::net::UnixListener::bind(&front).map_err(|source| {

@@ -95,6 +95,8 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
     assert_eq!(
         names,
         [
+            "vmm-svc-blk0-relay.service",
+            "vmm-svc-blk0-relay.socket",
             "vmm-svc-blk0.service",
             "vmm-svc-blk0.socket",
             "vmm-svc-fs0-relay.service",
@@ -102,6 +104,8 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
             "vmm-svc-fs0.service",
             "vmm-svc-fs0.socket",
             "vmm-svc-net0-nat.service",
+            "vmm-svc-net0-relay.service",
+            "vmm-svc-net0-relay.socket",
             "vmm-svc-net0.service",
             "vmm-svc-net0.socket",
             "vmm-svc-vmm.service",
@@ -187,9 +191,12 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
         !vmm.contains("BindsTo") && !vmm.contains("Requires="),
         "{vmm}"
     );
-    assert!(
-        vmm.contains("path=/run/vmm/svc/blk0.sock,reconnect=1"),
-        "{vmm}"
-    );
-    assert!(vmm.contains("path=/run/vmm/svc/fs0.vmm.sock"), "{vmm}");
+    // QEMU talks to each backend through its relay.
+    for dev in ["fs0", "blk0", "net0"] {
+        assert!(
+            vmm.contains(&format!("path=/run/vmm/svc/{dev}.vmm.sock")),
+            "{dev}: {vmm}"
+        );
+    }
+    assert!(!vmm.contains("reconnect=1"), "{vmm}");
 }
