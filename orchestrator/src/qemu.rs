@@ -341,6 +341,13 @@ impl Qemu {
         Ok(self)
     }
 
+    /// Put a file (or directory) into the guest's initramfs, beside
+    /// `/test.sh`; directories must come before what they hold.
+    pub fn extra_file(mut self, f: image::ExtraFile) -> Self {
+        self.extra.push(f);
+        self
+    }
+
     /// Guest memory size in MiB.
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;

@@ -15,6 +15,7 @@ pub mod fs;
 pub mod guest;
 pub mod hostile;
 pub mod memory;
+pub mod nested;
 pub mod net;
 pub mod netbench;
 pub mod queue;

@@ -94,6 +94,39 @@ fn aml_virtio_device(index: usize, slot: MmioSlot) -> Vec<u8> {
     dev
 }
 
+/// COM1 for the DSDT (`PNP0501`: its ports and interrupt). Hardware-reduced
+/// ACPI leaves the kernel no legacy PIC, so no ISA interrupt is routed by
+/// default: without this the UART's interrupt is never set up, and a
+/// program writing to the console waits for a transmit interrupt forever
+/// (only the kernel's own polled printk came out).
+fn aml_com1(port: u16, irq: u32) -> Vec<u8> {
+    let mut crs = Vec::new();
+    // IO(Decode16, port, port, 0, 8)
+    crs.push(0x47);
+    crs.push(0x01);
+    crs.extend_from_slice(&port.to_le_bytes());
+    crs.extend_from_slice(&port.to_le_bytes());
+    crs.extend_from_slice(&[0x00, 0x08]);
+    // Interrupt(ResourceConsumer, Edge, ActiveHigh, Exclusive) { irq }
+    crs.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
+    crs.extend_from_slice(&irq.to_le_bytes());
+    crs.extend_from_slice(&[0x79, 0x00]);
+    let mut buffer = vec![0x0a, crs.len() as u8];
+    buffer.extend_from_slice(&crs);
+    let mut buf_op = vec![0x11];
+    buf_op.extend(pkg_length(buffer.len()));
+    buf_op.extend(buffer);
+    let mut body = b"COM1".to_vec();
+    // _HID: EisaId("PNP0501"), a 16550A.
+    body.extend(aml_name(b"_HID", &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+    body.extend(aml_name(b"_UID", &[0x00]));
+    body.extend(aml_name(b"_CRS", &buf_op));
+    let mut dev = vec![0x5b, 0x82];
+    dev.extend(pkg_length(body.len()));
+    dev.extend(body);
+    dev
+}
+
 /// The port of vmm-core's ACPI power device (hardware-reduced ACPI): the
 /// FADT names it as both the sleep control and the reset register.
 pub const POWER_PORT: u16 = 0x600;
@@ -122,6 +155,7 @@ fn dsdt(devices: &[MmioSlot]) -> Vec<u8> {
     s5.extend_from_slice(&s5_body);
     t.extend(aml_name(b"_S5_", &s5));
     let mut scope_body = b"\\_SB_".to_vec();
+    scope_body.extend(aml_com1(crate::machine::COM1, crate::machine::COM1_IRQ));
     for (i, s) in devices.iter().enumerate() {
         scope_body.extend(aml_virtio_device(i, *s));
     }
@@ -135,8 +169,12 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let mut t = header(b"FACP", 6);
     t.resize(276, 0);
     t[40..44].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
-    // IAPC_BOOT_ARCH: no VGA, no MSI, no ASPM control.
-    t[109..111].copy_from_slice(&((1u16 << 2) | (1 << 3) | (1 << 4)).to_le_bytes());
+    // IAPC_BOOT_ARCH: no VGA, no MSI, no ASPM control, no CMOS RTC (the
+    // guest takes the time from kvmclock; a kernel probing for an RTC that
+    // is not there spun for seconds in the nested bed waiting for its
+    // update-in-progress bit to clear). The 8042 bit stays clear: no
+    // keyboard controller is probed either.
+    t[109..111].copy_from_slice(&((1u16 << 2) | (1 << 3) | (1 << 4) | (1 << 5)).to_le_bytes());
     // Flags: RESET_REG_SUP, HW_REDUCED_ACPI.
     t[112..116].copy_from_slice(&((1u32 << 10) | (1 << 20)).to_le_bytes());
     // RESET_REG and RESET_VALUE; SLEEP_CONTROL_REG and SLEEP_STATUS_REG.

@@ -41,7 +41,7 @@ type MmioDevices = Arc<Vec<(MmioSlot, Mutex<MmioTransport<VhostUserDevice>>)>>;
 
 /// The COM1 UART's ports and interrupt.
 pub const COM1: u16 = 0x3f8;
-const COM1_IRQ: u32 = 4;
+pub const COM1_IRQ: u32 = 4;
 /// i8042 command port: 0xfe there pulses the CPU reset line.
 const I8042_COMMAND: u16 = 0x64;
 /// A write of byte N here ends the VM with exit code N (like QEMU's

@@ -1,0 +1,217 @@
+//! The nested AMD-V test bed: where vmm-core runs real Linux guests on
+//! machines without VT-x/AMD-V.
+//!
+//! QEMU's TCG emulates AMD-V with nested paging (`-cpu max`). So an outer
+//! guest under TCG, whose script loads `irqbypass`, `kvm` and `kvm-amd` (all
+//! in the host's `linux-image-cloud-amd64`), has a real `/dev/kvm`; inside
+//! it vmm-core (and QEMU with `-enable-kvm`, for comparisons) boots the
+//! inner guest: the same kernel and busybox initramfs the QEMU bed uses.
+//!
+//! The outer guest is the project's guest image with, added: the kvm
+//! modules (`/nested/*.ko`), the workspace's programs (`/nested/bin`, with
+//! the shared libraries `ldd` names at their own paths, so they run as on
+//! the host and find each other beside themselves), the inner kernel
+//! (`/nested/vmlinuz`) and inner initramfs (`/nested/inner.cpio`, the guest
+//! image with the inner script as `/test.sh`). Its init copies itself onto
+//! a tmpfs first (`testbed.tmpfsroot`), since the backends' sandboxes need
+//! `pivot_root`, which the initramfs root does not allow.
+//!
+//! The inner console is the outer script's output with each line prefixed
+//! `inner| ` and the test-bed markers renamed, so the outer run's exit code
+//! is the outer script's. [`INNER`] runs vmm-core on the inner guest and
+//! leaves its exit status in `/tmp/vmm.rc`.
+//!
+//! Everything comes from the host's Debian packages and the workspace's
+//! build; nothing is downloaded. Times inside are emulation times: compare
+//! VMMs only as ratios within one outer run.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use orchestrator::image::{self, ExtraFile};
+use orchestrator::qemu::{Accel, GuestError, GuestRun, Qemu};
+
+/// What the outer guest's script starts with: load KVM for AMD-V, and stop
+/// with exit code 90 where that gives no /dev/kvm.
+pub const PRELUDE: &str = "for m in irqbypass kvm kvm-amd; do insmod /nested/$m.ko || echo \"nested: insmod $m failed\"; done; \
+    [ -c /dev/kvm ] || { echo 'nested: no /dev/kvm in the outer guest'; dmesg | tail -20; exit 90; }; \
+    export PATH=/nested/bin:$PATH; ";
+
+/// A shell function for the outer script: `inner ARGS...` runs vmm-core on
+/// the inner kernel and initramfs (2 vCPUs, 256 MiB unless ARGS say
+/// otherwise), its console prefixed `inner| `, and leaves its exit status
+/// in /tmp/vmm.rc.
+pub const INNER: &str =
+    "inner() { { vmm-core --kernel /nested/vmlinuz --initramfs /nested/inner.cpio \
+    --cpus 2 --memory 256M --serial stdio \"$@\" 2>&1; echo $? > /tmp/vmm.rc; } \
+    | sed -e 's/^/inner| /' -e 's/TESTBED-/TESTBED.INNER-/g'; }; ";
+
+/// The modules that give the outer guest /dev/kvm, in load order.
+const KVM_MODULES: [&str; 3] = [
+    "virt/lib/irqbypass.ko",
+    "arch/x86/kvm/kvm.ko",
+    "arch/x86/kvm/kvm-amd.ko",
+];
+
+/// The nested bed, ready to run outer scripts.
+pub struct Bed {
+    outer: Qemu,
+}
+
+/// Where the workspace's programs are: beside the running test binary's
+/// directory (`target/<profile>/deps/..`).
+pub fn built_program(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let mut dir = exe.parent()?;
+    if dir.ends_with("deps") {
+        dir = dir.parent()?;
+    }
+    let p = dir.join(name);
+    p.is_file().then_some(p)
+}
+
+impl Bed {
+    /// The bed with `programs` (workspace binaries, by name) in the outer
+    /// guest and `inner_script` as the inner guest's /test.sh. Err says
+    /// what is missing.
+    pub fn new(programs: &[&str], inner_script: &str) -> Result<Bed, String> {
+        orchestrator::qemu::qemu_available()?;
+        let cfg = orchestrator::qemu::default_image_config();
+        let img = image::build(&cfg).map_err(|e| e.to_string())?;
+        let modules = PathBuf::from("/lib/modules")
+            .join(&img.kernel_version)
+            .join("kernel");
+        let mut extra = vec![dir("nested"), dir("nested/bin")];
+        for m in KVM_MODULES {
+            let path = modules.join(m);
+            let data = std::fs::read(&path).map_err(|e| {
+                format!(
+                    "{}: {e} (the kvm modules come with linux-image-cloud-amd64)",
+                    path.display()
+                )
+            })?;
+            let name = Path::new(m).file_name().unwrap().to_string_lossy();
+            extra.push(file(&format!("nested/{name}"), 0o644, data));
+        }
+        let mut libs = Vec::new();
+        for p in programs {
+            let path = built_program(p)
+                .ok_or_else(|| format!("{p} is not built (cargo build --workspace)"))?;
+            let data = std::fs::read(&path).map_err(|e| e.to_string())?;
+            extra.push(file(&format!("nested/bin/{p}"), 0o755, data));
+            for l in shared_libraries(&path)? {
+                if !libs.contains(&l) {
+                    libs.push(l);
+                }
+            }
+        }
+        for l in libs {
+            let data = std::fs::read(&l).map_err(|e| format!("{}: {e}", l.display()))?;
+            let rel = l
+                .strip_prefix("/")
+                .unwrap_or(&l)
+                .to_string_lossy()
+                .into_owned();
+            for d in parents(&rel) {
+                if !extra.iter().any(|e| e.path == d) {
+                    extra.push(dir(&d));
+                }
+            }
+            extra.push(file(&rel, 0o755, data));
+        }
+        let kernel = std::fs::read(&img.kernel).map_err(|e| e.to_string())?;
+        extra.push(file("nested/vmlinuz", 0o644, kernel));
+        let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let inner = scratch.path().join("inner.cpio");
+        img.write_initrd(inner_script, &inner)
+            .map_err(|e| e.to_string())?;
+        let inner = std::fs::read(&inner).map_err(|e| e.to_string())?;
+        extra.push(file("nested/inner.cpio", 0o644, inner));
+        let mut outer = Qemu::new()
+            .accel(Accel::Tcg)
+            .cpus(2)
+            .memory_mib(2048)
+            .kernel_arg("testbed.tmpfsroot")
+            .extra_arg("-cpu")
+            .extra_arg("max");
+        for e in extra {
+            outer = outer.extra_file(e);
+        }
+        Ok(Bed { outer })
+    }
+
+    /// Run `script` in the outer guest after [`PRELUDE`] and [`INNER`].
+    pub fn run(&self, script: &str, timeout: Duration) -> Result<GuestRun, GuestError> {
+        self.outer
+            .run(&format!("{PRELUDE}{INNER}{script}"), timeout)
+    }
+}
+
+/// The lines of `run` that the inner guest printed (its console), without
+/// their prefix.
+pub fn inner_console(run: &GuestRun) -> String {
+    run.serial
+        .lines()
+        .filter_map(|l| l.split_once("inner| ").map(|(_, rest)| rest))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The shared libraries `program` loads, per `ldd`.
+fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, String> {
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(|e| format!("ldd: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        .map(PathBuf::from)
+        .collect())
+}
+
+/// Every parent directory of `rel` (a path without its leading '/'),
+/// outermost first.
+fn parents(rel: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut at = String::new();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for p in &parts[..parts.len().saturating_sub(1)] {
+        if !at.is_empty() {
+            at.push('/');
+        }
+        at.push_str(p);
+        out.push(at.clone());
+    }
+    out
+}
+
+fn dir(path: &str) -> ExtraFile {
+    ExtraFile {
+        path: path.into(),
+        mode: 0o755,
+        data: Vec::new(),
+        dir: true,
+    }
+}
+
+fn file(path: &str, mode: u32, data: Vec<u8>) -> ExtraFile {
+    ExtraFile {
+        path: path.into(),
+        mode,
+        data,
+        dir: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parents_are_listed_outermost_first() {
+        assert_eq!(
+            super::parents("lib/x86_64-linux-gnu/libc.so.6"),
+            ["lib", "lib/x86_64-linux-gnu"]
+        );
+        assert!(super::parents("lib64").is_empty());
+    }
+}
