@@ -34,6 +34,11 @@ pub mod reg {
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     pub const CONFIG: u64 = 0x100;
 }
@@ -180,6 +185,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::INTERRUPT_STATUS => self.interrupt_status | INT_USED_BUFFER,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory region (a virtio-fs DAX window, say): the
+            // specification has a device without the selected region
+            // answer all ones. Zero reads as a region of length 0 at 0,
+            // which Linux's virtiofs then fails to reserve and gives up.
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
             _ => {
                 self.bad_accesses += 1;
                 0
@@ -255,6 +267,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
+            // Any region may be selected; none exists (see `read`).
+            reg::SHM_SEL => {}
             _ => self.bad_accesses += 1,
         }
     }
@@ -378,6 +392,26 @@ mod tests {
             reg::STATUS,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
+    }
+
+    /// No shared memory region: every region reads as all ones, as the
+    /// specification has it (Linux's virtiofs took zeros for a region of
+    /// length 0 at 0, failed to reserve it and gave up the device).
+    #[test]
+    fn shared_memory_regions_read_as_absent() {
+        let mut t = MmioTransport::new(Fake::default());
+        for id in [0u32, 1, 7] {
+            wr(&mut t, reg::SHM_SEL, id);
+            for r in [
+                reg::SHM_LEN_LOW,
+                reg::SHM_LEN_HIGH,
+                reg::SHM_BASE_LOW,
+                reg::SHM_BASE_HIGH,
+            ] {
+                assert_eq!(rd(&mut t, r), u32::MAX, "region {id} at {r:#x}");
+            }
+        }
+        assert_eq!(t.bad_accesses, 0);
     }
 
     #[test]
