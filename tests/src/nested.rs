@@ -9,8 +9,9 @@
 //!
 //! The outer guest is the project's guest image with, added: the kvm
 //! modules (`/nested/*.ko`), the workspace's programs (`/nested/bin`, with
-//! the shared libraries `ldd` names at their own paths, so they run as on
-//! the host and find each other beside themselves), the inner kernel
+//! the shared libraries `ldd` names in `/nested/lib` and the ELF
+//! interpreter where they name it, so they run as on the host and find each
+//! other beside themselves), the inner kernel
 //! (`/nested/vmlinuz`) and inner initramfs (`/nested/inner.cpio`, the guest
 //! image with the inner script as `/test.sh`). Its init copies itself onto
 //! a tmpfs first (`testbed.tmpfsroot`), since the backends' sandboxes need
@@ -33,9 +34,9 @@ use orchestrator::qemu::{Accel, GuestError, GuestRun, Qemu};
 
 /// What the outer guest's script starts with: load KVM for AMD-V, and stop
 /// with exit code 90 where that gives no /dev/kvm.
-pub const PRELUDE: &str = "for m in irqbypass kvm kvm-amd; do insmod /nested/$m.ko || echo \"nested: insmod $m failed\"; done; \
+pub const PRELUDE: &str = "for m in irqbypass kvm kvm-amd tun; do insmod /nested/$m.ko || echo \"nested: insmod $m failed\"; done; \
     [ -c /dev/kvm ] || { echo 'nested: no /dev/kvm in the outer guest'; dmesg | tail -20; exit 90; }; \
-    export PATH=/nested/bin:$PATH; ";
+    export PATH=/nested/bin:$PATH LD_LIBRARY_PATH=/nested/lib; ";
 
 /// A shell function for the outer script: `inner ARGS...` runs vmm-core on
 /// the inner kernel and initramfs (2 vCPUs, 256 MiB unless ARGS say
@@ -46,11 +47,13 @@ pub const INNER: &str =
     --cpus 2 --memory 256M --serial stdio \"$@\" 2>&1; echo $? > /tmp/vmm.rc; } \
     | sed -e 's/^/inner| /' -e 's/TESTBED-/TESTBED.INNER-/g'; }; ";
 
-/// The modules that give the outer guest /dev/kvm, in load order.
-const KVM_MODULES: [&str; 3] = [
+/// The modules that give the outer guest /dev/kvm, in load order, and
+/// taps (`tun`, which the prelude loads too).
+const KVM_MODULES: [&str; 4] = [
     "virt/lib/irqbypass.ko",
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",
+    "drivers/net/tun.ko",
 ];
 
 /// The nested bed, ready to run outer scripts.
@@ -105,13 +108,25 @@ impl Bed {
                 }
             }
         }
+        extra.push(dir("nested/lib"));
         for l in libs {
             let data = std::fs::read(&l).map_err(|e| format!("{}: {e}", l.display()))?;
-            let rel = l
-                .strip_prefix("/")
-                .unwrap_or(&l)
+            let name = l
+                .file_name()
+                .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
+            // The ELF interpreter must be where the programs name it; the
+            // rest stays out of the standard paths, where the static
+            // busybox's resolver would load the host's glibc and crash.
+            let rel = if name.starts_with("ld-linux") {
+                l.strip_prefix("/")
+                    .unwrap_or(&l)
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                format!("nested/lib/{name}")
+            };
             for d in parents(&rel) {
                 if !extra.iter().any(|e| e.path == d) {
                     extra.push(dir(&d));
