@@ -232,6 +232,18 @@ pub fn default_out_dir() -> PathBuf {
     base.join("vmm-testbed/guest")
 }
 
+/// The files an image build of `cfg` reads: the kernel, its version, and
+/// each module it packs (for a machine that builds the image itself, such
+/// as the nested test bed's outer guest).
+pub fn build_inputs(cfg: &ImageConfig) -> Result<(PathBuf, String, Vec<PathBuf>)> {
+    let inputs = Inputs::resolve(cfg)?;
+    Ok((
+        inputs.kernel,
+        inputs.version,
+        inputs.modules.into_iter().map(|(_, p)| p).collect(),
+    ))
+}
+
 /// A built guest image, ready for `-kernel` and `-initrd`.
 #[derive(Debug, Clone)]
 pub struct GuestImage {

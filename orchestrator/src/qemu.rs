@@ -61,8 +61,10 @@ pub enum GuestError {
         tail: String,
     },
     /// QEMU exited before the guest printed its exit marker.
-    #[error("QEMU exited ({status}) before the guest reported an exit code\n{tail}")]
+    #[error("{vmm} exited ({status}) before the guest reported an exit code\n{tail}")]
     Exited {
+        /// The VMM: QEMU or vmm-core.
+        vmm: String,
         /// QEMU's exit status.
         status: String,
         /// The end of the console and QEMU's stderr.
@@ -790,7 +792,16 @@ impl Qemu {
                         .wait()
                         .map_or_else(|e| e.to_string(), |s| s.to_string());
                     let tail = tail(&serial, &stderr.join().unwrap_or_default());
-                    return Err(GuestError::Exited { status, tail });
+                    let vmm = if self.vmm_core.is_some() {
+                        "vmm-core"
+                    } else {
+                        "QEMU"
+                    };
+                    return Err(GuestError::Exited {
+                        vmm: vmm.into(),
+                        status,
+                        tail,
+                    });
                 }
             }
         };

@@ -53,16 +53,17 @@ pub fn choose_vmm(choice: VmmChoice) -> Result<(&'static str, String), VmError> 
              /proc/cpuinfo) and this CPU has none; use vmm = \"qemu\" or \"auto\""
                 .into(),
         )),
+        VmmChoice::Auto if hw && program("vmm-core").is_ok() => Ok((
+            "vmm-core",
+            "auto: this CPU has hardware virtualization and /dev/kvm is there, so vmm-core".into(),
+        )),
+        VmmChoice::Auto if hw => Ok((
+            "qemu",
+            "auto: vmm-core is not built beside the orchestrator, so QEMU with KVM".into(),
+        )),
         VmmChoice::Auto => Ok((
             "qemu",
-            if hw {
-                "auto: vmm-core has not been through a full boot on hardware \
-                 virtualization yet (issue 6), so QEMU with KVM; vmm = \"core\" picks it"
-                    .into()
-            } else {
-                "auto: this CPU has no hardware virtualization (no vmx/svm), so QEMU with TCG"
-                    .into()
-            },
+            "auto: this CPU has no hardware virtualization (no vmx/svm), so QEMU with TCG".into(),
         )),
     }
 }

@@ -59,6 +59,8 @@ const KVM_MODULES: [&str; 4] = [
 /// The nested bed, ready to run outer scripts.
 pub struct Bed {
     outer: Qemu,
+    /// Directories made in the outer guest's initramfs so far.
+    dirs: Vec<String>,
 }
 
 /// Where the workspace's programs are: beside the running test binary's
@@ -149,10 +151,42 @@ impl Bed {
             .kernel_arg("testbed.tmpfsroot")
             .extra_arg("-cpu")
             .extra_arg("max");
+        let dirs = extra
+            .iter()
+            .filter(|e| e.dir)
+            .map(|e| e.path.clone())
+            .collect();
         for e in extra {
             outer = outer.extra_file(e);
         }
-        Ok(Bed { outer })
+        Ok(Bed { outer, dirs })
+    }
+
+    /// Also put into the outer guest what the orchestrator builds its
+    /// guest image from, where Debian has it (the kernel in /boot, the
+    /// modules it packs under /lib/modules, /usr/bin/busybox), so
+    /// `orchestrator run` works there as on the host.
+    pub fn with_image_inputs(mut self) -> Result<Bed, String> {
+        let cfg = orchestrator::qemu::default_image_config();
+        let (kernel, _version, modules) = image::build_inputs(&cfg).map_err(|e| e.to_string())?;
+        let mut files = vec![kernel, cfg.busybox.clone()];
+        files.extend(modules);
+        for f in files {
+            let data = std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let rel = f
+                .strip_prefix("/")
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .into_owned();
+            for d in parents(&rel) {
+                if !self.dirs.contains(&d) {
+                    self.outer = self.outer.extra_file(dir(&d));
+                    self.dirs.push(d);
+                }
+            }
+            self.outer = self.outer.extra_file(file(&rel, 0o755, data));
+        }
+        Ok(self)
     }
 
     /// Run `script` in the outer guest after [`PRELUDE`] and [`INNER`].

@@ -162,3 +162,52 @@ tail -5 /tmp/net.log
         "host to guest"
     );
 }
+
+/// `orchestrator run` on a machine with AMD-V (the outer guest): `vmm =
+/// "auto"` picks vmm-core and says why, the share and disk backends start
+/// sandboxed, the command's output streams back and its exit code becomes
+/// the orchestrator's.
+#[test]
+fn orchestrator_run_picks_vmm_core_on_amd_v_and_passes_output_and_exit_code() {
+    let Some(bed) = bed(
+        &["orchestrator", "vmm-core", "virtiofsd-fast", "blk-backend"],
+        "true",
+    ) else {
+        return;
+    };
+    let Some(bed) = tests::require(bed.with_image_inputs()) else {
+        return;
+    };
+    let script = r#"
+mkdir -p /srv/proj && cd /srv/proj && echo in-the-project > hello.txt
+dd if=/dev/zero of=/srv/disk.img bs=1M count=0 seek=32 2>/dev/null
+cat > vm.toml <<EOT
+[vm]
+name = "nested"
+cpus = 2
+memory = "256M"
+vmm = "auto"
+[[fs]]
+shared_dir = "/srv/proj"
+tag = "host"
+[[blk]]
+image = "/srv/disk.img"
+EOT
+orchestrator run -f vm.toml -- 'cat /mnt/host/hello.txt; echo made-in-guest > /mnt/host/out.txt; ls /sys/block; exit 7'
+echo "ORCH-RC=$?"
+echo "HOST-SEES=$(cat /srv/proj/out.txt)"
+"#;
+    let run = bed
+        .run(script, Duration::from_secs(900))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = run.script_output();
+    for want in [
+        "vmm: vmm-core (auto: this CPU has hardware virtualization",
+        "in-the-project",
+        "vda",
+        "ORCH-RC=7",
+        "HOST-SEES=made-in-guest",
+    ] {
+        assert!(out.contains(want), "{want} missing:\n{}", run.serial);
+    }
+}
