@@ -211,3 +211,83 @@ echo "HOST-SEES=$(cat /srv/proj/out.txt)"
         assert!(out.contains(want), "{want} missing:\n{}", run.serial);
     }
 }
+
+/// The orchestrator's lifecycle commands on a vmm-core VM in the bed: `up
+/// -d` returns with the VM running, `status` shows the VMM's own state and
+/// every device, the console reaches the guest's shell, `restart` and a
+/// `kill -9` of the share's backend leave the guest's mount working, `logs`
+/// shows a device's log, and `down` stops everything.
+#[test]
+fn up_status_console_restart_kill_logs_and_down_work_on_a_vmm_core_vm() {
+    let Some(bed) = bed(
+        &["orchestrator", "vmm-core", "virtiofsd-fast", "blk-backend"],
+        "true",
+    ) else {
+        return;
+    };
+    let Some(bed) = tests::require(bed.with_image_inputs()) else {
+        return;
+    };
+    let script = r#"
+mkdir -p /srv/proj && cd /srv/proj && echo in-the-project > hello.txt
+dd if=/dev/zero of=/srv/disk.img bs=1M count=0 seek=32 2>/dev/null
+printf '[vm]\nname = "bg"\ncpus = 2\nmemory = "256M"\nvmm = "core"\n[[fs]]\nshared_dir = "/srv/proj"\ntag = "host"\n[[blk]]\nimage = "/srv/disk.img"\n' > vm.toml
+orchestrator up -d -f vm.toml; echo "UP-RC=$?"
+orchestrator status --name bg | sed 's/^/STATUS1| /'
+# The console: the guest's shell writes a file through the share.
+say() {
+    ( sleep 1; echo "$1"; sleep 2 ) | orchestrator console --name bg > /dev/null 2>&1
+}
+wait_file() {
+    i=0; while [ ! -s "$1" ] && [ $i -lt 90 ]; do say "$2"; sleep 1; i=$((i + 1)); done
+}
+wait_file /srv/proj/c1 'echo console-$(cat /mnt/host/hello.txt) > /mnt/host/c1'
+echo "CONSOLE1=$(cat /srv/proj/c1)"
+orchestrator restart blk0 --name bg; echo "RESTART-RC=$?"
+fs0=$(orchestrator status --name bg | awk '$1 == "fs0" { print $2 }')
+kill -9 "$fs0"
+i=0; while [ "$(orchestrator status --name bg | awk '$1 == "fs0" { print $4 }')" != 1 ] && [ $i -lt 100 ]; do
+    sleep 0.2; i=$((i + 1)); done
+wait_file /srv/proj/c2 'echo after-kill-$(cat /mnt/host/hello.txt) > /mnt/host/c2'
+echo "CONSOLE2=$(cat /srv/proj/c2)"
+orchestrator status --name bg | sed 's/^/STATUS2| /'
+orchestrator logs fs0 --name bg | tail -3 | sed 's/^/LOG| /'
+orchestrator down --name bg; echo "DOWN-RC=$?"
+sleep 1
+echo "LEFT=$(pidof vmm-core virtiofsd-fast blk-backend orchestrator | wc -w)"
+"#;
+    let run = bed
+        .run(script, Duration::from_secs(900))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = run.script_output();
+    let all = &run.serial;
+    // Keys typed before the guest's shell was up may come before the
+    // command on its line: look for what the command wrote.
+    for want in [
+        "UP-RC=0",
+        "console-in-the-project",
+        "RESTART-RC=0",
+        "after-kill-in-the-project",
+        "DOWN-RC=0",
+        "LEFT=0",
+    ] {
+        assert!(out.contains(want), "{want} missing:\n{all}");
+    }
+    let status1: Vec<&str> = out.lines().filter(|l| l.starts_with("STATUS1|")).collect();
+    assert!(
+        status1
+            .iter()
+            .any(|l| l.contains("VMM:") && l.contains("running")),
+        "{status1:?}"
+    );
+    let status2: Vec<&str> = out.lines().filter(|l| l.starts_with("STATUS2|")).collect();
+    for dev in ["fs0", "blk0"] {
+        let row = status2
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(dev))
+            .unwrap_or_else(|| panic!("no {dev} row: {status2:?}"));
+        assert_eq!(row.split_whitespace().nth(4), Some("1"), "{dev}: {row}");
+        assert!(row.contains("running"), "{row}");
+    }
+    assert!(out.contains("LOG| "), "{all}");
+}
