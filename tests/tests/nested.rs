@@ -291,3 +291,80 @@ echo "LEFT=$(pidof vmm-core virtiofsd-fast blk-backend orchestrator | wc -w)"
     }
     assert!(out.contains("LOG| "), "{all}");
 }
+
+/// Backends killed again and again under guest I/O on a vmm-core VM:
+/// vmm-core reconnects each restarted backend, the guest never stops, and
+/// every write it saw acknowledged is there afterwards (checked from the
+/// outer side). Prints the time from each kill to the guest's next round.
+#[test]
+fn backends_killed_under_guest_io_lose_nothing_under_vmm_core() {
+    let Some(bed) = bed(
+        &["orchestrator", "vmm-core", "virtiofsd-fast", "blk-backend"],
+        "true",
+    ) else {
+        return;
+    };
+    let Some(bed) = tests::require(bed.with_image_inputs()) else {
+        return;
+    };
+    // The guest: each round writes a file through the share (renamed into
+    // place after an fsync) and a 4 KiB O_DIRECT block to the disk,
+    // acknowledging each in the share once done; it stops when told.
+    let guest = "cd /mnt/host; i=0; while [ ! -e stop ]; do i=$((i + 1)); \
+        echo data-$i > t.$i && sync t.$i && mv t.$i f.$i || echo ERR=share$i; \
+        dd if=/dev/urandom of=/tmp/b bs=4k count=1 2>/dev/null; \
+        if dd if=/tmp/b of=/dev/vda bs=4k seek=$i oflag=direct conv=notrunc 2>/dev/null; then \
+          echo \"$i $(md5sum < /tmp/b | cut -c1-32)\" >> acks; else echo ERR=disk$i; fi; \
+        echo $i > round; done; echo DONE=$i";
+    let script = format!(
+        r#"
+mkdir -p /srv/proj && cd /srv/proj
+dd if=/dev/zero of=/srv/disk.img bs=1M count=0 seek=16 2>/dev/null
+printf '[vm]\nname = "soak"\ncpus = 2\nmemory = "256M"\nvmm = "core"\n[[fs]]\nshared_dir = "/srv/proj"\ntag = "host"\n[[blk]]\nimage = "/srv/disk.img"\n' > vm.toml
+orchestrator run -f vm.toml -- '{guest}' > /tmp/run.out 2>&1 &
+round() {{ cat /srv/proj/round 2>/dev/null || echo 0; }}
+up() {{ cut -d' ' -f1 /proc/uptime; }}
+i=0; while [ "$(round)" -lt 2 ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i + 1)); done
+for kill in 1 2 3 4 5 6; do
+    case $kill in 1|3|5) dev=fs0 ;; *) dev=blk0 ;; esac
+    sleep 1.5
+    pid=$(orchestrator status --name soak | awk -v d=$dev '$1 == d {{ print $2 }}')
+    at=$(round); t0=$(up)
+    kill -9 "$pid"
+    i=0; while [ "$(round)" -le "$at" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
+    echo "STALL $dev $(awk -v a=$t0 -v b=$(up) 'BEGIN {{ printf "%d", (b - a) * 1000 }}') ms"
+done
+touch /srv/proj/stop
+wait
+sed 's/^/RUN| /' /tmp/run.out | grep -v 'RUN| \[' | tail -8
+n=0; bad=0
+while read i sum; do
+    got=$(dd if=/srv/disk.img bs=4k skip=$i count=1 2>/dev/null | md5sum | cut -c1-32)
+    [ "$got" = "$sum" ] || {{ bad=$((bad + 1)); echo "LOST block $i"; }}
+    n=$((n + 1))
+done < /srv/proj/acks
+echo "ACKS=$n BAD=$bad ROUNDS=$(round)"
+ls /srv/proj | grep -c '^f\.' | sed 's/^/FILES=/'
+"#
+    );
+    let run = bed
+        .run(&script, Duration::from_secs(900))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = run.script_output();
+    let all = &run.serial;
+    let val = |key: &str| -> u64 {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}:\n{all}"))
+    };
+    assert!(!out.contains("ERR="), "{all}");
+    assert!(out.contains("DONE="), "the guest did not finish:\n{all}");
+    let (acks, bad, rounds) = (val("ACKS="), val("BAD="), val("ROUNDS="));
+    assert_eq!(bad, 0, "{all}");
+    assert!(acks >= rounds && rounds > 6, "{all}");
+    assert!(val("FILES=") >= rounds, "{all}");
+    for l in out.lines().filter(|l| l.starts_with("STALL")) {
+        eprintln!("vmm-core in the nested bed: {l}");
+    }
+}
