@@ -391,25 +391,29 @@ impl Inputs {
         })?;
         let dir = cfg.modules_root.join(&version);
         let found = index_modules(&dir)?;
-        let modules = cfg
-            .modules
-            .iter()
-            .map(|name| {
-                found
-                    .get(&normalize_module(name))
-                    .map(|path| (name.clone(), path.clone()))
-                    .ok_or_else(|| ImageError::ModuleMissing {
+        // What the kernel has built in needs no module (a newer kernel
+        // builds in virtio-pci, fuse and virtiofs, say).
+        let builtin = builtin_modules(&dir);
+        let mut modules = Vec::new();
+        for name in &cfg.modules {
+            match found.get(&normalize_module(name)) {
+                Some(path) => modules.push((name.clone(), path.clone())),
+                None if builtin.contains(&normalize_module(name)) => {}
+                None => {
+                    return Err(ImageError::ModuleMissing {
                         name: name.clone(),
                         dir: dir.clone(),
                     })
-            })
-            .collect::<Result<Vec<_>>>()?;
+                }
+            }
+        }
+        let load: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
         Ok(Self {
             kernel,
             version,
             modules,
             busybox: cfg.busybox.clone(),
-            init: init_script(&cfg.modules),
+            init: init_script(&load),
         })
     }
 
@@ -488,6 +492,22 @@ pub fn resolve_kernel(cfg: &ImageConfig) -> Result<(PathBuf, String)> {
             Ok((cfg.boot_dir.join(format!("vmlinuz-{version}")), version))
         }
     }
+}
+
+/// The modules the kernel of `dir` (its `/lib/modules/<version>`) has
+/// built in, by normalized name, from its `modules.builtin`.
+fn builtin_modules(dir: &Path) -> std::collections::HashSet<String> {
+    fs::read_to_string(dir.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            Path::new(l.trim())
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".ko")
+        })
+        .map(normalize_module)
+        .collect()
 }
 
 /// Orders "6.1.0-9-..." before "6.1.0-56-...": numeric runs compare as numbers.

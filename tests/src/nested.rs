@@ -80,11 +80,24 @@ impl Bed {
     /// guest and `inner_script` as the inner guest's /test.sh. Err says
     /// what is missing.
     pub fn new(programs: &[&str], inner_script: &str) -> Result<Bed, String> {
-        orchestrator::qemu::qemu_available()?;
         let cfg = orchestrator::qemu::default_image_config();
-        let img = image::build(&cfg).map_err(|e| e.to_string())?;
+        Self::with_inner_image(&cfg, programs, inner_script)
+    }
+
+    /// [`Bed::new`], with the inner guest's kernel and initramfs built by
+    /// `inner` (the outer guest keeps the host's kernel, whose kvm modules
+    /// it loads).
+    pub fn with_inner_image(
+        inner: &image::ImageConfig,
+        programs: &[&str],
+        inner_script: &str,
+    ) -> Result<Bed, String> {
+        orchestrator::qemu::qemu_available()?;
+        let host = orchestrator::qemu::default_image_config();
+        let outer_img = image::build(&host).map_err(|e| e.to_string())?;
+        let img = image::build(inner).map_err(|e| e.to_string())?;
         let modules = PathBuf::from("/lib/modules")
-            .join(&img.kernel_version)
+            .join(&outer_img.kernel_version)
             .join("kernel");
         let mut extra = vec![dir("nested"), dir("nested/bin")];
         for m in KVM_MODULES {
@@ -185,6 +198,49 @@ impl Bed {
                 }
             }
             self.outer = self.outer.extra_file(file(&rel, 0o755, data));
+        }
+        Ok(self)
+    }
+
+    /// Also put QEMU into the outer guest (`/nested/bin/qemu-system-x86_64`
+    /// with its libraries, its firmware in `/nested/qemu` for `-L`), so
+    /// vmm-core and QEMU with KVM can be compared there side by side.
+    pub fn with_qemu(mut self) -> Result<Bed, String> {
+        let qemu = orchestrator::qemu::qemu_binary()
+            .filter(|q| q.is_file())
+            .ok_or("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")?;
+        let data = std::fs::read(&qemu).map_err(|e| e.to_string())?;
+        self.outer = self
+            .outer
+            .extra_file(file("nested/bin/qemu-system-x86_64", 0o755, data));
+        for l in shared_libraries(&qemu)? {
+            let name = l
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if name.starts_with("ld-linux") {
+                continue;
+            }
+            let data = std::fs::read(&l).map_err(|e| format!("{}: {e}", l.display()))?;
+            self.outer = self
+                .outer
+                .extra_file(file(&format!("nested/lib/{name}"), 0o755, data));
+        }
+        self.outer = self.outer.extra_file(dir("nested/qemu"));
+        for (name, from) in [
+            ("bios-microvm.bin", "/usr/share/qemu/bios-microvm.bin"),
+            ("bios-256k.bin", "/usr/share/seabios/bios-256k.bin"),
+            ("kvmvapic.bin", "/usr/share/qemu/kvmvapic.bin"),
+            ("linuxboot.bin", "/usr/share/qemu/linuxboot.bin"),
+            ("linuxboot_dma.bin", "/usr/share/qemu/linuxboot_dma.bin"),
+            ("pvh.bin", "/usr/share/qemu/pvh.bin"),
+        ] {
+            // Symbolic links (bios-microvm.bin is qboot.rom) are followed.
+            let data = std::fs::read(from).map_err(|e| format!("{from}: {e}"))?;
+            self.outer = self
+                .outer
+                .extra_file(file(&format!("nested/qemu/{name}"), 0o644, data));
         }
         Ok(self)
     }
