@@ -49,14 +49,20 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let cfg = load_or_default(a.file.as_deref())?;
             let run_dir = a.run_dir.join(&cfg.name);
             let specs = vm::device_specs(&cfg, &run_dir)?;
-            // QEMU reaches each backend through its relay's socket; a
-            // helper (passt) serves a backend, not the VMM.
+            // The VMM the config picks: vmm-core reconnects to a restarted
+            // backend itself; QEMU reaches each backend through a relay.
+            // A helper (passt) serves a backend, not the VMM.
+            let core = vm::units_vmm_core(cfg.vmm)?;
+            let relayed = core.is_none();
             let sockets: Vec<_> = specs
                 .iter()
                 .filter(|s| s.ready_path.is_none())
-                .map(|s| run_dir.join(format!("{}.vmm.sock", s.name)))
+                .map(|s| match relayed {
+                    true => run_dir.join(format!("{}.vmm.sock", s.name)),
+                    false => run_dir.join(format!("{}.sock", s.name)),
+                })
                 .collect();
-            let q = vm::qemu_for(&cfg, &sockets);
+            let q = vm::vmm_for(&cfg, &sockets, core.as_deref());
             let img = image::build(q.image_config())?;
             let cmd = q.command(&img.kernel, &img.initramfs);
             let mut vmm = vec![cmd.get_program().to_string_lossy().into_owned()];
@@ -65,13 +71,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             if let Some(d) = &a.systemd {
                 sets.push((
                     d,
-                    orchestrator::units::systemd(&cfg, &specs, &run_dir, &vmm),
+                    orchestrator::units::systemd(&cfg, &specs, &run_dir, &vmm, relayed),
                 ));
             }
             if let Some(d) = &a.launchd {
                 sets.push((
                     d,
-                    orchestrator::units::launchd(&cfg, &specs, &run_dir, &vmm),
+                    orchestrator::units::launchd(&cfg, &specs, &run_dir, &vmm, relayed),
                 ));
             }
             for (dir, units) in sets {

@@ -63,8 +63,15 @@ fn capabilities(device: &str) -> &'static str {
 }
 
 /// The units of VM `cfg`, whose sockets live in `run_dir`; `vmm` is the
-/// VMM's full command line.
-pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[String]) -> Vec<Unit> {
+/// VMM's full command line; with `relayed` (QEMU) each backend gets a relay
+/// service the VMM talks to instead.
+pub fn systemd(
+    cfg: &VmConfig,
+    specs: &[DeviceSpec],
+    run_dir: &Path,
+    vmm: &[String],
+    relayed: bool,
+) -> Vec<Unit> {
     let vm = &cfg.name;
     let target = format!("vmm-{vm}.target");
     let mut units = Vec::new();
@@ -169,7 +176,7 @@ pub fn systemd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
             text: s,
         });
         services.push(format!("{base}.service"));
-        {
+        if relayed {
             // QEMU 7.2 cannot reconnect vhost-user-fs, and reconnects disks
             // and NICs once a second: it reaches each backend through a
             // relay that outlives the backend's restarts.
@@ -260,7 +267,13 @@ fn xml(text: &str) -> String {
 /// launchd property lists for VM `cfg`: one job per backend (each binds
 /// its own socket under `run_dir`, as launchd has no `--fd` hand-over) and
 /// one for the VMM. `KeepAlive` restarts a backend that dies.
-pub fn launchd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[String]) -> Vec<Unit> {
+pub fn launchd(
+    cfg: &VmConfig,
+    specs: &[DeviceSpec],
+    run_dir: &Path,
+    vmm: &[String],
+    relayed: bool,
+) -> Vec<Unit> {
     let vm = &cfg.name;
     let plist = |label: &str, args: &[String], log: &Path| {
         let mut s = String::from(
@@ -308,6 +321,9 @@ pub fn launchd(cfg: &VmConfig, specs: &[DeviceSpec], run_dir: &Path, vmm: &[Stri
             name: format!("{label}.plist"),
             text: plist(&label, &args, &log),
         });
+        if !relayed {
+            continue;
+        }
         // QEMU reaches the backend through a relay that outlives its
         // restarts (see relay.rs).
         let me = std::env::current_exe()
@@ -368,7 +384,13 @@ mod launchd_tests {
             open_tap: None,
             ..Default::default()
         }];
-        let units = launchd(&cfg, &specs, Path::new("/tmp/vmm/mac"), &["qemu".into()]);
+        let units = launchd(
+            &cfg,
+            &specs,
+            Path::new("/tmp/vmm/mac"),
+            &["qemu".into()],
+            true,
+        );
         // The backend, its relay, the VMM.
         assert_eq!(units.len(), 3);
         for u in &units {

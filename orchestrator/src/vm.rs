@@ -68,6 +68,20 @@ pub fn choose_vmm(choice: VmmChoice) -> Result<(&'static str, String), VmError> 
     }
 }
 
+/// The vmm-core the units of a config run (None: QEMU). Units may be made
+/// on one machine for another, so `core` is taken as said; `auto` decides
+/// by this machine, as `run` would.
+pub fn units_vmm_core(choice: VmmChoice) -> Result<Option<PathBuf>, VmError> {
+    match choice {
+        VmmChoice::Qemu => Ok(None),
+        VmmChoice::Core => program("vmm-core").map(Some),
+        VmmChoice::Auto => match choose_vmm(VmmChoice::Auto)?.0 {
+            "vmm-core" => program("vmm-core").map(Some),
+            _ => Ok(None),
+        },
+    }
+}
+
 /// A program of this workspace: beside the running binary, else on PATH.
 pub fn program(name: &'static str) -> Result<PathBuf, VmError> {
     if let Ok(me) = std::env::current_exe() {

@@ -200,3 +200,69 @@ fn systemd_units_verify_and_keep_the_vm_up_across_backend_restarts() {
     }
     assert!(!vmm.contains("reconnect=1"), "{vmm}");
 }
+
+/// With `vmm = "core"` the units run vmm-core, on the backends' own
+/// sockets (it reconnects to a restarted backend itself): no relays.
+#[test]
+fn systemd_units_run_vmm_core_when_the_config_picks_it() {
+    let dir = Path::new(ORCH).parent().unwrap();
+    let built = ["virtiofsd-fast", "blk-backend", "vmm-core"]
+        .iter()
+        .all(|b| dir.join(b).is_file());
+    if !require(if built {
+        Ok(())
+    } else {
+        Err("the backends and vmm-core are not built beside the orchestrator".into())
+    }) || !require(orchestrator::qemu::qemu_available())
+    {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let cfg = work.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nname = \"core\"\nvmm = \"core\"\n[[fs]]\nshared_dir = \"{}\"\ntag = \"project\"\n\
+             [[blk]]\nimage = \"{}\"\n",
+            work.path().display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    let out_dir = work.path().join("units");
+    let out = Command::new(ORCH)
+        .args(["units", "--systemd"])
+        .arg(&out_dir)
+        .arg("-f")
+        .arg(&cfg)
+        .env("XDG_RUNTIME_DIR", work.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |n: &str| std::fs::read_to_string(out_dir.join(n)).unwrap();
+    let vmm = read("vmm-core-vmm.service");
+    let exec = vmm.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+    assert!(exec.contains("/vmm-core --kernel"), "{exec}");
+    assert!(
+        exec.contains("--fs=socket=/run/vmm/core/fs0.sock,tag=project"),
+        "{exec}"
+    );
+    assert!(
+        exec.contains("--blk=socket=/run/vmm/core/blk0.sock"),
+        "{exec}"
+    );
+    let names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("relay")), "{names:?}");
+}
