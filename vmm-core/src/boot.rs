@@ -55,6 +55,110 @@ pub enum BootError {
     InitramfsTooBig { size: u64, limit: u64 },
     #[error("writing {0} into guest memory")]
     Memory(&'static str),
+    #[error("{path} is {what}: vmm-core boots x86-64 kernels")]
+    NotX86 { path: PathBuf, what: String },
+    #[error(
+        "{path} is cut short: a bzImage of this header needs {need} bytes, the file has {have}"
+    )]
+    Truncated { path: PathBuf, have: u64, need: u64 },
+    #[error("{path} needs {need_mib} MiB of memory to start (its init_size, from where it loads), and the VM has {have_mib} MiB below 4 GiB; give it more with --memory")]
+    TooLittleMemory {
+        path: PathBuf,
+        need_mib: u64,
+        have_mib: u64,
+    },
+}
+
+/// What the start of a kernel file says it is, before anything is loaded:
+/// another architecture's kernel, a truncated bzImage, or one that cannot
+/// start in `low_end` bytes of memory is a clear error here rather than a
+/// triple fault later.
+fn precheck(path: &Path, f: &mut File, low_end: u64) -> Result<(), BootError> {
+    use std::io::{Seek, SeekFrom};
+    let mut head = vec![0u8; 0x270];
+    let n = {
+        let mut got = 0;
+        while got < head.len() {
+            match f.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(source) => {
+                    return Err(BootError::Open {
+                        what: "the kernel",
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        got
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    f.seek(SeekFrom::Start(0))
+        .map_err(|source| BootError::Open {
+            what: "the kernel",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let head = &head[..n];
+    let u16_at = |o: usize| head.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let not_x86 = |what: String| BootError::NotX86 {
+        path: path.to_path_buf(),
+        what,
+    };
+    if head.starts_with(b"\x7fELF") {
+        return match (head.get(4), u16_at(18)) {
+            (Some(2), Some(62)) => Ok(()),
+            (Some(1), _) => Err(not_x86("a 32-bit ELF".into())),
+            (_, Some(machine)) => Err(not_x86(format!(
+                "an ELF for machine {machine} ({})",
+                match machine {
+                    3 => "i386",
+                    40 => "ARM",
+                    183 => "AArch64",
+                    243 => "RISC-V",
+                    _ => "not x86-64",
+                }
+            ))),
+            _ => Err(not_x86("a truncated ELF".into())),
+        };
+    }
+    if head.get(0x38..0x3c) == Some(b"ARM\x64") {
+        return Err(not_x86("an arm64 kernel Image".into()));
+    }
+    if u32_at(0x202) == Some(KERNEL_HDR_MAGIC) {
+        let setup_sects = match head[0x1f1] {
+            0 => 4,
+            n => u64::from(n),
+        };
+        let syssize = u64::from(u32_at(0x1f4).unwrap_or(0));
+        let need = (setup_sects + 1) * 512 + syssize * 16;
+        if len < need {
+            return Err(BootError::Truncated {
+                path: path.to_path_buf(),
+                have: len,
+                need,
+            });
+        }
+        // Boot protocol 2.10+: the memory the kernel needs from where it
+        // loads to start (decompression included).
+        if u16_at(0x206).unwrap_or(0) >= 0x020a {
+            let init_size = u64::from(u32_at(0x260).unwrap_or(0));
+            let need = HIMEM_START + init_size;
+            if need > low_end {
+                return Err(BootError::TooLittleMemory {
+                    path: path.to_path_buf(),
+                    need_mib: need.div_ceil(1 << 20),
+                    have_mib: low_end >> 20,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where to start the boot vCPU.
@@ -105,6 +209,7 @@ pub fn load_images(
     initramfs: Option<&Path>,
 ) -> Result<Images, BootError> {
     let mut f = open("the kernel", kernel)?;
+    precheck(kernel, &mut f, low_end)?;
     let elf = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)));
     let (loaded, rip, mut params) = match elf {
         Ok(r) => {

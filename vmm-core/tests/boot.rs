@@ -218,3 +218,43 @@ fn bad_kernels_memory_and_devices_are_clear_errors() {
         "control API socket /nonexistent/api.sock",
     );
 }
+
+/// Kernels that cannot run are refused before the VM starts, saying why,
+/// instead of loading and triple-faulting: another architecture's, a
+/// truncated bzImage, one whose start needs more memory than the VM has.
+#[test]
+fn unbootable_kernels_are_refused_with_the_reason() {
+    if !common::kvm() {
+        return;
+    }
+    let Some(bz) = bzimage() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::read(&bz).unwrap();
+    let cut = dir.path().join("cut");
+    std::fs::write(&cut, &full[..full.len() / 3]).unwrap();
+    fails_with(&["--kernel", cut.to_str().unwrap()], "is cut short");
+    // An AArch64 ELF header, and an arm64 Image's magic.
+    let mut elf = vec![0u8; 4096];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[16..20].copy_from_slice(&[2, 0, 183, 0]);
+    let arm_elf = dir.path().join("arm.elf");
+    std::fs::write(&arm_elf, &elf).unwrap();
+    fails_with(&["--kernel", arm_elf.to_str().unwrap()], "AArch64");
+    let mut image = vec![0u8; 4096];
+    image[0x38..0x3c].copy_from_slice(b"ARM\x64");
+    let arm_image = dir.path().join("Image");
+    std::fs::write(&arm_image, &image).unwrap();
+    fails_with(
+        &["--kernel", arm_image.to_str().unwrap()],
+        "arm64 kernel Image",
+    );
+    // Debian's kernel needs about 50 MiB from where it loads.
+    fails_with(
+        &["--kernel", bz.to_str().unwrap(), "--memory", "20M"],
+        "give it more with --memory",
+    );
+}

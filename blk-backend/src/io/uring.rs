@@ -52,7 +52,9 @@ impl UringEngine {
         let event = eventfd()?;
         let s = ring.submitter();
         s.register_eventfd(event.as_raw_fd())?;
-        s.register_files(files)?;
+        if !files.is_empty() {
+            s.register_files(files)?;
+        }
         s.register_restrictions(&mut [
             Restriction::sqe_op(opcode::Readv::CODE),
             Restriction::sqe_op(opcode::Writev::CODE),
